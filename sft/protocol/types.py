@@ -1,0 +1,82 @@
+"""Values that cross the protocol's stages: messages, conversations, rendered text, examples, errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ProtocolError(ValueError):
+    """A record that cannot become a training example; `reason` is a short, stable category
+    (used to count skips), the message says what is wrong in the user's words."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class TemplateError(ValueError):
+    """A chat template that cannot give exact assistant spans (found at start-up, before any data)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str  # one of ROLES after normalization
+    content: str
+    train: bool = True  # False excludes this (assistant) message from the loss
+
+
+@dataclass(slots=True)
+class Conversation:
+    """One record after reading: its messages plus where it came from (for errors and accounting)."""
+
+    messages: list[Message]
+    source: str = "<memory>"  # file name
+    line: int = 0  # 1-based line (JSONL) or element index + 1 (JSON array)
+    tools: list[Any] | None = None  # reaches Jinja templates as `tools`
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedChat:
+    """The linear text of a conversation and the character spans [start, end) whose tokens are trained."""
+
+    text: str
+    assistant_spans: list[tuple[int, int]]  # sorted, disjoint; one per trained assistant message
+
+
+@dataclass(slots=True)
+class ProtocolConfig:
+    """The `protocol` config section; everything here is part of the store's cache key."""
+
+    system_prompt: str | list[str] | None = None
+    system_prompt_prob: float = 1.0
+    role_map: dict[str, str] = field(default_factory=dict)
+    merge_consecutive: bool = False
+    strip_content: bool = False
+    mask: str = "all_assistant"  # all_assistant | last_turn
+    special_in_content: str = "reject"  # reject | allow
+    max_seq_len: int = 2048
+    truncation: str = "right"  # right | drop | turns
+    on_error: str = "raise"  # raise | skip
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        choices = {
+            "mask": ("all_assistant", "last_turn"),
+            "special_in_content": ("reject", "allow"),
+            "truncation": ("right", "drop", "turns"),
+            "on_error": ("raise", "skip"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"protocol.{key}={getattr(self, key)!r}: expected one of {allowed}")
+        if not 0.0 <= self.system_prompt_prob <= 1.0:
+            raise ValueError(f"protocol.system_prompt_prob={self.system_prompt_prob}: expected 0..1")
+        if self.max_seq_len < 2:
+            raise ValueError(f"protocol.max_seq_len={self.max_seq_len}: expected >= 2")
