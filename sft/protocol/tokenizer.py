@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from sft.protocol.types import TemplateError
@@ -77,3 +78,26 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
 def bpe_cache_key(texts_digest: str, vocab_size: int, special_tokens: list[str]) -> str:
     payload = json.dumps([texts_digest, vocab_size, special_tokens])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def check_template_tokens(template, tokenizer: Tokenizer) -> None:
+    """The token-level half of the start-up probe: on the probe conversation, the trained tokens must
+    decode to exactly the assistant spans' text — no header piece, no lost end-of-turn token. A tokenizer
+    whose tokens straddle a span boundary would train text outside the assistant's turn."""
+    from sft.protocol.labels import trained_token_mask
+    from sft.protocol.templates import probe_messages
+
+    rendered = template.render(probe_messages(template))
+    encoding = tokenizer.encode(rendered.text, add_special_tokens=False)
+    mask = trained_token_mask(np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2), rendered.assistant_spans)
+    ids = np.asarray(encoding.ids)
+    run_starts = np.flatnonzero(mask & ~np.concatenate([[False], mask[:-1]]))
+    run_ends = np.flatnonzero(mask & ~np.concatenate([mask[1:], [False]])) + 1
+    decoded = [tokenizer.decode(ids[a:b].tolist(), skip_special_tokens=False) for a, b in zip(run_starts, run_ends)]
+    expected = [rendered.text[a:b] for a, b in rendered.assistant_spans]
+    if decoded != expected:
+        raise TemplateError(
+            f"template {template.name!r} with this tokenizer trains the wrong tokens on the probe conversation: "
+            f"trained tokens decode to {decoded!r}, the assistant spans are {expected!r}. The tokenizer merges "
+            "text across a span boundary (or lacks a control token)."
+        )

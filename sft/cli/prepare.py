@@ -1,0 +1,41 @@
+"""sft-prepare: run the protocol once (cached), print the accounting, optionally export the examples.
+
+    sft-prepare data.train=[a.jsonl,b.jsonl] tokenizer=file tokenizer.path=tok.json template=chatml \\
+        protocol.max_seq_len=4096 data.cache_dir=DIR export=out.jsonl
+
+Never imports torch or lightning, so it starts fast and runs inside any data pipeline.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from sft.data.build import export_jsonl, prepare
+from sft.protocol.pipeline import DataError
+from sft.protocol.types import TemplateError
+
+
+@hydra.main(version_base="1.3", config_path="pkg://sft.conf", config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        prepared = prepare(config)
+    except (DataError, TemplateError, FileNotFoundError) as error:
+        print(f"sft-prepare: {error}", file=sys.stderr)
+        sys.exit(1)
+    stores = prepared.train + prepared.val
+    print(prepared.accounting.summary())
+    for store in stores:
+        counts = store.manifest["counts"]
+        print(f"{store.manifest['source']}: {counts['examples']} examples, {counts['tokens']} tokens, "
+              f"{counts['trained_tokens']} trained → {store.store_dir}")
+    if config.get("export"):
+        count = export_jsonl(prepared.train, config["export"])
+        print(f"exported {count} examples to {config['export']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Prepare once: template and tokenizer checked at start-up, then one cached token store per data file.
+
+Shared by `sft-prepare` and the SFTDataModule, so it must not import torch or lightning. A store's cache
+key covers the file's bytes, the tokenizer, the template, the protocol config and PROTOCOL_VERSION; a
+second run with the same inputs opens the existing store in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from tokenizers import Tokenizer
+
+from sft.data import sample
+from sft.data.store import StoreWriter, TokenStore, cache_key, is_complete
+from sft.protocol.pipeline import (
+    PROTOCOL_VERSION,
+    Accounting,
+    ConversationEncoder,
+    read_conversations,
+)
+from sft.protocol.templates import ChatTemplate, check_template, load_template
+from sft.protocol.tokenizer import (
+    check_special_tokens,
+    check_template_tokens,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_bpe,
+)
+from sft.protocol.types import ProtocolConfig, ProtocolError
+
+
+@dataclass
+class PreparedData:
+    """What training needs from preparation: the checked tokenizer and template, and the stores."""
+
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    train: list[TokenStore]
+    val: list[TokenStore]
+    accounting: Accounting  # over all train and val files
+
+
+def protocol_config(section: Mapping[str, Any]) -> ProtocolConfig:
+    return ProtocolConfig(**{key: section[key] for key in section})
+
+
+def write_sample(directory: Path, count: int, seed: int, split: str) -> str:
+    """The embedded default's conversations as a JSONL file (written once, atomically), so that they flow
+    through exactly the same reader, cache and accounting as a user's files."""
+    path = directory / f"sample-{split}-seed{seed}-n{count}.jsonl"
+    if not path.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(temporary, "w", encoding="utf-8") as handle:
+            for record in sample.generate_conversations(count, seed, split):
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(temporary, path)
+    return str(path)
+
+
+def data_files(data_cfg: Mapping[str, Any], cache_dir: Path, seed: int) -> tuple[list[str], list[str]]:
+    """The train and val files; `data=sample` writes its generated conversations into the cache first."""
+    if data_cfg.get("name") == "sample":
+        return (
+            [write_sample(cache_dir / "sample", data_cfg["num_train"], seed, "train")],
+            [write_sample(cache_dir / "sample", data_cfg["num_val"], seed, "val")],
+        )
+    train = data_cfg.get("train")
+    if not train:
+        raise ValueError("data.train: give a list of files, e.g. data.train=[a.jsonl,b.jsonl]")
+    train = [train] if isinstance(train, str) else list(train)
+    val = data_cfg.get("val") or []
+    val = [val] if isinstance(val, str) else list(val)
+    for path in train + val:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data file not found: {path}")
+    return train, val
+
+
+def rendered_texts(paths: list[str], fmt: str, encoder: ConversationEncoder) -> Iterator[str]:
+    """Rendered conversations for tokenizer training; bad records are left to the real pass to report."""
+    index = 0
+    for path in paths:
+        for item in read_conversations(path, fmt):
+            if not isinstance(item, ProtocolError):
+                try:
+                    yield encoder.prepare(item, index)[1].text
+                except ProtocolError:
+                    pass
+            index += 1
+
+
+def build_tokenizer(
+    tokenizer_cfg: Mapping[str, Any],
+    template: ChatTemplate,
+    protocol: ProtocolConfig,
+    train_files: list[str],
+    fmt: str,
+    cache_dir: Path,
+) -> Tokenizer:
+    """`file`: load it. `bpe`: train on the rendered training conversations, cached by content hash."""
+    if tokenizer_cfg["name"] == "file":
+        tokenizer = load_tokenizer(tokenizer_cfg["path"])
+    elif tokenizer_cfg["name"] == "bpe":
+        parts = {
+            "kind": "bpe",
+            "vocab_size": tokenizer_cfg["vocab_size"],
+            "special_tokens": template.special_tokens,
+            "template": template.fingerprint,
+            "protocol": dataclasses.asdict(protocol),
+            "format": fmt,
+        }
+        path = cache_dir / "tokenizers" / f"{cache_key(parts, train_files)}.json"
+        if path.is_file():
+            tokenizer = load_tokenizer(path)
+        else:
+            text_encoder = ConversationEncoder(None, template, dataclasses.replace(protocol, special_in_content="allow"))
+            tokenizer = train_bpe(
+                rendered_texts(train_files, fmt, text_encoder), tokenizer_cfg["vocab_size"], template.special_tokens
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tokenizer.save(str(temporary))
+            os.replace(temporary, path)
+    else:
+        raise ValueError(f"tokenizer.name={tokenizer_cfg['name']!r}: expected 'bpe' or 'file'")
+    check_special_tokens(tokenizer, template.special_tokens, template.name)
+    check_template_tokens(template, tokenizer)
+    return tokenizer
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[rows]} rows · {task.fields[tokens_per_s]:,.0f} tokens/s"),
+        TimeElapsedColumn(),
+        transient=True,
+    )
+
+
+def build_store(path: str, encoder: ConversationEncoder, fmt: str, cache_dir: Path) -> tuple[TokenStore, Accounting]:
+    """The store for one file, from the cache when its key matches, else encoded and written atomically."""
+    parts = {
+        "protocol_version": PROTOCOL_VERSION,
+        "template": encoder.template.fingerprint,
+        "tokenizer": tokenizer_fingerprint(encoder.tokenizer),
+        "protocol": dataclasses.asdict(encoder.config),
+        "format": fmt,
+    }
+    key = cache_key(parts, [path])
+    store_dir = cache_dir / "stores" / key
+    if is_complete(store_dir):
+        store = TokenStore(store_dir)
+        return store, Accounting.from_dict(store.manifest["accounting"])
+    accounting = Accounting()
+    size = max(Path(path).stat().st_size, 1)
+    started = time.perf_counter()
+    tokens = 0
+    with _progress() as progress, StoreWriter(store_dir, vocab_size=encoder.tokenizer.get_vocab_size()) as writer:
+        task = progress.add_task(f"preparing {Path(path).name}", total=size, rows=0, tokens_per_s=0.0)
+        for example in encoder.encode_file(path, fmt, accounting):
+            writer.add(example.input_ids, example.labels)
+            tokens += len(example.input_ids)
+            if accounting.kept % 1000 == 0:
+                elapsed = time.perf_counter() - started
+                progress.update(task, rows=accounting.read, tokens_per_s=tokens / max(elapsed, 1e-9))
+        writer.close(
+            {
+                "cache_key": key,
+                "source": str(path),
+                "accounting": accounting.to_dict(),
+                "versions": {"protocol": PROTOCOL_VERSION, "parts": parts},
+            }
+        )
+    return TokenStore(store_dir), accounting
+
+
+def prepare(cfg: Mapping[str, Any]) -> PreparedData:
+    """The whole preparation from a composed config (the `tokenizer`, `template`, `protocol`, `data`
+    sections and `seed`): check the template, build or load the tokenizer, then every store."""
+    data_cfg = cfg["data"]
+    cache_dir = Path(data_cfg["cache_dir"])
+    fmt = data_cfg.get("format", "auto")
+    protocol = protocol_config(cfg["protocol"])
+    template = load_template(cfg["template"])
+    check_template(template)
+    train_files, val_files = data_files(data_cfg, cache_dir, cfg["seed"])
+    tokenizer = build_tokenizer(cfg["tokenizer"], template, protocol, train_files, fmt, cache_dir)
+    encoder = ConversationEncoder(tokenizer, template, protocol)
+    accounting = Accounting()
+    stores: dict[str, list[TokenStore]] = {"train": [], "val": []}
+    for split, files in (("train", train_files), ("val", val_files)):
+        for path in files:
+            store, file_accounting = build_store(path, encoder, fmt, cache_dir)
+            stores[split].append(store)
+            accounting.merge(file_accounting)
+    return PreparedData(tokenizer, template, stores["train"], stores["val"], accounting)
+
+
+def export_jsonl(stores: list[TokenStore], path: str | os.PathLike) -> int:
+    """One `{"input_ids", "labels"}` line per kept example, in input order; returns the count."""
+    count = 0
+    with open(path, "w", encoding="utf-8") as handle:
+        for store in stores:
+            for index in range(len(store)):
+                input_ids, labels = store[index]
+                handle.write(json.dumps({"input_ids": input_ids.tolist(), "labels": labels.tolist()}) + "\n")
+                count += 1
+    return count

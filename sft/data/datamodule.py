@@ -1,0 +1,229 @@
+"""SFTDataModule: the protocol's stores as packed (or length-grouped, padded) batches, sharded and resumable.
+
+prepare_data() runs the protocol on rank 0 (cached by content); setup() memory-maps the stores on every
+rank. Rows are fixed for the run: with packing a row is a best-fit-decreasing bin of examples, otherwise
+one example; each epoch the sampler deals out batches of rows in a seed-and-epoch-determined order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sft.data.build import PreparedData, prepare
+from sft.data.packing import best_fit_decreasing, group_by_length, packing_efficiency
+from sft.data.sampler import ResumableBatchSampler
+from sft.data.store import TokenStore
+from sft.protocol.labels import IGNORE_INDEX
+
+
+class StoreIndex:
+    """Several stores addressed by one global example id."""
+
+    def __init__(self, stores: Sequence[TokenStore]):
+        self.stores = list(stores)
+        self.lengths = np.concatenate([s.lengths for s in self.stores]) if self.stores else np.zeros(0, np.int64)
+        self.starts = np.cumsum([0] + [len(s) for s in self.stores])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def source_ids(self, source: int) -> np.ndarray:
+        return np.arange(self.starts[source], self.starts[source + 1])
+
+    def __getitem__(self, example_id: int) -> tuple[np.ndarray, np.ndarray]:
+        source = int(np.searchsorted(self.starts, example_id, side="right")) - 1
+        return self.stores[source][int(example_id - self.starts[source])]
+
+
+class RowDataset(Dataset):
+    """Row r is the examples `rows[r]` laid end to end (packing) or the single example `example_ids[r]`.
+
+    Positions restart at 0 for each example and each token carries its example's document id, so the
+    model attends only within an example; the first token of each example is never a target, exactly as
+    when the example is alone in its row.
+    """
+
+    def __init__(self, index: StoreIndex, example_ids: np.ndarray, rows: list[np.ndarray] | None):
+        self.index = index
+        self.example_ids = example_ids
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.example_ids)
+
+    def row_examples(self, row: int) -> np.ndarray:
+        return self.example_ids[self.rows[row]] if self.rows is not None else self.example_ids[row : row + 1]
+
+    def __getitem__(self, row: int) -> dict[str, np.ndarray]:
+        pieces = [self.index[int(example_id)] for example_id in self.row_examples(row)]
+        labels = [labels.copy() for _, labels in pieces]
+        for example_labels in labels:
+            example_labels[0] = IGNORE_INDEX
+        return {
+            "input_ids": np.concatenate([ids for ids, _ in pieces]),
+            "labels": np.concatenate(labels),
+            "position_ids": np.concatenate([np.arange(len(ids)) for ids, _ in pieces]),
+            "document_ids": np.concatenate([np.full(len(ids), doc) for doc, (ids, _) in enumerate(pieces)]),
+        }
+
+
+def collate_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest; padding is its own document (-1), never a target."""
+    width = max(len(row["input_ids"]) for row in rows)
+    fill = {"input_ids": 0, "labels": IGNORE_INDEX, "position_ids": 0, "document_ids": -1}
+    batch = {key: torch.full((len(rows), width), value, dtype=torch.long) for key, value in fill.items()}
+    for i, row in enumerate(rows):
+        for key in fill:
+            batch[key][i, : len(row[key])] = torch.from_numpy(row[key].astype(np.int64))
+    batch["real_tokens"] = torch.tensor(sum(len(row["input_ids"]) for row in rows))
+    return batch
+
+
+class PackedPlan:
+    """Each epoch: shuffle the packed rows, then cut them into batches (a class, not a lambda: it pickles)."""
+
+    def __init__(self, row_count: int, batch_size: int, seed: int):
+        self.row_count, self.batch_size, self.seed = row_count, batch_size, seed
+
+    def __call__(self, epoch: int) -> list[np.ndarray]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.row_count)
+        return [order[i : i + self.batch_size] for i in range(0, self.row_count, self.batch_size)]
+
+
+class LengthGroupedPlan:
+    """Each epoch: batches of similar length (little padding), in a seeded order."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+
+    def __call__(self, epoch: int) -> list[np.ndarray]:
+        return group_by_length(self.lengths, self.batch_size, self.seed, epoch)
+
+
+def mixed_example_ids(index: StoreIndex, weights: Sequence[float], seed: int) -> np.ndarray:
+    """Sample each source with replacement so that the training set has the requested proportions
+    (same total size as the sources together), reproducibly."""
+    if len(weights) != len(index.stores):
+        raise ValueError(f"data.mix has {len(weights)} weights for {len(index.stores)} data.train files")
+    proportions = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    counts = np.floor(proportions * len(index)).astype(np.int64)
+    rng = np.random.default_rng([seed, 0x6D1C])
+    return np.concatenate(
+        [rng.choice(index.source_ids(source), size=count) for source, count in enumerate(counts) if count > 0]
+    )
+
+
+def split_val(example_ids: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic held-out split (train, val) of `fraction` of the examples."""
+    held_out = np.zeros(len(example_ids), dtype=bool)
+    held_out[np.random.default_rng([seed, 0x5E1]).permutation(len(example_ids))[: int(len(example_ids) * fraction)]] = True
+    return example_ids[~held_out], example_ids[held_out]
+
+
+class SFTDataModule(L.LightningDataModule):
+    """`config` is the resolved run config as plain containers (sections tokenizer, template, protocol,
+    data, and seed)."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.config = config
+        self.data_config = config["data"]
+        self.seed = int(config["seed"])
+        self.prepared: PreparedData | None = None
+        self.train_dataset: RowDataset | None = None
+        self.val_dataset: RowDataset | None = None
+        self.packing_efficiency: float | None = None
+        self._train_sampler: ResumableBatchSampler | None = None
+        self._pending_sampler_state: dict[str, Any] | None = None
+
+    def prepare_data(self) -> None:
+        self.prepared = prepare(self.config)
+
+    @property
+    def tokenizer(self):
+        if self.prepared is None:
+            self.prepared = prepare(self.config)
+        return self.prepared.tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        if self.prepared is None:
+            self.prepared = prepare(self.config)  # other ranks: the stores exist, this only opens them
+        train_index = StoreIndex(self.prepared.train)
+        mix = self.data_config.get("mix")
+        train_ids = mixed_example_ids(train_index, mix, self.seed) if mix else np.arange(len(train_index))
+        if self.prepared.val:
+            val_index = StoreIndex(self.prepared.val)
+            val_ids = np.arange(len(val_index))
+        else:
+            train_ids, val_ids = split_val(train_ids, self.data_config.get("val_fraction") or 0.0, self.seed)
+            val_index = train_index
+        if len(train_ids) == 0:
+            raise ValueError("no training examples left after preparation:\n" + self.prepared.accounting.summary())
+        self.train_dataset = self._rows(train_index, train_ids)
+        self.val_dataset = self._rows(val_index, val_ids) if len(val_ids) else None
+
+    def _rows(self, index: StoreIndex, example_ids: np.ndarray) -> RowDataset:
+        if not self.data_config.get("packing", True):
+            return RowDataset(index, example_ids, None)
+        lengths = index.lengths[example_ids]
+        capacity = int(self.config["protocol"]["max_seq_len"])
+        bins = best_fit_decreasing(lengths, capacity)
+        if self.packing_efficiency is None:  # the training rows' figure
+            self.packing_efficiency = packing_efficiency(lengths, bins, capacity)
+        return RowDataset(index, example_ids, bins)
+
+    def _plan(self, dataset: RowDataset):
+        batch_size = int(self.data_config["batch_size"])
+        if dataset.rows is not None:
+            return PackedPlan(len(dataset), batch_size, self.seed)
+        return LengthGroupedPlan(dataset.index.lengths[dataset.example_ids], batch_size, self.seed)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world_size = self._world()
+        self._train_sampler = ResumableBatchSampler(
+            self._plan(self.train_dataset), seed=self.seed, rank=rank, world_size=world_size
+        )
+        if self._pending_sampler_state is not None:
+            self._train_sampler.load_state_dict(self._pending_sampler_state)
+            self._pending_sampler_state = None
+        return DataLoader(
+            self.train_dataset,
+            batch_sampler=self._train_sampler,
+            collate_fn=collate_rows,
+            num_workers=int(self.data_config.get("num_workers", 0)),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []
+        rank, world_size = self._world()
+        batches = self._plan(self.val_dataset)(0)
+        # Every held-out row exactly once over all ranks (no padding repeats: val loss is a global token mean).
+        return DataLoader(self.val_dataset, batch_sampler=batches[rank::world_size], collate_fn=collate_rows)
+
+    # ---- resume --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self._train_sampler is None:
+            return {}
+        state = self._train_sampler.state_dict()
+        if self.trainer is not None:
+            # The sampler runs ahead of training (Lightning fetches one batch early); what counts is what the
+            # trainer has processed this epoch.
+            state["batches_consumed"] = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state["epoch"] = self.trainer.current_epoch
+        return {"sampler": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_sampler_state = state_dict.get("sampler")

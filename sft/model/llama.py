@@ -1,0 +1,332 @@
+"""A Llama decoder in plain PyTorch, parameter for parameter the same as transformers' LlamaForCausalLM.
+
+Architectural choices (Llama 2/3's, so a checkpoint exports by renaming nothing):
+- pre-norm residual blocks; RMSNorm normalized in fp32, cast back, then scaled (HF's order of operations);
+- rotary position embeddings on q and k in HF's rotate_half (non-interleaved) layout, base `rope_theta`,
+  driven by `position_ids` so packed documents restart at position 0;
+- grouped-query attention: each of `num_key_value_heads` k/v heads serves a group of consecutive query heads;
+- SwiGLU MLP: down_proj(silu(gate_proj(x)) * up_proj(x));
+- no biases; optional tied input/output embeddings;
+- `F.scaled_dot_product_attention` with `is_causal` on the plain path, and an explicit boolean mask for
+  packed rows (block-diagonal causal over `document_ids`) and for tokens appended to a non-empty KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class LlamaConfig:
+    """Hyperparameters under transformers' names, so `to_hf_dict` is a copy."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None  # None: one k/v head per query head
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
+                f"{self.num_key_value_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """Keyword arguments for `transformers.LlamaConfig` (the body of an exported config.json).
+
+        Token ids belong to the tokenizer: they are None here and the exporter fills them in, so that
+        transformers' defaults (bos=1, eos=2) never stop generation on an arbitrary token.
+        """
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            **dataclasses.asdict(self),
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mlp_bias": False,
+            # transformers 5 reads rope_parameters; 4.x reads rope_theta (copied above) and keeps the rest.
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "pad_token_id": None,
+        }
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for incremental decoding.
+
+    Each layer's k/v buffer [batch, kv_heads, max_len, head_dim] is allocated on its first write, with the
+    dtype and device of what is written (so it follows autocast); `length` positions are filled.
+    The model advances `length` after each forward; set it to 0 to reuse the buffers.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new tokens' k/v for one layer; return that layer's k/v over all tokens so far."""
+        if layer_idx == len(self.keys):
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.keys.append(k.new_zeros(shape))
+            self.values.append(v.new_zeros(shape))
+        end = self.length + k.shape[2]
+        self.keys[layer_idx][:, :, self.length : end] = k
+        self.values[layer_idx][:, :, self.length : end] = v
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # fp32 statistics keep bf16 activations stable; scaling after the cast back matches HF bit for bit.
+        normed = x.float()
+        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rotary_cos_sin(
+    position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos and sin tables [B, T, head_dim] for `position_ids` [B, T], computed in fp32 as HF does.
+
+    Computed per forward instead of kept as a buffer: a buffer would be cast by `model.to(bf16)` and left
+    uninitialized by meta-device construction, and the tables are cheap.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / theta**exponents
+    freqs = position_ids[..., None].float() * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)  # rotate_half layout: dim i pairs with dim i + head_dim/2
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, heads, T, head_dim] by the tables [B, T, head_dim], broadcast over heads."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def attention_mask(
+    num_new: int, num_past: int, document_ids: Tensor | None, device: torch.device
+) -> Tensor | None:
+    """Boolean SDPA mask (True = attend), or None when `is_causal=True` alone is exact.
+
+    New token i sits at cache position num_past + i and sees every cached token and the new tokens up to
+    itself; with `document_ids` [B, T] only the earlier tokens of its own document. `is_causal` cannot serve
+    a non-empty cache: SDPA aligns its triangle to the top-left, hiding the cache from all but the first
+    new token. The diagonal is always allowed, so no row is empty (an empty row makes SDPA return NaN).
+    """
+    if document_ids is None and num_past == 0:
+        return None
+    query_positions = torch.arange(num_past, num_past + num_new, device=device)
+    key_positions = torch.arange(num_past + num_new, device=device)
+    mask = key_positions[None, :] <= query_positions[:, None]  # [T, past + T]
+    if document_ids is not None:
+        same_document = document_ids[:, :, None] == document_ids[:, None, :]  # [B, T, T]
+        mask = (mask & same_document)[:, None]  # [B, 1, T, T]: one mask for all heads
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx  # which KV-cache slot this layer owns
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None
+    ) -> Tensor:
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:  # query head h reads k/v head h // groups, HF's repeat_kv layout
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack without the output head (HF's `model.` prefix)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        batch, seq_len = input_ids.shape
+        num_past = 0
+        if kv_cache is not None:
+            if document_ids is not None:
+                raise ValueError("document_ids (packed rows) cannot be combined with a KV cache")
+            num_past = kv_cache.length
+            if num_past + seq_len > kv_cache.max_len:
+                raise ValueError(f"KV cache full: {num_past} + {seq_len} tokens > max_len {kv_cache.max_len}")
+        if position_ids is None:
+            positions = torch.arange(num_past, num_past + seq_len, device=input_ids.device)
+            position_ids = positions.expand(batch, -1)
+        mask = attention_mask(seq_len, num_past, document_ids, input_ids.device)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += seq_len
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """HF's init: N(0, initializer_range) for every matrix, ones for the norms.
+
+        Public so that a model built on the meta device can be initialized after `to_empty`.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        """Logits [B, T, vocab] in fp32 for `input_ids` [B, T].
+
+        position_ids [B, T]: default 0.. (after the cached tokens when `kv_cache` is given).
+        document_ids [B, T]: a token attends only to earlier tokens with the same id, so a packed row gives
+        each example's logits exactly as if it ran alone (with its positions restarting at 0). Ids must be
+        unique per example within a row; padding may be its own id (e.g. -1).
+        kv_cache: the new tokens attend to the cached ones, then are appended to the cache.
+        """
+        hidden = self.model(input_ids, position_ids, document_ids, kv_cache)
+        return self.lm_head(hidden).float()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count, a tied matrix once; `exclude_embeddings` drops the input embedding table
+        (and with it a tied lm_head), as transformers' `num_parameters` does."""
+        count = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
+        if exclude_embeddings:
+            count -= self.model.embed_tokens.weight.numel()
+        return count
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (forward + backward) per token at context `seq_len`, for an MFU estimate.
+
+        6 per matmul parameter (the embedding lookup is no matmul; lm_head is, tied or not) plus attention
+        scores and values, 12 * layers * hidden * seq_len (PaLM, appendix B; nanoGPT's estimate_mfu).
+        """
+        config = self.config
+        matmul_params = self.num_parameters(exclude_embeddings=True)
+        if config.tie_word_embeddings:
+            matmul_params += config.vocab_size * config.hidden_size
+        return 6 * matmul_params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def build_model(cfg: Mapping[str, Any]) -> LlamaForCausalLM:
+    """The model for a Hydra `model` group option: LlamaConfig's keys plus an optional `name`.
+
+    `vocab_size` is null in the YAML; the caller fills it from the tokenizer.
+    """
+    values = {key: value for key, value in cfg.items() if key != "name"}
+    known = {field.name for field in dataclasses.fields(LlamaConfig)}
+    if unknown := sorted(set(values) - known):
+        raise ValueError(f"unknown model config keys {unknown}; expected some of {sorted(known)}")
+    if values.get("vocab_size") is None:
+        raise ValueError("model.vocab_size is not set: fill it from the tokenizer before building the model")
+    return LlamaForCausalLM(LlamaConfig(**values))

@@ -1,0 +1,209 @@
+"""SFTModule: the assistant-only loss, normalised over the trained tokens of the whole global batch.
+
+The normalisation is the point of this file. One optimizer step's gradient must equal the gradient of
+
+    sum(token losses over every micro-batch and rank) / (trained tokens over every micro-batch and rank)
+
+whatever the accumulation or world size. Lightning's automatic optimisation divides the returned loss by
+`accumulate_grad_batches` and DDP averages gradients over ranks, so `training_step` returns the *sum* of
+token losses scaled back up by both factors; `on_before_optimizer_step` (after AMP unscaling, before
+clipping) all-reduces the window's trained-token count and divides every gradient by it. The trained-token
+count lives in a plain attribute, not a buffer, because DDP would broadcast a buffer from rank 0.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from sft.model.llama import build_model
+from sft.protocol.labels import IGNORE_INDEX
+from sft.protocol.templates import load_template
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised instead of taking an optimizer step on a NaN/inf loss or gradient."""
+
+
+def masked_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropy over trained tokens, number of trained tokens); the shift happens here.
+
+    Labels are aligned with the inputs, so the logits at t predict labels at t + 1. With no trained
+    token the sum is an exact 0 that still carries a graph, never a NaN from 0 / 0.
+    """
+    shifted_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    shifted_labels = labels[:, 1:].reshape(-1)
+    loss_sum = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum, (shifted_labels != IGNORE_INDEX).sum()
+
+
+def lr_at_step(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to `peak_lr`, then cosine decay to `min_lr_ratio * peak_lr` at `total_steps`."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
+
+
+class SFTModule(L.LightningModule):
+    """Wraps a causal LM with the assistant-only loss, AdamW + warmup/cosine, and honest throughput metrics.
+
+    `model_config` and `optim_config` are plain dicts (not DictConfig) so checkpoints load with
+    `weights_only=True`.
+    """
+
+    def __init__(self, model_config: dict[str, Any], optim_config: dict[str, Any], peak_flops: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(model_config)
+        self.optim_config = optim_config
+        self.peak_flops = peak_flops
+        self.skipped_steps = 0  # optimizer steps with no trained token in the whole global batch
+        self._reset_window()
+        self._step_started_at: float | None = None
+        self._val_loss_sum = torch.zeros((), dtype=torch.float64)
+        self._val_tokens = torch.zeros((), dtype=torch.float64)
+        self.tokenizer = None  # set by attach(): saved into every checkpoint so it is usable on its own
+        self.template_config: dict[str, Any] | None = None
+        self.trained_tokens_seen = 0.0
+
+    def attach(self, tokenizer, template_config: dict[str, Any]) -> None:
+        """Give the module what chat and evaluation need: the tokenizer and the template it was trained with."""
+        self.tokenizer = tokenizer
+        self.template_config = dict(template_config)
+
+    @property
+    def template(self):
+        return load_template(self.template_config)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sft"] = {
+            "tokenizer": self.tokenizer.to_str() if self.tokenizer is not None else None,
+            "template": self.template_config,
+            "trained_tokens_seen": self.trained_tokens_seen,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("sft", {})
+        self.trained_tokens_seen = saved.get("trained_tokens_seen", 0.0)
+        self.skipped_steps = saved.get("skipped_steps", 0)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(
+            batch["input_ids"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids")
+        )
+
+    # ---- training -------------------------------------------------------------------------------------
+    def _reset_window(self) -> None:
+        """Per-optimizer-step sums over this rank's micro-batches (detached, for the all-reduce)."""
+        self._window_loss_sum = 0.0
+        self._window_trained_tokens = 0
+        self._window_tokens = 0
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self._step_started_at is None:
+            self._step_started_at = time.perf_counter()
+        loss_sum, trained_tokens = masked_token_loss_sum(self(batch), batch["labels"])
+        self._window_loss_sum += loss_sum.detach().double()
+        self._window_trained_tokens += trained_tokens
+        self._window_tokens += int(batch["real_tokens"])
+        # Undo Lightning's 1/accumulate and DDP's 1/world_size: gradients arrive as plain sums.
+        return loss_sum * (self.trainer.world_size * self.trainer.accumulate_grad_batches)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        totals = torch.stack(
+            [
+                torch.as_tensor(self._window_loss_sum, dtype=torch.float64, device=self.device),
+                torch.as_tensor(self._window_trained_tokens, dtype=torch.float64, device=self.device),
+                torch.as_tensor(self._window_tokens, dtype=torch.float64, device=self.device),
+            ]
+        )
+        loss_sum, trained_tokens, tokens = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+        self._reset_window()
+        parameters = [p for p in self.parameters() if p.grad is not None]
+        if trained_tokens == 0:
+            # No trained token anywhere: drop the gradients so AdamW skips every parameter (no momentum or
+            # weight-decay drift), and count it.
+            for p in parameters:
+                p.grad = None
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps))
+            return
+        for p in parameters:
+            p.grad.div_(trained_tokens)
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.optim_config.get("grad_clip") or float("inf"))
+        loss = loss_sum / trained_tokens
+        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+            self._stop_on_non_finite(loss, float(grad_norm))
+        self._log_step(loss, trained_tokens, tokens, float(grad_norm), optimizer)
+
+    def _stop_on_non_finite(self, loss: float, grad_norm: float) -> None:
+        """Keep the last good weights (no update is applied) in a checkpoint, then stop with a clear error."""
+        for p in self.parameters():
+            p.grad = None
+        path = Path(self.trainer.default_root_dir) / "checkpoints" / "last-finite.ckpt"
+        self.trainer.save_checkpoint(path)
+        raise NonFiniteLossError(
+            f"non-finite training loss {loss} (grad norm {grad_norm}) at step {self.global_step}; no update was "
+            f"applied. The last good state is in {path}. Lower optim.lr, check the data, or use hardware=bf16."
+        )
+
+    def _log_step(self, loss: float, trained_tokens: float, tokens: float, grad_norm: float, optimizer) -> None:
+        now = time.perf_counter()
+        elapsed = max(now - (self._step_started_at or now), 1e-9)
+        self._step_started_at = now
+        tokens_per_s = tokens / elapsed
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        self.log("train/grad_norm", grad_norm)
+        self.trained_tokens_seen += trained_tokens
+        self.log("train/trained_tokens", self.trained_tokens_seen)
+        self.log("train/tokens_per_s", tokens_per_s)
+        self.log("train/trained_tokens_per_s", trained_tokens / elapsed)
+        if self.peak_flops > 0:
+            flops_per_token = self.model.flops_per_token(self.model.config.max_position_embeddings)
+            self.log("train/mfu", flops_per_token * tokens_per_s / self.peak_flops)
+
+    # ---- validation -----------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum, trained_tokens = masked_token_loss_sum(self(batch), batch["labels"])
+        self._val_loss_sum += loss_sum.double()
+        self._val_tokens += trained_tokens
+
+    def on_validation_epoch_end(self) -> None:
+        totals = self.trainer.strategy.reduce(torch.stack([self._val_loss_sum, self._val_tokens]), reduce_op="sum")
+        loss_sum, trained_tokens = totals.tolist()
+        if trained_tokens > 0:
+            self.log("val/loss", loss_sum / trained_tokens, prog_bar=True)
+
+    # ---- optimizer ------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        config = self.optim_config
+        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]  # norms: never decayed
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config["lr"],
+            betas=tuple(config.get("betas", (0.9, 0.95))),
+            eps=config.get("eps", 1e-8),
+        )
+        total_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_at_step(
+                step, 1.0, config.get("warmup_steps", 0) or 1, int(total_steps), config.get("min_lr_ratio", 0.1)
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

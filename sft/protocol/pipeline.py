@@ -1,0 +1,252 @@
+"""The protocol end to end: files → (input_ids, labels), batched, with an account of every line.
+
+records → normalize_conversations → maybe_add_system_prompt → render_chat_prompt → encode_batch →
+build_loss_labels → length policy. Rendering is per conversation (cheap string work); tokenization runs
+in chunks through the Rust tokenizer (which uses every core); labels are vectorised per example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from sft.protocol.labels import IGNORE_INDEX, build_loss_labels
+from sft.protocol.normalize import normalize_conversations
+from sft.protocol.records import iter_raw_records, record_to_conversation
+from sft.protocol.system import maybe_add_system_prompt
+from sft.protocol.templates import ChatTemplate, render_chat_prompt
+from sft.protocol.types import Conversation, Message, ProtocolConfig, ProtocolError, RenderedChat
+
+PROTOCOL_VERSION = 1  # bump when a change to this package changes the tokens or labels it produces
+ENCODE_CHUNK = 2048  # texts per encode_batch call: large enough for both cores, small enough to stay fast
+EXAMPLES_PER_REASON = 5  # locations remembered per skip/drop reason for the summary
+
+
+class DataError(ValueError):
+    """Bad input under `protocol.on_error=raise`: the message names file:line and the reason."""
+
+
+@dataclass
+class Accounting:
+    """Every line read is kept, skipped (bad input, with reason) or dropped (valid but unusable)."""
+
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0  # kept, but cut to max_seq_len
+    skipped: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)
+    where: dict[str, list[str]] = field(default_factory=dict)
+
+    def note(self, kind: Counter, reason: str, where: str) -> None:
+        kind[reason] += 1
+        places = self.where.setdefault(reason, [])
+        if len(places) < EXAMPLES_PER_REASON:
+            places.append(where)
+
+    def merge(self, other: Accounting) -> None:
+        self.read += other.read
+        self.kept += other.kept
+        self.truncated += other.truncated
+        self.skipped.update(other.skipped)
+        self.dropped.update(other.dropped)
+        for reason, places in other.where.items():
+            mine = self.where.setdefault(reason, [])
+            mine.extend(places[: EXAMPLES_PER_REASON - len(mine)])
+
+    def to_dict(self) -> dict:
+        return {
+            "read": self.read,
+            "kept": self.kept,
+            "truncated": self.truncated,
+            "skipped": dict(self.skipped),
+            "dropped": dict(self.dropped),
+            "where": self.where,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Accounting:
+        return cls(
+            read=data["read"],
+            kept=data["kept"],
+            truncated=data["truncated"],
+            skipped=Counter(data["skipped"]),
+            dropped=Counter(data["dropped"]),
+            where={k: list(v) for k, v in data["where"].items()},
+        )
+
+    def summary(self) -> str:
+        """One line per outcome; the counts add up to `read`."""
+        lines = [
+            f"read {self.read} = kept {self.kept} + skipped {sum(self.skipped.values())} "
+            f"+ dropped {sum(self.dropped.values())}"
+            + (f" ({self.truncated} kept truncated)" if self.truncated else "")
+        ]
+        for title, counter in (("skipped", self.skipped), ("dropped", self.dropped)):
+            for reason, count in sorted(counter.items()):
+                lines.append(f"  {title} {count} {reason}: {', '.join(self.where.get(reason, []))}")
+        return "\n".join(lines)
+
+
+@dataclass(slots=True)
+class EncodedExample:
+    input_ids: np.ndarray  # int64
+    labels: np.ndarray  # int64, IGNORE_INDEX where not trained
+    where: str  # file:line
+
+
+def apply_mask_strategy(messages: list[Message], mask: str) -> list[Message]:
+    """`last_turn` trains only the final assistant message; `all_assistant` keeps each message's own flag."""
+    if mask == "all_assistant":
+        return messages
+    last = max(i for i, m in enumerate(messages) if m.role == "assistant")
+    return [
+        dataclasses.replace(m, train=False) if m.role == "assistant" and i != last else m
+        for i, m in enumerate(messages)
+    ]
+
+
+def special_token_pattern(tokenizer: Tokenizer) -> re.Pattern | None:
+    """A regex matching the literal text of every special added token (which `encode` would turn into
+    a control id if a user typed it)."""
+    specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+    if not specials:
+        return None
+    return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+
+
+class ConversationEncoder:
+    """Turns conversations into examples under one tokenizer, template and protocol config."""
+
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, config: ProtocolConfig):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.config = config
+        self.special_pattern = (
+            special_token_pattern(tokenizer) if config.special_in_content == "reject" else None
+        )
+        self.requires_alternation = getattr(template, "requires_alternation", False)
+
+    # ---- per conversation (pure Python) ------------------------------------------------------------------
+    def prepare(self, conversation: Conversation, index: int) -> tuple[Conversation, RenderedChat]:
+        """normalize → system prompt → mask strategy → render; raises ProtocolError on bad input."""
+        conversation = normalize_conversations(
+            conversation, self.config, requires_alternation=self.requires_alternation
+        )
+        conversation = maybe_add_system_prompt(conversation, self.config, index)
+        conversation.messages = apply_mask_strategy(conversation.messages, self.config.mask)
+        if self.special_pattern is not None:
+            for position, message in enumerate(conversation.messages):
+                found = self.special_pattern.search(message.content)
+                if found:
+                    raise ProtocolError(
+                        "special_token_in_content",
+                        f"message {position} ({message.role}) contains the control token {found.group()!r}; "
+                        "it would be tokenized as a real control token. Set protocol.special_in_content=allow "
+                        "to accept it.",
+                    )
+        return conversation, render_chat_prompt(
+            conversation.messages, self.template, tools=conversation.tools
+        )
+
+    # ---- batched -----------------------------------------------------------------------------------------
+    def encode_rendered(
+        self, items: list[tuple[Conversation, RenderedChat]], accounting: Accounting
+    ) -> Iterator[EncodedExample]:
+        encodings = self.tokenizer.encode_batch(
+            [rendered.text for _, rendered in items], add_special_tokens=False
+        )
+        for (conversation, rendered), encoding in zip(items, encodings, strict=True):
+            example = self._apply_length_policy(conversation, rendered, encoding, accounting)
+            if example is not None:
+                accounting.kept += 1
+                yield example
+
+    def _labels(self, encoding, rendered: RenderedChat) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(encoding.ids, dtype=np.int64)
+        return ids, build_loss_labels(ids, encoding.offsets, rendered.assistant_spans)
+
+    def _apply_length_policy(
+        self, conversation: Conversation, rendered: RenderedChat, encoding, accounting: Accounting
+    ) -> EncodedExample | None:
+        max_len = self.config.max_seq_len
+        ids, labels = self._labels(encoding, rendered)
+        if len(ids) > max_len:
+            if self.config.truncation == "drop":
+                accounting.note(accounting.dropped, "too_long", conversation.where)
+                return None
+            if self.config.truncation == "turns":
+                shortened = self._drop_oldest_turns(conversation)
+                if shortened is None:
+                    accounting.note(accounting.dropped, "too_long", conversation.where)
+                    return None
+                ids, labels = shortened
+            else:
+                ids, labels = ids[:max_len], labels[:max_len]
+            accounting.truncated += 1
+        if not (labels != IGNORE_INDEX).any():
+            accounting.note(accounting.dropped, "no_trained_tokens", conversation.where)
+            return None
+        return EncodedExample(ids, labels, conversation.where)
+
+    def _drop_oldest_turns(self, conversation: Conversation) -> tuple[np.ndarray, np.ndarray] | None:
+        """Remove the oldest whole exchange (a user turn through the turns before the next user turn),
+        keeping the system prompt, until the example fits; None when even the last exchange is too long."""
+        messages = list(conversation.messages)
+        while True:
+            head = 1 if messages and messages[0].role == "system" else 0
+            next_user = [i for i in range(head + 1, len(messages)) if messages[i].role == "user"]
+            if not next_user:
+                return None
+            messages = messages[:head] + messages[next_user[0] :]
+            if not any(m.role == "assistant" and m.train for m in messages):
+                return None
+            rendered = render_chat_prompt(messages, self.template, tools=conversation.tools)
+            encoding = self.tokenizer.encode(rendered.text, add_special_tokens=False)
+            if len(encoding.ids) <= self.config.max_seq_len:
+                return self._labels(encoding, rendered)
+
+    def encode_conversations(
+        self, conversations: Iterable[Conversation | ProtocolError], accounting: Accounting
+    ) -> Iterator[EncodedExample]:
+        """The batched hot path. Items are conversations, or errors already found while reading."""
+        pending: list[tuple[Conversation, RenderedChat]] = []
+        for index, item in enumerate(conversations):
+            accounting.read += 1
+            try:
+                if isinstance(item, ProtocolError):
+                    raise item
+                pending.append(self.prepare(item, index))
+            except ProtocolError as error:
+                where = getattr(error, "where", None) or getattr(item, "where", "?")
+                if self.config.on_error == "raise":
+                    raise DataError(
+                        f"{where}: {error.reason}: {error} (set protocol.on_error=skip to skip and count such lines)"
+                    ) from error
+                accounting.note(accounting.skipped, error.reason, where)
+                continue
+            if len(pending) >= ENCODE_CHUNK:
+                yield from self.encode_rendered(pending, accounting)
+                pending = []
+        if pending:
+            yield from self.encode_rendered(pending, accounting)
+
+    def encode_file(self, path: str, fmt: str, accounting: Accounting) -> Iterator[EncodedExample]:
+        yield from self.encode_conversations(read_conversations(path, fmt), accounting)
+
+
+def read_conversations(path: str, fmt: str = "auto") -> Iterator[Conversation | ProtocolError]:
+    """Each record of a file as a Conversation, or as the ProtocolError (with `.where`) that it raised."""
+    for raw in iter_raw_records(path):
+        try:
+            if raw.error is not None:
+                raise raw.error
+            yield record_to_conversation(raw, fmt)
+        except ProtocolError as error:
+            error.where = f"{raw.source}:{raw.line}"
+            yield error

@@ -1,0 +1,328 @@
+"""Reading files into records and records into conversations: every format, every bad-input kind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sft.protocol.records import RawRecord, detect_format, iter_raw_records, record_to_conversation
+from sft.protocol.types import ProtocolError
+
+
+def roles_and_contents(conversation):
+    return [(message.role, message.content) for message in conversation.messages]
+
+
+def parse_error(record, **kwargs) -> ProtocolError:
+    with pytest.raises(ProtocolError) as caught:
+        record_to_conversation(record, **kwargs)
+    return caught.value
+
+
+def write_jsonl(path, lines: list[bytes]):
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+# --- formats -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["messages", "conversations"])
+def test_messages_with_string_content(key):
+    record = {key: [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    assert detect_format(record) == "messages"
+    assert roles_and_contents(record_to_conversation(record)) == [("user", "hi"), ("assistant", "hello")]
+
+
+def test_text_parts_are_joined_in_order_with_either_key():
+    content = [{"type": "text", "text": "a "}, {"type": "text", "value": "b"}, {"type": "text", "text": ""}]
+    record = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "x"}]}
+    assert record_to_conversation(record).messages[0].content == "a b"
+
+
+def test_reasoning_and_tool_call_parts():
+    content = [
+        {"type": "reasoning", "value": "think"},
+        {"type": "text", "value": "Calling."},
+        {"type": "tool_call", "value": '{"name": "f"}'},
+        {"type": "tool_call", "value": '{"name": "g"}'},
+    ]
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]}
+    assert record_to_conversation(record).messages[1].content == (
+        '<think>\nthink\n</think>\n\nCalling.<tool_call>\n{"name": "f"}\n</tool_call>\n'
+        '<tool_call>\n{"name": "g"}\n</tool_call>'
+    )
+
+
+def test_sharegpt_with_top_level_system_and_raw_roles():
+    record = {
+        "system": "Be brief.",
+        "conversations": [
+            {"from": "human", "value": "q"},
+            {"from": "function_call", "value": "{}"},
+            {"from": "observation", "value": "r"},
+            {"from": "gpt", "value": "a"},
+        ],
+    }
+    assert detect_format(record) == "sharegpt"
+    assert roles_and_contents(record_to_conversation(record)) == [
+        ("system", "Be brief."),
+        ("human", "q"),
+        ("function_call", "{}"),
+        ("observation", "r"),
+        ("gpt", "a"),
+    ]
+
+
+def test_empty_top_level_system_adds_nothing():
+    record = {"system": "", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    assert [message.role for message in record_to_conversation(record).messages] == ["human", "gpt"]
+
+
+def test_alpaca_with_input_history_and_system():
+    record = {
+        "system": "S",
+        "history": [["u1", "a1"], ["u2", "a2"]],
+        "instruction": "Do it",
+        "input": "with this",
+        "output": "done",
+    }
+    assert detect_format(record) == "alpaca"
+    assert roles_and_contents(record_to_conversation(record)) == [
+        ("system", "S"),
+        ("user", "u1"),
+        ("assistant", "a1"),
+        ("user", "u2"),
+        ("assistant", "a2"),
+        ("user", "Do it\n\nwith this"),
+        ("assistant", "done"),
+    ]
+
+
+@pytest.mark.parametrize("extra", [{}, {"input": ""}, {"input": None}])
+def test_alpaca_without_input(extra):
+    record = {"instruction": "Do it", "output": "done", **extra}
+    assert roles_and_contents(record_to_conversation(record)) == [("user", "Do it"), ("assistant", "done")]
+
+
+def test_prompt_completion_strings():
+    record = {"prompt": "2+2?", "completion": "4"}
+    assert detect_format(record) == "prompt_completion"
+    assert roles_and_contents(record_to_conversation(record)) == [("user", "2+2?"), ("assistant", "4")]
+
+
+def test_prompt_completion_message_lists():
+    record = {
+        "prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}],
+        "completion": [{"role": "assistant", "content": "a"}],
+    }
+    assert roles_and_contents(record_to_conversation(record)) == [
+        ("system", "S"),
+        ("user", "q"),
+        ("assistant", "a"),
+    ]
+
+
+def test_train_false_and_weight_zero_exclude_a_message():
+    record = {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a", "train": False},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "b", "weight": 0},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "c", "weight": 1},
+        ]
+    }
+    assert [message.train for message in record_to_conversation(record).messages[1::2]] == [
+        False,
+        False,
+        True,
+    ]
+
+
+def test_forced_format_overrides_detection():
+    record = {"prompt": "p", "completion": "c", "instruction": "i", "output": "o"}
+    assert record_to_conversation(record, fmt="alpaca").messages[0].content == "i"
+    assert record_to_conversation(record).messages[0].content == "p"
+
+
+def test_unknown_fmt_is_a_config_error():
+    with pytest.raises(ValueError, match="'auto' or one of"):
+        record_to_conversation({"prompt": "p", "completion": "c"}, fmt="chatml")
+
+
+# --- tools ---------------------------------------------------------------------------------------
+
+TOOLS = [{"name": "f", "parameters": {"type": "object"}}]
+CHAT = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+
+
+@pytest.mark.parametrize("tools", [TOOLS, json.dumps(TOOLS)])
+def test_tools_as_list_or_json_string(tools):
+    assert record_to_conversation({"conversations": CHAT, "tools": tools}).tools == TOOLS
+
+
+@pytest.mark.parametrize("tools", [None, ""])
+def test_absent_tools(tools):
+    assert record_to_conversation({"conversations": CHAT, "tools": tools}).tools is None
+
+
+@pytest.mark.parametrize("tools", ["[{not json", '{"name": "f"}', [1, 2], 7])
+def test_invalid_tools(tools):
+    error = parse_error({"conversations": CHAT, "tools": tools})
+    assert error.reason == "invalid_tools" and "'tools'" in str(error)
+
+
+# --- bad records ---------------------------------------------------------------------------------
+
+
+def test_unknown_format_lists_keys_and_formats():
+    error = parse_error({"question": "q", "answer": "a"})
+    assert error.reason == "unknown_format"
+    for expected in (
+        "answer",
+        "question",
+        "messages",
+        "sharegpt",
+        "alpaca",
+        "prompt_completion",
+    ):
+        assert expected in str(error)
+
+
+@pytest.mark.parametrize(
+    ("record", "named"),
+    [
+        ({"messages": "hi"}, "'messages'"),
+        ({"messages": ["hi"]}, "'messages' item 1"),
+        ({"messages": [{"role": "user", "content": 5}]}, "'messages' item 1 'content'"),
+        ({"messages": [{"role": "user", "content": None}]}, "'content'"),
+        ({"messages": [{"role": 1, "content": "x"}]}, "'role'"),
+        ({"messages": [{"role": "user", "content": ["x"]}]}, "content part 1"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, "'text'"),
+        ({"messages": [{"role": "user", "content": "x", "train": "no"}]}, "'train'"),
+        ({"instruction": "i", "output": ["o"]}, "'output'"),
+        ({"instruction": "i", "output": "o", "input": 1}, "'input'"),
+        ({"instruction": "i", "output": "o", "history": [["u"]]}, "'history' item 1"),
+        ({"instruction": "i", "output": "o", "history": "u"}, "'history'"),
+        ({"conversations": CHAT, "system": ["s"]}, "'system'"),
+    ],
+)
+def test_wrong_type_names_the_field(record, named):
+    error = parse_error(record)
+    assert error.reason == "wrong_type" and named in str(error)
+
+
+def test_missing_field():
+    error = parse_error({"messages": [{"role": "user"}]})
+    assert error.reason == "missing_field" and "'content'" in str(error)
+    error = parse_error({"prompt": "p", "completion": "c"}, fmt="alpaca")
+    assert error.reason == "missing_field" and "'instruction'" in str(error)
+
+
+def test_unknown_content_part():
+    record = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}
+    error = parse_error(record)
+    assert error.reason == "unknown_content_part"
+    assert "'image_url'" in str(error) and "tool_call" in str(error)
+
+
+def test_openai_tool_calls_are_refused_not_dropped():
+    record = {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}]}
+    error = parse_error(record)
+    assert error.reason == "unsupported_field" and "tool_calls" in str(error)
+
+
+def test_invalid_weight():
+    error = parse_error({"messages": [{"role": "assistant", "content": "a", "weight": 0.5}]})
+    assert error.reason == "invalid_weight" and "0.5" in str(error)
+
+
+# --- reading files -------------------------------------------------------------------------------
+
+
+def test_jsonl_records_carry_line_numbers_and_skip_blank_lines(tmp_path):
+    good = json.dumps({"prompt": "p", "completion": "c"}).encode()
+    path = write_jsonl(tmp_path / "d.jsonl", [good, b"", b"  \t", good])
+    records = list(iter_raw_records(path))
+    assert [(record.source, record.line) for record in records] == [(str(path), 1), (str(path), 4)]
+    conversation = record_to_conversation(records[1])
+    assert (conversation.source, conversation.line, conversation.where) == (str(path), 4, f"{path}:4")
+
+
+def test_invalid_json_line_is_an_error_record(tmp_path):
+    good = json.dumps({"prompt": "p", "completion": "c"}).encode()
+    path = write_jsonl(tmp_path / "d.jsonl", [good, b'{"prompt": "p",', good])
+    records = list(iter_raw_records(path))
+    assert [record.error is None for record in records] == [True, False, True]
+    assert (records[1].where, records[1].error.reason) == (f"{path}:2", "invalid_json")
+    assert records[1].data is None
+    with pytest.raises(ProtocolError, match="invalid JSON"):
+        record_to_conversation(records[1])
+
+
+def test_invalid_utf8_line_does_not_kill_the_file(tmp_path):
+    good = json.dumps({"prompt": "p", "completion": "ü"}, ensure_ascii=False).encode()
+    path = write_jsonl(tmp_path / "d.jsonl", [good, b'{"prompt": "\xff\xfe", "completion": "c"}', good])
+    records = list(iter_raw_records(path))
+    assert (records[1].where, records[1].error.reason) == (f"{path}:2", "invalid_utf8")
+    assert record_to_conversation(records[2]).messages[1].content == "ü"
+
+
+@pytest.mark.parametrize("line", [b"[1, 2]", b'"text"', b"3", b"null"])
+def test_non_object_line(tmp_path, line):
+    (record,) = iter_raw_records(write_jsonl(tmp_path / "d.jsonl", [line]))
+    assert record.line == 1 and record.error.reason == "not_an_object" and "JSON object" in str(record.error)
+
+
+def test_deep_nesting_and_huge_numbers_do_not_raise(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [b"[" * 100_000, b"1" * 5000])
+    assert [record.error.reason for record in iter_raw_records(path)] == ["invalid_json", "invalid_json"]
+
+
+def test_bom_and_line_separators_inside_strings(tmp_path):
+    content = "a\u2028b\u0085c\rd"  # characters str.splitlines would break on
+    line = json.dumps({"prompt": "p", "completion": content}, ensure_ascii=False).encode()
+    path = write_jsonl(tmp_path / "d.jsonl", [b"\xef\xbb\xbf" + line, line])
+    records = list(iter_raw_records(path))
+    assert [record_to_conversation(record).messages[1].content for record in records] == [content, content]
+
+
+def test_jsonl_crlf_line_endings(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "p", "completion": "c"}\r\n{"prompt": "q", "completion": "d"}\r\n')
+    assert [record.line for record in iter_raw_records(path) if record.error is None] == [1, 2]
+
+
+def test_json_array_file_uses_element_indices(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"prompt": "p", "completion": "c"}, 5, {"instruction": "i", "output": "o"}]))
+    records = list(iter_raw_records(path))
+    assert [record.line for record in records] == [1, 2, 3]
+    assert (records[1].where, records[1].error.reason) == (f"{path}:2", "not_an_object")
+    assert record_to_conversation(records[2]).where == f"{path}:3"
+
+
+def test_json_file_with_one_object(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"prompt": "p", "completion": "c"}))
+    (record,) = iter_raw_records(path)
+    assert record == RawRecord(str(path), 1, data={"prompt": "p", "completion": "c"})
+
+
+def test_invalid_json_file_is_one_error(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('{"prompt": "p", "completion": "c"}\n{"prompt": "q", "completion": "d"}\n')
+    (record,) = iter_raw_records(path)
+    assert record.line == 0 and record.error.reason == "invalid_json"
+    assert record.where == f"{path}:0" and ".jsonl" in str(record.error)
+
+
+def test_json_file_with_a_scalar_or_bad_bytes(tmp_path):
+    scalar, bad_bytes = tmp_path / "a.json", tmp_path / "b.json"
+    scalar.write_text("42")
+    bad_bytes.write_bytes(b'[{"prompt": "\xff"}]')
+    assert [record.error.reason for record in iter_raw_records(scalar)] == ["not_an_object"]
+    assert [record.error.reason for record in iter_raw_records(bad_bytes)] == ["invalid_utf8"]
