@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from sft.model.llama import build_model
 from sft.protocol.labels import IGNORE_INDEX
-from sft.protocol.templates import load_template
+from sft.protocol.templates import load_template, standalone_config
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,7 +77,7 @@ class SFTModule(L.LightningModule):
     def attach(self, tokenizer, template_config: dict[str, Any]) -> None:
         """Give the module what chat and evaluation need: the tokenizer and the template it was trained with."""
         self.tokenizer = tokenizer
-        self.template_config = dict(template_config)
+        self.template_config = standalone_config(load_template(template_config))
 
     @property
     def template(self):

@@ -495,3 +495,18 @@ def _check_generation_prompt(
             f"its trained span starts at char {start} but the generation prompt ends at char {len(prompt)} "
             f"(span begins {text[start : start + 40]!r}); the span must be exactly what the model generates",
         )
+
+
+def standalone_config(template: ChatTemplate) -> dict[str, Any]:
+    """A `template` config section that rebuilds this template without any file (what checkpoints keep)."""
+    if not isinstance(template, JinjaTemplate):
+        return {"name": template.name}
+    return {
+        "name": "jinja",
+        "source": template.source,
+        "eot": template.eot,
+        "bos_token": template.bos_token,
+        "eos_token": template.eos_token,
+        "special_tokens": template.special_tokens,
+        "kwargs": template.template_kwargs,
+    }
