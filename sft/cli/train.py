@@ -39,7 +39,8 @@ def build_logger(logger_config: dict[str, Any], run_dir: Path, config: dict[str,
 def trainer_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     hardware = config["hardware"]
     kwargs = {key: hardware[key] for key in ("accelerator", "devices", "num_nodes", "strategy", "precision")}
-    return {**kwargs, **config["trainer"]}
+    # The datamodule shards every epoch itself (disjoint, resumable); Lightning must not re-wrap its samplers.
+    return {**kwargs, "use_distributed_sampler": False, **config["trainer"]}
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:

@@ -85,25 +85,39 @@ def collate_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return batch
 
 
-class PackedPlan:
-    """Each epoch: shuffle the packed rows, then cut them into batches (a class, not a lambda: it pickles)."""
+def rank_units(global_batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
+    """Split each global batch into one part per rank, laid out [batch0 rank0, batch0 rank1, ...], so that
+    with the sampler's i ≡ rank (mod world) sharding the global batches do not depend on the world size:
+    `batch_size=4` on one process sees exactly the rows of `batch_size=2` on two."""
+    units = []
+    for rows in global_batches:
+        if len(rows) >= world_size:  # a tail too small to give every rank a row is dropped
+            units.extend(np.array_split(rows, world_size))
+    return units
 
-    def __init__(self, row_count: int, batch_size: int, seed: int):
-        self.row_count, self.batch_size, self.seed = row_count, batch_size, seed
+
+class PackedPlan:
+    """Each epoch: shuffle the packed rows, cut them into global batches, one part per rank
+    (a class, not a lambda: it pickles for spawned ranks)."""
+
+    def __init__(self, row_count: int, batch_size: int, world_size: int, seed: int):
+        self.row_count, self.batch_size, self.world_size, self.seed = row_count, batch_size, world_size, seed
 
     def __call__(self, epoch: int) -> list[np.ndarray]:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.row_count)
-        return [order[i : i + self.batch_size] for i in range(0, self.row_count, self.batch_size)]
+        step = self.batch_size * self.world_size
+        return rank_units([order[i : i + step] for i in range(0, self.row_count, step)], self.world_size)
 
 
 class LengthGroupedPlan:
-    """Each epoch: batches of similar length (little padding), in a seeded order."""
+    """Each epoch: global batches of similar length (little padding) in a seeded order, one part per rank."""
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int):
-        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+    def __init__(self, lengths: np.ndarray, batch_size: int, world_size: int, seed: int):
+        self.lengths, self.batch_size, self.world_size, self.seed = lengths, batch_size, world_size, seed
 
     def __call__(self, epoch: int) -> list[np.ndarray]:
-        return group_by_length(self.lengths, self.batch_size, self.seed, epoch)
+        global_batches = group_by_length(self.lengths, self.batch_size * self.world_size, self.seed, epoch)
+        return rank_units(global_batches, self.world_size)
 
 
 def mixed_example_ids(index: StoreIndex, weights: Sequence[float], seed: int) -> np.ndarray:
@@ -180,11 +194,11 @@ class SFTDataModule(L.LightningDataModule):
             self.packing_efficiency = packing_efficiency(lengths, bins, capacity)
         return RowDataset(index, example_ids, bins)
 
-    def _plan(self, dataset: RowDataset):
+    def _plan(self, dataset: RowDataset, world_size: int):
         batch_size = int(self.data_config["batch_size"])
         if dataset.rows is not None:
-            return PackedPlan(len(dataset), batch_size, self.seed)
-        return LengthGroupedPlan(dataset.index.lengths[dataset.example_ids], batch_size, self.seed)
+            return PackedPlan(len(dataset), batch_size, world_size, self.seed)
+        return LengthGroupedPlan(dataset.index.lengths[dataset.example_ids], batch_size, world_size, self.seed)
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -193,7 +207,7 @@ class SFTDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self._world()
         self._train_sampler = ResumableBatchSampler(
-            self._plan(self.train_dataset), seed=self.seed, rank=rank, world_size=world_size
+            self._plan(self.train_dataset, world_size), seed=self.seed, rank=rank, world_size=world_size, shuffle=False
         )
         if self._pending_sampler_state is not None:
             self._train_sampler.load_state_dict(self._pending_sampler_state)
@@ -209,9 +223,11 @@ class SFTDataModule(L.LightningDataModule):
         if self.val_dataset is None:
             return []
         rank, world_size = self._world()
-        batches = self._plan(self.val_dataset)(0)
         # Every held-out row exactly once over all ranks (no padding repeats: val loss is a global token mean).
-        return DataLoader(self.val_dataset, batch_sampler=batches[rank::world_size], collate_fn=collate_rows)
+        batch_size = int(self.data_config["batch_size"])
+        rows = np.arange(len(self.val_dataset))[rank::world_size]
+        batches = [rows[i : i + batch_size].tolist() for i in range(0, len(rows), batch_size)]
+        return DataLoader(self.val_dataset, batch_sampler=batches, collate_fn=collate_rows)
 
     # ---- resume --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,194 @@
+"""The assistant-only loss: token-mean normalisation over the global batch, zero-token batches, packing."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from sft.data.datamodule import collate_rows
+from sft.module import SFTModule, masked_token_loss_sum
+from sft.protocol.labels import IGNORE_INDEX
+
+MODEL = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": True,
+}
+OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 1, "min_lr_ratio": 0.1, "grad_clip": 1e9}
+
+
+def make_examples(count: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Rows of different lengths with very different trained-token counts, so that a mean of
+    per-micro-batch means would differ clearly from the global token mean."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        length = 6 + 9 * i
+        ids = rng.integers(0, MODEL["vocab_size"], length)
+        labels = np.full(length, IGNORE_INDEX)
+        trained = slice(length - 2 - 4 * i, length)
+        labels[trained] = ids[trained]
+        rows.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "position_ids": np.arange(length),
+                "document_ids": np.zeros(length, dtype=np.int64),
+            }
+        )
+    return rows
+
+
+class GradientCapture(SFTModule):
+    """Keeps the gradients as the optimizer will see them (after normalisation)."""
+
+    captured: list[dict[str, torch.Tensor]]
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        self.captured = getattr(self, "captured", [])
+        self.captured.append({n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None})
+
+
+def first_step_gradients(batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    module = GradientCapture(MODEL, OPTIM)
+    loader = DataLoader(make_examples(), batch_size=batch_size, collate_fn=collate_rows)
+    trainer = L.Trainer(
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return module.captured[0]
+
+
+def reference_gradients() -> dict[str, torch.Tensor]:
+    """Plain PyTorch: the mean loss over every trained token of the four examples, each run alone."""
+    torch.manual_seed(0)
+    module = SFTModule(MODEL, OPTIM)
+    total, count = 0.0, 0
+    for example in make_examples():
+        batch = collate_rows([example])
+        loss_sum, trained = masked_token_loss_sum(module(batch), batch["labels"])
+        total, count = total + loss_sum, count + trained
+    (total / count).backward()
+    return {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float) -> None:
+    for name in want:
+        scale = want[name].abs().max().clamp_min(1e-12)
+        assert (got[name] - want[name]).abs().max() / scale < rtol, name
+
+
+def test_accumulated_micro_batches_equal_one_big_batch_and_the_global_token_mean():
+    reference = reference_gradients()
+    assert_close(first_step_gradients(batch_size=4, accumulate=1), reference, 1e-6)
+    assert_close(first_step_gradients(batch_size=1, accumulate=4), reference, 1e-6)
+    assert_close(first_step_gradients(batch_size=2, accumulate=2), reference, 1e-6)
+
+
+def test_mean_of_micro_batch_means_would_differ():
+    """Guards the test above: its data really separates the right normalisation from the naive one."""
+    torch.manual_seed(0)
+    module = SFTModule(MODEL, OPTIM)
+    per_example, total, count = [], 0.0, 0
+    for example in make_examples():
+        batch = collate_rows([example])
+        loss_sum, trained = masked_token_loss_sum(module(batch), batch["labels"])
+        per_example.append(loss_sum / trained)
+        total, count = total + loss_sum, count + trained
+    assert abs(float(sum(per_example).detach() / 4 - total.detach() / count)) > 1e-3
+
+
+def test_no_trained_token_gives_exact_zero_and_a_gradient_free_of_nan():
+    module = SFTModule(MODEL, OPTIM)
+    example = make_examples(1)[0]
+    example["labels"][:] = IGNORE_INDEX
+    batch = collate_rows([example])
+    loss_sum, trained = masked_token_loss_sum(module(batch), batch["labels"])
+    assert trained == 0 and loss_sum.item() == 0.0
+    loss_sum.backward()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
+def test_a_step_without_trained_tokens_is_skipped_without_weight_decay_drift():
+    examples = make_examples(2)
+    for example in examples:
+        example["labels"][:] = IGNORE_INDEX
+    torch.manual_seed(0)
+    module = SFTModule(MODEL, OPTIM)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(examples, batch_size=1, collate_fn=collate_rows))
+    assert module.skipped_steps == 2
+    for name, parameter in module.named_parameters():
+        assert torch.equal(parameter.detach(), before[name]), name
+
+
+def test_packed_row_gives_the_same_loss_and_gradient_as_its_examples_alone():
+    examples = make_examples(3)
+    packed = {
+        "input_ids": np.concatenate([e["input_ids"] for e in examples]),
+        "labels": np.concatenate([e["labels"] for e in examples]),
+        "position_ids": np.concatenate([e["position_ids"] for e in examples]),
+        "document_ids": np.concatenate([np.full(len(e["input_ids"]), d) for d, e in enumerate(examples)]),
+    }
+    torch.manual_seed(0)
+    module = SFTModule(MODEL, OPTIM)
+    packed_sum, packed_count = masked_token_loss_sum(module(collate_rows([packed])), torch.as_tensor(packed["labels"])[None])
+    packed_sum.backward()
+    packed_grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    module.zero_grad()
+    alone_sum, alone_count = 0.0, 0
+    for example in examples:
+        batch = collate_rows([example])
+        loss_sum, trained = masked_token_loss_sum(module(batch), batch["labels"])
+        alone_sum, alone_count = alone_sum + loss_sum, alone_count + trained
+    alone_sum.backward()
+    assert packed_count == alone_count
+    assert torch.allclose(packed_sum, alone_sum, rtol=1e-5)
+    assert_close({n: p.grad for n, p in module.named_parameters()}, packed_grads, 1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path, bad):
+    from sft.module import NonFiniteLossError
+
+    class Poisoned(SFTModule):
+        """Step 1's loss (as the optimizer-step check sees it) is non-finite."""
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            if self.global_step == 1:
+                self._window_loss_sum = bad
+            return loss
+
+    torch.manual_seed(0)
+    module = Poisoned(MODEL, OPTIM)
+    trainer = L.Trainer(
+        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    loader = DataLoader(make_examples(), batch_size=1, collate_fn=collate_rows)
+    with pytest.raises(NonFiniteLossError, match="non-finite"):
+        trainer.fit(module, train_dataloaders=loader)
+    saved = torch.load(tmp_path / "checkpoints" / "last-finite.ckpt", weights_only=True)
+    assert saved["global_step"] == 1
+    for name, value in saved["state_dict"].items():
+        assert torch.isfinite(value).all(), name
