@@ -156,6 +156,11 @@ class SFTDataModule(L.LightningDataModule):
         self._train_sampler: ResumableBatchSampler | None = None
         self._pending_sampler_state: dict[str, Any] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned ranks re-open the prepared stores from the cache (milliseconds) instead of unpickling the
+        # tokenizer, template and memory maps.
+        return {**self.__dict__, "prepared": None}
+
     def prepare_data(self) -> None:
         self.prepared = prepare(self.config)
 

@@ -1,0 +1,199 @@
+"""Protocol speed: JSONL → (input_ids, labels) with our pipeline, against transformers and bare encoding.
+
+    .venv/bin/python scripts/bench_protocol.py [--copies 10] [--synthetic 20000] [--hf-rows 3000]
+
+On the same data and tokenizer (a byte-level BPE trained here on the real data), whole-process times:
+  ours          ConversationEncoder over read_conversations: read, validate, render, encode, label
+  transformers  apply_chat_template(tokenize=True, return_assistant_tokens_mask=True) per conversation,
+                chatml with {% generation %} tags, given the already-parsed messages (reading not timed)
+  bare          Tokenizer.encode_batch of the already-rendered texts (chunked as ours) and their ids
+Each is the best of --repeats runs. transformers runs on the first --hf-rows conversations only (a rate).
+Before timing, ours is checked against transformers token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from sft.protocol.labels import IGNORE_INDEX
+from sft.protocol.pipeline import ENCODE_CHUNK, Accounting, ConversationEncoder, read_conversations
+from sft.protocol.templates import BUILTINS
+from sft.protocol.tokenizer import train_bpe
+from sft.protocol.types import Conversation, ProtocolConfig
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CHATML_TAGGED = (
+    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}"
+    "{% if m.role == 'assistant' %}{% generation %}{{ m.content + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ m.content + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+WORDS = (
+    "the a of to and in is it you that he was for on are with as I his they be at one have this from "
+    "or had by hot word but what some we can out other were all there when up use your how said an each "
+    "naïve café Straße 東京 数据 привет مرحبا 🙂 🚀 x=1; def f(): return [1, 2, 3] {\"k\": \"v\"}"
+).split()
+
+
+def real_records(copies: int) -> list[str]:
+    """The shared demo sets (a JSON array and a JSONL file) as JSONL lines, repeated `copies` times."""
+    lines = []
+    for path in sorted(REAL_DATA.glob("*.json*")):
+        if path.suffix == ".json":
+            lines += [json.dumps(record, ensure_ascii=False) for record in json.loads(path.read_text())]
+        else:
+            lines += [line for line in path.read_text().splitlines() if line.strip()]
+    return lines * copies
+
+
+def synthetic_records(count: int, seed: int = 0) -> list[str]:
+    """Multi-turn conversations of random words, unicode and whitespace (some with a system prompt)."""
+    rng = random.Random(seed)
+
+    def text() -> str:
+        words = rng.choices(WORDS, k=rng.randint(3, 120))
+        return "".join(word + rng.choice(("", " ", " ", " ", "\n", "  ", ", ", ".\n\n")) for word in words)
+
+    lines = []
+    for _ in range(count):
+        messages = [{"role": "system", "content": text()}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 4)):
+            messages += [{"role": "user", "content": text()}, {"role": "assistant", "content": text()}]
+        lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
+    return lines
+
+
+def best_of(repeats: int, run: Callable[[], tuple[int, int]]) -> tuple[float, int, int]:
+    """(best wall time, rows, tokens) over `repeats` runs."""
+    best = None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        rows, tokens = run()
+        elapsed = time.perf_counter() - started
+        best = elapsed if best is None else min(best, elapsed)
+    return best, rows, tokens
+
+
+def run_ours(encoder: ConversationEncoder, path: str) -> tuple[int, int]:
+    accounting = Accounting()
+    tokens = sum(len(example.input_ids) for example in encoder.encode_file(path, "auto", accounting))
+    return accounting.kept, tokens
+
+
+def run_bare(tokenizer: Tokenizer, texts: list[str]) -> tuple[int, int]:
+    tokens = 0
+    for first in range(0, len(texts), ENCODE_CHUNK):
+        for encoding in tokenizer.encode_batch(texts[first : first + ENCODE_CHUNK], add_special_tokens=False):
+            tokens += len(encoding.ids)
+    return len(texts), tokens
+
+
+def hf_labels(hf_tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    output = hf_tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids = np.asarray(output["input_ids"], dtype=np.int64)
+    return ids, np.where(np.asarray(output["assistant_masks"], dtype=bool), ids, IGNORE_INDEX)
+
+
+def run_transformers(hf_tokenizer, conversations: list[list[dict]]) -> tuple[int, int]:
+    tokens = sum(len(hf_labels(hf_tokenizer, messages)[0]) for messages in conversations)
+    return len(conversations), tokens
+
+
+def bench(name: str, path: str, tokenizer: Tokenizer, hf_tokenizer, args: argparse.Namespace) -> list[dict]:
+    config = ProtocolConfig(max_seq_len=1 << 30, on_error="skip")
+    encoder = ConversationEncoder(tokenizer, BUILTINS["chatml"], config)
+    prepared = [
+        encoder.prepare(item, index)
+        for index, item in enumerate(read_conversations(path))
+        if isinstance(item, Conversation)
+    ]
+    texts = [rendered.text for _, rendered in prepared]
+    messages = [[{"role": m.role, "content": m.content} for m in conv.messages] for conv, _ in prepared]
+
+    # Same ids and labels as transformers before anything is timed.
+    ours = list(encoder.encode_file(path, "auto", Accounting()))
+    for example, conversation in zip(ours[: args.check_rows], messages, strict=False):
+        ids, labels = hf_labels(hf_tokenizer, conversation)
+        assert np.array_equal(example.input_ids, ids) and np.array_equal(example.labels, labels), example.where
+
+    hf_subset = messages[: args.hf_rows]
+    results = [
+        ("ours", *best_of(args.repeats, lambda: run_ours(encoder, path))),
+        ("transformers", *best_of(args.repeats, lambda: run_transformers(hf_tokenizer, hf_subset))),
+        ("bare encode_batch", *best_of(args.repeats, lambda: run_bare(tokenizer, texts))),
+    ]
+    return [
+        {"data": name, "method": method, "seconds": seconds, "rows": rows, "tokens": tokens}
+        for method, seconds, rows, tokens in results
+    ]
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| data | method | rows | rows/s | tokens/s | time per token, ours / this |")
+    print("|---|---|---:|---:|---:|---:|")
+    for data in dict.fromkeys(row["data"] for row in rows):
+        group = [row for row in rows if row["data"] == data]
+        ours_rate = group[0]["tokens"] / group[0]["seconds"]
+        for row in group:
+            rate = row["tokens"] / row["seconds"]
+            ratio = "—" if row is group[0] else f"{rate / ours_rate:.2f}"
+            print(
+                f"| {data} | {row['method']} | {row['rows']:,} | {row['rows'] / row['seconds']:,.0f} "
+                f"| {rate:,.0f} | {ratio} |"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--copies", type=int, default=10, help="repeats of the 350 real conversations")
+    parser.add_argument("--synthetic", type=int, default=20_000, help="synthetic conversations")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--hf-rows", type=int, default=3000, help="conversations timed with transformers")
+    parser.add_argument("--check-rows", type=int, default=300, help="conversations compared with transformers")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from transformers import PreTrainedTokenizerFast  # an optional dependency: only the benchmark needs it
+
+    with tempfile.TemporaryDirectory() as directory:
+        datasets = {"real ×{}".format(args.copies): real_records(args.copies)}
+        if args.synthetic:
+            datasets["synthetic"] = synthetic_records(args.synthetic)
+        paths = {}
+        for name, lines in datasets.items():
+            paths[name] = os.path.join(directory, f"{len(paths)}.jsonl")
+            Path(paths[name]).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+        chatml = BUILTINS["chatml"]
+        training_encoder = ConversationEncoder(None, chatml, ProtocolConfig(special_in_content="allow"))
+        first = next(iter(paths.values()))
+        texts = [
+            training_encoder.prepare(item, 0)[1].text
+            for item in read_conversations(first)
+            if isinstance(item, Conversation)
+        ]
+        tokenizer = train_bpe(texts, args.vocab_size, chatml.special_tokens)
+        hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=CHATML_TAGGED)
+
+        rows = []
+        for name, path in paths.items():
+            rows += bench(name, path, tokenizer, hf_tokenizer, args)
+    cores = os.cpu_count()
+    print(f"tokenizer: byte-level BPE, vocab {tokenizer.get_vocab_size()}; template chatml; {cores} cores")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""sft-train end to end: outputs, DDP on CPU, and kill-and-resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.e2e.conftest import metric_rows, summary, train
+
+pytestmark = pytest.mark.slow
+
+METRICS = ("train/loss", "val/loss", "train/tokens_per_s", "train/trained_tokens", "train/mfu", "eval/exact_match")
+
+
+def test_a_run_writes_checkpoint_metrics_and_summary(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    result = train(run_dir, cache_dir, "trainer.max_steps=4", "trainer.val_check_interval=4")
+    result_summary = summary(run_dir)
+    assert set(METRICS) <= set(result_summary["metrics"])
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "tokenizer.json").is_file() and (run_dir / "template.json").is_file()
+    assert set(metric_rows(run_dir, "train/loss")) == {0, 1, 2, 3}
+    assert "summary:" in result.stdout and str(run_dir) in result.stdout
+    assert result_summary["data"]["read"] == result_summary["data"]["kept"] == 256
+
+
+def test_two_cpu_processes_match_one_process_over_the_same_global_batch(tmp_path, cache_dir):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    common = ["trainer.max_steps=2", "trainer.val_check_interval=2", "eval.exact_match=false"]
+    train(single, cache_dir, "hardware=cpu", "data.batch_size=4", *common)
+    train(ddp, cache_dir, "hardware=ddp_cpu", "data.batch_size=2", *common)
+    for metric in ("train/loss", "train/grad_norm", "train/trained_tokens"):
+        one, two = metric_rows(single, metric), metric_rows(ddp, metric)
+        assert one.keys() == two.keys() == {0, 1}
+        for step in one:
+            assert math.isclose(one[step], two[step], rel_tol=1e-5), (metric, step, one[step], two[step])
+    assert math.isclose(summary(single)["metrics"]["val/loss"], summary(ddp)["metrics"]["val/loss"], rel_tol=1e-5)
+
+
+KILL_AT_STEP_7 = """
+import os, sys
+from sft.module import SFTModule
+original = SFTModule.on_train_batch_end
+def on_train_batch_end(self, outputs, batch, batch_idx):
+    if self.global_step == 7:
+        os._exit(17)  # a hard kill: no cleanup, no final checkpoint
+    return original(self, outputs, batch, batch_idx)
+SFTModule.on_train_batch_end = on_train_batch_end
+sys.argv[0] = "sft-train"
+from sft.cli.train import main
+main()
+"""
+
+
+def test_kill_and_resume_continues_with_identical_losses(tmp_path, cache_dir):
+    common = ["trainer.max_steps=10", "trainer.val_check_interval=5", "checkpoint.every_n_train_steps=3"]
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    train(uninterrupted, cache_dir, *common)
+    killed = train(resumed, cache_dir, *common, script=KILL_AT_STEP_7, check=False)
+    assert killed.returncode == 17, killed.stderr[-2000:]
+    train(resumed, cache_dir, *common, "ckpt_path=last")
+    want, got = metric_rows(uninterrupted, "train/loss"), metric_rows(resumed, "train/loss")
+    assert set(range(6, 10)) <= got.keys()
+    for step in range(6, 10):  # the checkpoint was at step 6; steps 7.. ran twice in `resumed`
+        assert math.isclose(want[step], got[step], rel_tol=1e-6), (step, want[step], got[step])
