@@ -43,14 +43,12 @@ def write_jsonl(path, conversations, bad_lines=0):
 
 
 def run_inspect(tmp_path, *overrides):
-    """The Hydra entry point as a user runs it, without colour, caching and running inside tmp_path;
+    """The Hydra entry point as a user runs it, without colour, caching and running in tmp_path;
     returns the output after the legend line (which shows the markers themselves)."""
     env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
     env.pop("FORCE_COLOR", None)
-    command = [
-        sys.executable, "-m", "sft.cli.inspect", f"data.cache_dir={tmp_path / 'cache'}",
-        f"hydra.run.dir={tmp_path / 'run'}", *overrides,
-    ]  # fmt: skip
+    # hydra.run.dir stays inspect.yaml's "." (here tmp_path): the tests check that nothing else is written.
+    command = [sys.executable, "-m", "sft.cli.inspect", f"data.cache_dir={tmp_path / 'cache'}", *overrides]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     legend, _, view = result.stdout.partition(f"{TRAINED_OPEN}trained tokens{TRAINED_CLOSE}")
@@ -59,11 +57,15 @@ def run_inspect(tmp_path, *overrides):
 
 
 def trained_runs(text: str) -> list[str]:
-    return [run.replace(BOUNDARY, "") for run in re.findall(f"{TRAINED_OPEN}(.*?){TRAINED_CLOSE}", text, re.S)]
+    return [
+        run.replace(BOUNDARY, "") for run in re.findall(f"{TRAINED_OPEN}(.*?){TRAINED_CLOSE}", text, re.S)
+    ]
 
 
 def expected_runs(conversations) -> list[str]:
-    return [content + "<|im_end|>" for turns in conversations for role, content in turns if role == "assistant"]
+    return [
+        content + "<|im_end|>" for turns in conversations for role, content in turns if role == "assistant"
+    ]
 
 
 # ---- in process: the rendering itself ---------------------------------------------------------------
@@ -95,7 +97,10 @@ def test_terminal_text_marks_exactly_the_trained_tokens(tmp_path, chat_tokenizer
     [example] = load_examples(chat_tokenizer, [TokenStore(tmp_path / "store")], count=5)
     plain = terminal_text(example, colour=False).plain
     assert trained_runs(plain) == ["Hello you<|im_end|>"]
-    assert plain.replace(BOUNDARY, "").replace("↵", "").replace(TRAINED_OPEN, "").replace(TRAINED_CLOSE, "") == text
+    assert (
+        plain.replace(BOUNDARY, "").replace("↵", "").replace(TRAINED_OPEN, "").replace(TRAINED_CLOSE, "")
+        == text
+    )
     coloured = terminal_text(example, colour=True)
     assert coloured.plain == text.replace("\n", "↵\n")  # colour mode adds no marker characters
 
@@ -137,7 +142,8 @@ def test_inspect_jsonl_terminal_html_and_stats(tmp_path):
     page = (tmp_path / "view.html").read_text(encoding="utf-8")
     assert "<link" not in page and "<script" not in page and "src=" not in page
     runs, untrained, current = [], "", None
-    for classes, text in re.findall(r'<span class="(t [^"]*)"[^>]*>(.*?)</span>', page, re.S):
+    tokens = "".join(re.findall(r'<div class="tokens">(.*?)</div>', page, re.S))
+    for classes, text in re.findall(r'<span class="(t [^"]*)"[^>]*>(.*?)</span>', tokens, re.S):
         text = unescape(text).replace("↵", "")
         if "trained" in classes.split():
             current = (current or "") + text
@@ -154,7 +160,9 @@ def test_inspect_jsonl_terminal_html_and_stats(tmp_path):
     assert stats["examples"] == 3 and stats["kept"] == 3 and stats["read"] == 5
     assert stats["skipped"]["total"] == 1 and sum(stats["skipped"]["by_reason"].values()) == 1
     assert stats["dropped"] == {"total": 1, "by_reason": {"too_long": 1}}
-    trained_in_output = sum(run.count(BOUNDARY) + 1 for run in re.findall(f"{TRAINED_OPEN}(.*?){TRAINED_CLOSE}", output, re.S))
+    trained_in_output = sum(
+        run.count(BOUNDARY) + 1 for run in re.findall(f"{TRAINED_OPEN}(.*?){TRAINED_CLOSE}", output, re.S)
+    )
     assert stats["trained_tokens"] == trained_in_output
     assert 0 < stats["trained_tokens"] < stats["tokens"] and 0 < stats["packing_efficiency"] <= 1
     assert sorted(os.listdir(tmp_path)) == ["cache", "chats.jsonl", "stats.json", "view.html"]
@@ -162,7 +170,9 @@ def test_inspect_jsonl_terminal_html_and_stats(tmp_path):
 
 @pytest.mark.slow
 def test_inspect_embedded_sample(tmp_path):
-    output = run_inspect(tmp_path, "data=sample", "data.num_train=50", "data.num_val=5", "n=2", "stats=train.json")
+    output = run_inspect(
+        tmp_path, "data=sample", "data.num_train=50", "data.num_val=5", "n=2", "stats=train.json"
+    )
     assert output.count("example ") == 2 and "packing" in output and "read 50 = kept 50" in output
     assert all(run.endswith("<|im_end|>") for run in trained_runs(output))
     stats = json.loads((tmp_path / "train.json").read_text())
@@ -170,5 +180,8 @@ def test_inspect_embedded_sample(tmp_path):
     assert sum(bin_["count"] for bin_ in stats["length_histogram"]) == 50
     assert stats["packing_efficiency"] > 0.8  # 50 short examples fill few 512-token rows
 
-    run_inspect(tmp_path, "data=sample", "data.num_train=50", "data.num_val=5", "split=val", "n=0", "stats=val.json")
+    run_inspect(
+        tmp_path, "data=sample", "data.num_train=50", "data.num_val=5", "split=val", "n=0", "stats=val.json"
+    )
     assert json.loads((tmp_path / "val.json").read_text())["examples"] == 5
+    assert sorted(os.listdir(tmp_path)) == ["cache", "train.json", "val.json"]

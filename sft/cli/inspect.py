@@ -68,7 +68,9 @@ def token_texts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
 
 def load_examples(tokenizer: Tokenizer, stores: Sequence[TokenStore], count: int) -> list[Example]:
     """The first `count` examples of the split, in input order, as tokens with their mask."""
-    special_ids = {token_id for token_id, added in tokenizer.get_added_tokens_decoder().items() if added.special}
+    special_ids = {
+        token_id for token_id, added in tokenizer.get_added_tokens_decoder().items() if added.special
+    }
     examples: list[Example] = []
     for store in stores:
         for index in range(min(len(store), count - len(examples))):
@@ -77,7 +79,9 @@ def load_examples(tokenizer: Tokenizer, stores: Sequence[TokenStore], count: int
             trained = (labels != IGNORE_INDEX).tolist()
             tokens = [
                 Token(token_id, text, is_trained, token_id in special_ids)
-                for token_id, text, is_trained in zip(id_list, token_texts(tokenizer, id_list), trained, strict=True)
+                for token_id, text, is_trained in zip(
+                    id_list, token_texts(tokenizer, id_list), trained, strict=True
+                )
             ]
             title = (
                 f"example {index} of {store.manifest['source']} · {len(tokens)} tokens, "
@@ -157,13 +161,13 @@ def html_page(examples: list[Example], stats: DatasetStats, split: str) -> str:
             f"{html.escape(token.text.replace(chr(10), NEWLINE))}</span>"
             for position, token in enumerate(example.tokens)
         )
-        sections.append(f"<h2>{html.escape(example.title)}</h2>\n<div class=\"tokens\">{spans}</div>")
+        sections.append(f'<h2>{html.escape(example.title)}</h2>\n<div class="tokens">{spans}</div>')
     legend = (
         '<p class="legend"><span class="t a trained">trained</span> <span class="t a">not trained</span> '
         '<span class="t special">control token</span> · backgrounds alternate per token · ↵ newline</p>'
     )
     return (
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>sft-inspect</title>"
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>sft-inspect</title>'
         f"<style>{PAGE_STYLE}</style></head>\n<body>\n<h1>sft-inspect · {html.escape(split)}</h1>\n{legend}\n"
         + "\n".join(sections)
         + f"\n<h2>statistics</h2>\n<pre>{html.escape(chr(10).join(describe(stats)))}</pre>\n</body></html>\n"
@@ -185,7 +189,9 @@ def main(cfg: DictConfig) -> None:
         sys.exit(f"sft-inspect: {error}")
     stores = prepared.train if split == "train" else prepared.val
     if not stores:
-        sys.exit("sft-inspect: no data.val files (data.val_fraction holds examples out of train at training time)")
+        sys.exit(
+            "sft-inspect: no data.val files (data.val_fraction holds examples out of train at training time)"
+        )
     stats = dataset_stats(stores, int(config["protocol"]["max_seq_len"]))
     examples = load_examples(prepared.tokenizer, stores, int(config["n"]))
     print_view(Console(), examples, stats, split)

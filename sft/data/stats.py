@@ -45,7 +45,9 @@ class DatasetStats:
             "trained_tokens": self.trained_tokens,
             "trained_fraction": self.trained_fraction,
             "lengths": self.lengths,
-            "length_histogram": [{"from": low, "to": high, "count": count} for low, high, count in self.histogram],
+            "length_histogram": [
+                {"from": low, "to": high, "count": count} for low, high, count in self.histogram
+            ],
             "max_seq_len": self.max_seq_len,
             "packed_rows": self.packed_rows,
             "packing_efficiency": self.packing_efficiency,
@@ -113,8 +115,8 @@ def describe(stats: DatasetStats) -> list[str]:
     if stats.lengths:
         lengths = stats.lengths
         lines.append(
-            f"length          min {lengths['min']} · mean {lengths['mean']:.1f} · median {lengths['median']:.0f}"
-            f" · p95 {lengths['p95']:.0f} · max {lengths['max']}"
+            f"length          min {lengths['min']} · mean {lengths['mean']:.1f} · "
+            f"median {lengths['median']:.0f} · p95 {lengths['p95']:.0f} · max {lengths['max']}"
         )
     lines.append(
         f"packing         {stats.packing_efficiency:.1%} of {stats.packed_rows:,} rows × {stats.max_seq_len} "

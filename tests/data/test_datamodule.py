@@ -1,0 +1,149 @@
+"""SFTDataModule: packing is invisible, shards are disjoint and complete, resume is exact, mixing and
+held-out splits are reproducible."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from sft.data.datamodule import SFTDataModule
+from sft.data.sampler import ResumableBatchSampler
+from sft.protocol.labels import IGNORE_INDEX
+
+
+def write_conversations(path, count: int, tag: str) -> str:
+    with open(path, "w") as handle:
+        for i in range(count):
+            turns = [{"role": "system", "content": f"{tag} system {i % 3}"}]
+            for turn in range(1 + i % 3):
+                turns.append({"role": "user", "content": f"{tag} question {i} {turn} " + "x " * (i % 11)})
+                turns.append({"role": "assistant", "content": f"{tag} answer {i}-{turn}" + " y" * (i % 7)})
+            handle.write(json.dumps({"messages": turns}) + "\n")
+    return str(path)
+
+
+def make_config(tmp_path, files, **data) -> dict:
+    return {
+        "seed": 7,
+        "tokenizer": {"name": "bpe", "vocab_size": 300, "path": None},
+        "template": {"name": "chatml"},
+        "protocol": {"max_seq_len": 256, "seed": 7},
+        "data": {
+            "name": "jsonl",
+            "train": files,
+            "val": None,
+            "format": "auto",
+            "mix": None,
+            "val_fraction": 0.0,
+            "batch_size": 3,
+            "packing": True,
+            "num_workers": 0,
+            "cache_dir": str(tmp_path / "cache"),
+            **data,
+        },
+    }
+
+
+@pytest.fixture
+def two_files(tmp_path):
+    return [write_conversations(tmp_path / "a.jsonl", 40, "alpha"), write_conversations(tmp_path / "b.jsonl", 20, "beta")]
+
+
+def setup_module_for(config) -> SFTDataModule:
+    datamodule = SFTDataModule(config)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+def examples_of(dataset) -> dict[int, tuple]:
+    """{example id: (ids, labels, positions)} reconstructed from the rows a dataset yields."""
+    found = {}
+    for row in range(len(dataset)):
+        item = dataset[row]
+        for document, example_id in enumerate(dataset.row_examples(row)):
+            where = item["document_ids"] == document
+            found[int(example_id)] = tuple(item[key][where].tolist() for key in ("input_ids", "labels", "position_ids"))
+    return found
+
+
+def test_packed_rows_hold_exactly_the_unpacked_examples(tmp_path, two_files):
+    packed = setup_module_for(make_config(tmp_path, two_files, packing=True)).train_dataset
+    unpacked = setup_module_for(make_config(tmp_path, two_files, packing=False)).train_dataset
+    assert len(packed) < len(unpacked)
+    assert examples_of(packed) == examples_of(unpacked)
+    for ids, labels, positions in examples_of(packed).values():
+        assert positions == list(range(len(ids)))
+        assert labels[0] == IGNORE_INDEX  # the first token of an example is never a target
+        assert any(label != IGNORE_INDEX for label in labels)
+
+
+def test_packing_efficiency_is_reported(tmp_path, two_files):
+    datamodule = setup_module_for(make_config(tmp_path, two_files))
+    assert 0.5 < datamodule.packing_efficiency <= 1.0
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_rank_shards_are_disjoint_and_cover_the_epoch(tmp_path, two_files, packing, world_size):
+    datamodule = setup_module_for(make_config(tmp_path, two_files, packing=packing, batch_size=2))
+    dataset = datamodule.train_dataset
+    seen = Counter()
+    for rank in range(world_size):
+        sampler = ResumableBatchSampler(
+            datamodule._plan(dataset, world_size), seed=7, rank=rank, world_size=world_size, shuffle=False
+        )
+        for batch in sampler:
+            seen.update(batch)
+    assert max(seen.values()) == 1
+    # Only a tail too small to give every rank a row may be left out.
+    assert len(dataset) - world_size < len(seen) <= len(dataset)
+
+
+def test_global_batches_do_not_depend_on_the_number_of_ranks(tmp_path, two_files):
+    """batch_size=4 on one process sees the same rows per step as batch_size=2 on each of two ranks."""
+    one_rank = setup_module_for(make_config(tmp_path, two_files, batch_size=4))
+    two_ranks = setup_module_for(make_config(tmp_path, two_files, batch_size=2))
+    one = one_rank._plan(one_rank.train_dataset, 1)(epoch=0)
+    two = two_ranks._plan(two_ranks.train_dataset, 2)(epoch=0)
+    assert len(two) == 2 * len(one)
+    for step, rows in enumerate(one):
+        assert sorted(rows.tolist()) == sorted(np.concatenate([two[2 * step], two[2 * step + 1]]).tolist())
+
+
+def test_mid_epoch_resume_yields_exactly_the_remaining_batches(tmp_path, two_files):
+    config = make_config(tmp_path, two_files, batch_size=2)
+    reference = setup_module_for(config)
+    full = [batch["input_ids"].tolist() for batch in reference.train_dataloader()]
+    consumed = 3
+    resumed = setup_module_for(config)
+    resumed.load_state_dict({"sampler": {"epoch": 0, "batches_consumed": consumed, "seed": 7, "world_size": 1}})
+    rest = [batch["input_ids"].tolist() for batch in resumed.train_dataloader()]
+    assert rest == full[consumed:]
+
+
+def test_mix_draws_the_requested_proportions_reproducibly(tmp_path, two_files):
+    config = make_config(tmp_path, two_files, mix=[0.25, 0.75])
+    first, second = setup_module_for(config), setup_module_for(config)
+    ids = first.train_dataset.example_ids
+    assert np.array_equal(ids, second.train_dataset.example_ids)
+    from_b = np.mean(ids >= 40)
+    assert from_b == 0.75 and len(ids) == 60  # 15 draws from a (40 rows), 45 from b (20 rows)
+
+
+def test_val_fraction_holds_out_a_deterministic_disjoint_split(tmp_path, two_files):
+    config = make_config(tmp_path, two_files, val_fraction=0.2)
+    first, second = setup_module_for(config), setup_module_for(config)
+    train_ids, val_ids = set(first.train_dataset.example_ids), set(first.val_dataset.example_ids)
+    assert len(val_ids) == 12 and not train_ids & val_ids and len(train_ids | val_ids) == 60
+    assert val_ids == set(second.val_dataset.example_ids)
+
+
+def test_explicit_val_files_and_their_batches_cover_each_row_once(tmp_path, two_files):
+    config = make_config(tmp_path, two_files[:1], val=two_files[1:])
+    datamodule = setup_module_for(config)
+    rows = [row for batch in datamodule.val_dataloader().batch_sampler for row in batch]
+    assert sorted(rows) == list(range(len(datamodule.val_dataset)))
