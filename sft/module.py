@@ -68,6 +68,7 @@ class SFTModule(L.LightningModule):
         self.skipped_steps = 0  # optimizer steps with no trained token in the whole global batch
         self._reset_window()
         self._step_started_at: float | None = None
+        self._row_length = 0  # tokens per row of the last micro-batch: the attention term of the FLOPs
         self._val_loss_sum = torch.zeros((), dtype=torch.float64)
         self._val_tokens = torch.zeros((), dtype=torch.float64)
         self.tokenizer = None  # set by attach(): saved into every checkpoint so it is usable on its own
@@ -115,6 +116,7 @@ class SFTModule(L.LightningModule):
         self._window_loss_sum += loss_sum.detach().double()
         self._window_trained_tokens += trained_tokens
         self._window_tokens += int(batch["real_tokens"])
+        self._row_length = batch["input_ids"].shape[1]
         # Undo Lightning's 1/accumulate and DDP's 1/world_size: gradients arrive as plain sums.
         return loss_sum * (self.trainer.world_size * self.trainer.accumulate_grad_batches)
 
@@ -169,7 +171,7 @@ class SFTModule(L.LightningModule):
         self.log("train/tokens_per_s", tokens_per_s)
         self.log("train/trained_tokens_per_s", trained_tokens / elapsed)
         if self.peak_flops > 0:
-            flops_per_token = self.model.flops_per_token(self.model.config.max_position_embeddings)
+            flops_per_token = self.model.flops_per_token(self._row_length)
             self.log("train/mfu", flops_per_token * tokens_per_s / self.peak_flops)
 
     # ---- validation -----------------------------------------------------------------------------------

@@ -14,8 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sft.data.build import export_jsonl, prepare
-from sft.protocol.pipeline import DataError
-from sft.protocol.types import TemplateError
+from sft.data.store import StoreError
 
 
 @hydra.main(version_base="1.3", config_path="pkg://sft.conf", config_name="prepare")
@@ -23,15 +22,17 @@ def main(cfg: DictConfig) -> None:
     config = OmegaConf.to_container(cfg, resolve=True)
     try:
         prepared = prepare(config)
-    except (DataError, TemplateError, FileNotFoundError) as error:
+    except (ValueError, OSError, StoreError) as error:  # bad data, template, config or files: no traceback
         print(f"sft-prepare: {error}", file=sys.stderr)
         sys.exit(1)
     stores = prepared.train + prepared.val
     print(prepared.accounting.summary())
     for store in stores:
         counts = store.manifest["counts"]
-        print(f"{store.manifest['source']}: {counts['examples']} examples, {counts['tokens']} tokens, "
-              f"{counts['trained_tokens']} trained → {store.store_dir}")
+        print(
+            f"{store.manifest['source']}: {counts['examples']} examples, {counts['tokens']} tokens, "
+            f"{counts['trained_tokens']} trained → {store.store_dir}"
+        )
     if config.get("export"):
         count = export_jsonl(prepared.train, config["export"])
         print(f"exported {count} examples to {config['export']}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from tokenizers import Tokenizer
 
@@ -29,7 +30,6 @@ from sft.protocol.pipeline import (
 )
 from sft.protocol.templates import ChatTemplate, check_template, load_template
 from sft.protocol.tokenizer import (
-    check_special_tokens,
     check_template_tokens,
     load_tokenizer,
     tokenizer_fingerprint,
@@ -87,16 +87,26 @@ def data_files(data_cfg: Mapping[str, Any], cache_dir: Path, seed: int) -> tuple
 
 
 def rendered_texts(paths: list[str], fmt: str, encoder: ConversationEncoder) -> Iterator[str]:
-    """Rendered conversations for tokenizer training; bad records are left to the real pass to report."""
-    index = 0
+    """Rendered conversations for tokenizer training, each with the system-prompt decision its store makes
+    (indexed within its file); bad records are left to the real pass to report."""
     for path in paths:
-        for item in read_conversations(path, fmt):
+        for index, item in enumerate(read_conversations(path, fmt)):
             if not isinstance(item, ProtocolError):
                 try:
                     yield encoder.prepare(item, index)[1].text
                 except ProtocolError:
                     pass
-            index += 1
+
+
+# The protocol keys that change rendered text, hence what the BPE is trained on (not, e.g., max_seq_len).
+RENDERING_KEYS = (
+    "system_prompt",
+    "system_prompt_prob",
+    "role_map",
+    "merge_consecutive",
+    "strip_content",
+    "seed",
+)
 
 
 def build_tokenizer(
@@ -116,16 +126,20 @@ def build_tokenizer(
             "vocab_size": tokenizer_cfg["vocab_size"],
             "special_tokens": template.special_tokens,
             "template": template.fingerprint,
-            "protocol": dataclasses.asdict(protocol),
+            "protocol": {key: getattr(protocol, key) for key in RENDERING_KEYS},
             "format": fmt,
         }
         path = cache_dir / "tokenizers" / f"{cache_key(parts, train_files)}.json"
         if path.is_file():
             tokenizer = load_tokenizer(path)
         else:
-            text_encoder = ConversationEncoder(None, template, dataclasses.replace(protocol, special_in_content="allow"))
+            text_encoder = ConversationEncoder(
+                None, template, dataclasses.replace(protocol, special_in_content="allow")
+            )
             tokenizer = train_bpe(
-                rendered_texts(train_files, fmt, text_encoder), tokenizer_cfg["vocab_size"], template.special_tokens
+                rendered_texts(train_files, fmt, text_encoder),
+                tokenizer_cfg["vocab_size"],
+                template.special_tokens,
             )
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -133,7 +147,6 @@ def build_tokenizer(
             os.replace(temporary, path)
     else:
         raise ValueError(f"tokenizer.name={tokenizer_cfg['name']!r}: expected 'bpe' or 'file'")
-    check_special_tokens(tokenizer, template.special_tokens, template.name)
     check_template_tokens(template, tokenizer)
     return tokenizer
 
@@ -144,11 +157,14 @@ def _progress() -> Progress:
         BarColumn(),
         TextColumn("{task.fields[rows]} rows · {task.fields[tokens_per_s]:,.0f} tokens/s"),
         TimeElapsedColumn(),
+        console=Console(stderr=True),  # stdout keeps only the summary, for scripts that read it
         transient=True,
     )
 
 
-def build_store(path: str, encoder: ConversationEncoder, fmt: str, cache_dir: Path) -> tuple[TokenStore, Accounting]:
+def build_store(
+    path: str, encoder: ConversationEncoder, fmt: str, cache_dir: Path
+) -> tuple[TokenStore, Accounting]:
     """The store for one file, from the cache when its key matches, else encoded and written atomically."""
     parts = {
         "protocol_version": PROTOCOL_VERSION,
@@ -166,7 +182,10 @@ def build_store(path: str, encoder: ConversationEncoder, fmt: str, cache_dir: Pa
     size = max(Path(path).stat().st_size, 1)
     started = time.perf_counter()
     tokens = 0
-    with _progress() as progress, StoreWriter(store_dir, vocab_size=encoder.tokenizer.get_vocab_size()) as writer:
+    with (
+        _progress() as progress,
+        StoreWriter(store_dir, vocab_size=encoder.tokenizer.get_vocab_size()) as writer,
+    ):
         task = progress.add_task(f"preparing {Path(path).name}", total=size, rows=0, tokens_per_s=0.0)
         for example in encoder.encode_file(path, fmt, accounting):
             writer.add(example.input_ids, example.labels)

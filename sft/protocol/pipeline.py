@@ -2,7 +2,8 @@
 
 records → normalize_conversations → maybe_add_system_prompt → render_chat_prompt → encode_batch →
 build_loss_labels → length policy. Rendering is per conversation (cheap string work); tokenization runs
-in chunks through the Rust tokenizer (which uses every core); labels are vectorised per example.
+in chunks through the Rust tokenizer (which uses every core); labels come from a few lookups at each
+assistant span's ends (`labels_from_encoding`), never from a per-token Python loop.
 """
 
 from __future__ import annotations
@@ -14,16 +15,23 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
-from sft.protocol.labels import IGNORE_INDEX, build_loss_labels
+from sft.protocol.labels import IGNORE_INDEX, labels_from_encoding
 from sft.protocol.normalize import normalize_conversations
 from sft.protocol.records import iter_raw_records, record_to_conversation
 from sft.protocol.system import maybe_add_system_prompt
 from sft.protocol.templates import ChatTemplate, render_chat_prompt
-from sft.protocol.types import Conversation, Message, ProtocolConfig, ProtocolError, RenderedChat
+from sft.protocol.types import (
+    Conversation,
+    Message,
+    ProtocolConfig,
+    ProtocolError,
+    RenderedChat,
+    TemplateError,
+)
 
-PROTOCOL_VERSION = 1  # bump when a change to this package changes the tokens or labels it produces
+PROTOCOL_VERSION = 2  # bump when a change to this package changes the tokens or labels it produces
 ENCODE_CHUNK = 2048  # texts per encode_batch call: large enough for both cores, small enough to stay fast
 EXAMPLES_PER_REASON = 5  # locations remembered per skip/drop reason for the summary
 
@@ -111,10 +119,11 @@ def apply_mask_strategy(messages: list[Message], mask: str) -> list[Message]:
     ]
 
 
-def special_token_pattern(tokenizer: Tokenizer) -> re.Pattern | None:
-    """A regex matching the literal text of every special added token (which `encode` would turn into
-    a control id if a user typed it)."""
-    specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+def special_token_pattern(tokenizer: Tokenizer, control_tokens: Iterable[str] = ()) -> re.Pattern | None:
+    """A regex matching the literal text of every special added token and of the template's control
+    tokens: `encode` would turn any of them into a control id if a user typed it."""
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    specials.update(control_tokens)
     if not specials:
         return None
     return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
@@ -128,7 +137,9 @@ class ConversationEncoder:
         self.template = template
         self.config = config
         self.special_pattern = (
-            special_token_pattern(tokenizer) if config.special_in_content == "reject" else None
+            special_token_pattern(tokenizer, template.special_tokens)
+            if config.special_in_content == "reject"
+            else None
         )
         self.requires_alternation = getattr(template, "requires_alternation", False)
 
@@ -138,45 +149,29 @@ class ConversationEncoder:
         conversation = normalize_conversations(
             conversation, self.config, requires_alternation=self.requires_alternation
         )
-        conversation = maybe_add_system_prompt(conversation, self.config, index)
-        conversation.messages = apply_mask_strategy(conversation.messages, self.config.mask)
         if self.special_pattern is not None:
-            for position, message in enumerate(conversation.messages):
+            for number, message in enumerate(conversation.messages, start=1):
                 found = self.special_pattern.search(message.content)
                 if found:
                     raise ProtocolError(
                         "special_token_in_content",
-                        f"message {position} ({message.role}) contains the control token {found.group()!r}; "
-                        "it would be tokenized as a real control token. Set protocol.special_in_content=allow "
-                        "to accept it.",
+                        f"message {number} ({message.role}) contains the control token {found.group()!r}, "
+                        "which would be tokenized as the real control token; set "
+                        "protocol.special_in_content=allow to accept it",
                     )
+        conversation = maybe_add_system_prompt(conversation, self.config, index)
+        conversation.messages = apply_mask_strategy(conversation.messages, self.config.mask)
         return conversation, render_chat_prompt(
             conversation.messages, self.template, tools=conversation.tools
         )
 
-    # ---- batched -----------------------------------------------------------------------------------------
-    def encode_rendered(
-        self, items: list[tuple[Conversation, RenderedChat]], accounting: Accounting
-    ) -> Iterator[EncodedExample]:
-        encodings = self.tokenizer.encode_batch(
-            [rendered.text for _, rendered in items], add_special_tokens=False
-        )
-        for (conversation, rendered), encoding in zip(items, encodings, strict=True):
-            example = self._apply_length_policy(conversation, rendered, encoding, accounting)
-            if example is not None:
-                accounting.kept += 1
-                yield example
-
-    def _labels(self, encoding, rendered: RenderedChat) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.asarray(encoding.ids, dtype=np.int64)
-        return ids, build_loss_labels(ids, encoding.offsets, rendered.assistant_spans)
-
     def _apply_length_policy(
-        self, conversation: Conversation, rendered: RenderedChat, encoding, accounting: Accounting
+        self, conversation: Conversation, rendered: RenderedChat, encoding: Encoding, accounting: Accounting
     ) -> EncodedExample | None:
-        max_len = self.config.max_seq_len
-        ids, labels = self._labels(encoding, rendered)
-        if len(ids) > max_len:
+        """The example as encoded, cut or shortened to max_seq_len, or None (counted) when it is dropped."""
+        ids, labels = labels_from_encoding(encoding, rendered.assistant_spans)
+        truncated = len(ids) > self.config.max_seq_len
+        if truncated:
             if self.config.truncation == "drop":
                 accounting.note(accounting.dropped, "too_long", conversation.where)
                 return None
@@ -187,11 +182,12 @@ class ConversationEncoder:
                     return None
                 ids, labels = shortened
             else:
-                ids, labels = ids[:max_len], labels[:max_len]
-            accounting.truncated += 1
-        if not (labels != IGNORE_INDEX).any():
+                ids, labels = ids[: self.config.max_seq_len], labels[: self.config.max_seq_len]
+        if not np.any(labels != IGNORE_INDEX):
             accounting.note(accounting.dropped, "no_trained_tokens", conversation.where)
             return None
+        accounting.kept += 1
+        accounting.truncated += truncated
         return EncodedExample(ids, labels, conversation.where)
 
     def _drop_oldest_turns(self, conversation: Conversation) -> tuple[np.ndarray, np.ndarray] | None:
@@ -208,33 +204,50 @@ class ConversationEncoder:
                 return None
             rendered = render_chat_prompt(messages, self.template, tools=conversation.tools)
             encoding = self.tokenizer.encode(rendered.text, add_special_tokens=False)
-            if len(encoding.ids) <= self.config.max_seq_len:
-                return self._labels(encoding, rendered)
+            if len(encoding) <= self.config.max_seq_len:
+                return labels_from_encoding(encoding, rendered.assistant_spans)
 
+    # ---- batched -----------------------------------------------------------------------------------------
     def encode_conversations(
         self, conversations: Iterable[Conversation | ProtocolError], accounting: Accounting
     ) -> Iterator[EncodedExample]:
-        """The batched hot path. Items are conversations, or errors already found while reading."""
-        pending: list[tuple[Conversation, RenderedChat]] = []
+        """The batched hot path. Items are conversations, or errors already found while reading; examples
+        come out in input order."""
+        for chunk in self._prepared_chunks(conversations, accounting):
+            encodings = self.tokenizer.encode_batch(
+                [rendered.text for _, rendered in chunk], add_special_tokens=False
+            )
+            for (conversation, rendered), encoding in zip(chunk, encodings, strict=True):
+                example = self._apply_length_policy(conversation, rendered, encoding, accounting)
+                if example is not None:
+                    yield example
+
+    def _prepared_chunks(
+        self, conversations: Iterable[Conversation | ProtocolError], accounting: Accounting
+    ) -> Iterator[list[tuple[Conversation, RenderedChat]]]:
+        """Rendered conversations in chunks of ENCODE_CHUNK; bad input raised or skipped and counted."""
+        chunk: list[tuple[Conversation, RenderedChat]] = []
         for index, item in enumerate(conversations):
             accounting.read += 1
+            where = getattr(item, "where", "?")
             try:
                 if isinstance(item, ProtocolError):
                     raise item
-                pending.append(self.prepare(item, index))
+                chunk.append(self.prepare(item, index))
             except ProtocolError as error:
-                where = getattr(error, "where", None) or getattr(item, "where", "?")
                 if self.config.on_error == "raise":
                     raise DataError(
-                        f"{where}: {error.reason}: {error} (set protocol.on_error=skip to skip and count such lines)"
+                        f"{where}: {error.reason}: {error} "
+                        "(set protocol.on_error=skip to skip and count such lines)"
                     ) from error
                 accounting.note(accounting.skipped, error.reason, where)
-                continue
-            if len(pending) >= ENCODE_CHUNK:
-                yield from self.encode_rendered(pending, accounting)
-                pending = []
-        if pending:
-            yield from self.encode_rendered(pending, accounting)
+            except TemplateError as error:  # the template, not the line, is at fault: never skipped
+                raise TemplateError(f"{where}: {error}") from error
+            if len(chunk) >= ENCODE_CHUNK:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
     def encode_file(self, path: str, fmt: str, accounting: Accounting) -> Iterator[EncodedExample]:
         yield from self.encode_conversations(read_conversations(path, fmt), accounting)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from sft.protocol.labels import trained_token_mask
+from sft.protocol.templates import ChatTemplate, probe_messages
 from sft.protocol.types import TemplateError
 
 
@@ -48,11 +50,30 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 
 def _untrim_offsets(tokenizer: Tokenizer) -> None:
-    """GPT-2-style tokenizer.json files trim whitespace out of offsets, which would leave a lone "\\n"
-    token with an empty range (never trained). Ids are unaffected; only the reported offsets change."""
+    """GPT-2-style tokenizer.json files trim whitespace out of offsets (`trim_offsets`, also inside a
+    Sequence of processors), which would shift span boundaries and leave a lone "\\n" token with an empty
+    range. Ids are unaffected; only the reported offsets change."""
     processor = tokenizer.post_processor
-    if isinstance(processor, processors.ByteLevel):
-        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    if processor is None:
+        return
+    state = json.loads(processor.__getstate__())  # the processor's own JSON, as in tokenizer.json
+    if _clear_trim_offsets(state):
+        processor.__setstate__(json.dumps(state).encode())
+        tokenizer.post_processor = processor
+
+
+def _clear_trim_offsets(node: object) -> bool:
+    """Set every `trim_offsets` in a processor's JSON to false; True if one was set."""
+    changed = False
+    if isinstance(node, dict):
+        if node.get("trim_offsets") is True:
+            node["trim_offsets"] = False
+            changed = True
+        node = list(node.values())
+    if isinstance(node, list):
+        for child in node:
+            changed = _clear_trim_offsets(child) or changed
+    return changed
 
 
 def check_special_tokens(tokenizer: Tokenizer, special_tokens: Iterable[str], template_name: str) -> None:
@@ -65,8 +86,8 @@ def check_special_tokens(tokenizer: Tokenizer, special_tokens: Iterable[str], te
             missing.append(token)
     if missing:
         raise TemplateError(
-            f"template {template_name!r} needs control tokens that the tokenizer does not have as single ids: "
-            f"{missing}. Use a tokenizer that has them (or tokenizer=bpe, which adds them)."
+            f"template {template_name!r} needs control tokens that the tokenizer does not have as single "
+            f"ids: {missing}. Use a tokenizer that has them (or tokenizer=bpe, which adds them)."
         )
 
 
@@ -75,29 +96,37 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
 
 
-def bpe_cache_key(texts_digest: str, vocab_size: int, special_tokens: list[str]) -> str:
-    payload = json.dumps([texts_digest, vocab_size, special_tokens])
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def check_template_tokens(template, tokenizer: Tokenizer) -> None:
-    """The token-level half of the start-up probe: on the probe conversation, the trained tokens must
-    decode to exactly the assistant spans' text — no header piece, no lost end-of-turn token. A tokenizer
-    whose tokens straddle a span boundary would train text outside the assistant's turn."""
-    from sft.protocol.labels import trained_token_mask
-    from sft.protocol.templates import probe_messages
-
-    rendered = template.render(probe_messages(template))
-    encoding = tokenizer.encode(rendered.text, add_special_tokens=False)
-    mask = trained_token_mask(np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2), rendered.assistant_spans)
-    ids = np.asarray(encoding.ids)
-    run_starts = np.flatnonzero(mask & ~np.concatenate([[False], mask[:-1]]))
-    run_ends = np.flatnonzero(mask & ~np.concatenate([mask[1:], [False]])) + 1
-    decoded = [tokenizer.decode(ids[a:b].tolist(), skip_special_tokens=False) for a, b in zip(run_starts, run_ends)]
-    expected = [rendered.text[a:b] for a, b in rendered.assistant_spans]
-    if decoded != expected:
-        raise TemplateError(
-            f"template {template.name!r} with this tokenizer trains the wrong tokens on the probe conversation: "
-            f"trained tokens decode to {decoded!r}, the assistant spans are {expected!r}. The tokenizer merges "
-            "text across a span boundary (or lacks a control token)."
-        )
+def check_template_tokens(template: ChatTemplate, tokenizer: Tokenizer) -> None:
+    """The token-level half of the start-up probe: the template's control tokens are single ids, and on
+    the probe conversation the tokens trained for each assistant message lie inside its span and end
+    with the end-of-turn id. A tokenizer that merges text across a span boundary would train header text
+    (or leave content untrained); this says so before any data is read."""
+    check_special_tokens(tokenizer, template.special_tokens, template.name)
+    messages = probe_messages(template)
+    rendered = template.render(messages)
+    text = rendered.text
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+    eot_id = tokenizer.token_to_id(template.eot)
+    trained_messages = [i for i, m in enumerate(messages) if m.role == "assistant" and m.train]
+    for index, (start, end) in zip(trained_messages, rendered.assistant_spans, strict=True):
+        tokens = np.flatnonzero(trained_token_mask(offsets, [(start, end)]))
+        outside = [token for token in tokens if offsets[token, 0] < start or offsets[token, 1] > end]
+        problem = None
+        if len(tokens) == 0:
+            problem = "no token is trained"
+        elif outside:
+            token_start, token_end = offsets[outside[0]]
+            problem = (
+                f"token {encoding.tokens[outside[0]]!r} covers {text[token_start:token_end]!r}, across the "
+                f"boundary of the trained span {text[start:end]!r}: the tokenizer merges text across it"
+            )
+        elif encoding.ids[tokens[-1]] != eot_id:
+            last = encoding.tokens[tokens[-1]]
+            problem = f"its last trained token is {last!r}, not the end-of-turn {template.eot!r}"
+        if problem:
+            raise TemplateError(
+                f"template {template.name!r} with this tokenizer trains the wrong tokens for probe message "
+                f"{index} (assistant, {messages[index].content!r}): {problem}. Use a tokenizer whose tokens "
+                "split where assistant turns begin and end."
+            )

@@ -1,0 +1,313 @@
+"""The protocol end to end: files → (input_ids, labels) with mask strategies, length policies, bad input
+raised or skipped with file:line, and an account of every line."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sft.protocol.labels import IGNORE_INDEX
+from sft.protocol.pipeline import Accounting, ConversationEncoder, DataError, read_conversations
+from sft.protocol.templates import BUILTINS, JinjaTemplate, check_template
+from sft.protocol.types import Conversation, Message, ProtocolConfig, ProtocolError, TemplateError
+
+CHATML = BUILTINS["chatml"]
+CONTROL = re.compile(r"<\|[a-z_]+\|>")
+
+
+def chat(*turns: str | tuple[str, str] | dict) -> dict:
+    """A messages record: (role, content) pairs and dicts as given; a plain string is a user turn after
+    an even number of non-system turns, an assistant turn otherwise."""
+    messages = []
+    for turn in turns:
+        if isinstance(turn, dict):
+            messages.append(turn)
+        elif isinstance(turn, tuple):
+            messages.append({"role": turn[0], "content": turn[1]})
+        else:
+            position = sum(message["role"] != "system" for message in messages)
+            messages.append({"role": ("user", "assistant")[position % 2], "content": turn})
+    return {"messages": messages}
+
+
+def write_jsonl(path, *lines: dict | str | bytes) -> str:
+    with open(path, "wb") as file:
+        for line in lines:
+            if isinstance(line, dict):
+                line = json.dumps(line, ensure_ascii=False)
+            file.write((line if isinstance(line, bytes) else line.encode()) + b"\n")
+    return str(path)
+
+
+def encode(tokenizer, path: str, **config) -> tuple[list, Accounting]:
+    accounting = Accounting()
+    encoder = ConversationEncoder(tokenizer, CHATML, ProtocolConfig(**config))
+    return list(encoder.encode_file(path, "auto", accounting)), accounting
+
+
+def trained_texts(tokenizer, labels: np.ndarray) -> list[str]:
+    """The decoded text of each run of consecutive trained tokens."""
+    trained = np.flatnonzero(labels != IGNORE_INDEX)
+    runs = np.split(trained, np.flatnonzero(np.diff(trained) != 1) + 1) if len(trained) else []
+    return [tokenizer.decode(labels[run].tolist(), skip_special_tokens=False) for run in runs]
+
+
+def text_of(tokenizer, example) -> str:
+    return tokenizer.decode(example.input_ids.tolist(), skip_special_tokens=False)
+
+
+# ---- masks -----------------------------------------------------------------------------------------------
+
+
+def test_all_assistant_trains_each_reply_through_its_end_of_turn(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", chat(("system", "Be brief."), "Hi", "Hello!", "Bye", "See you."))
+    [example], accounting = encode(tokenizer, path)
+    assert trained_texts(tokenizer, example.labels) == ["Hello!<|im_end|>", "See you.<|im_end|>"]
+    assert text_of(tokenizer, example).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert example.where == f"{path}:1" and accounting.kept == accounting.read == 1
+
+
+def test_last_turn_trains_only_the_final_reply(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", chat("Hi", "Hello!", "Bye", "See you."))
+    [example], _ = encode(tokenizer, path, mask="last_turn")
+    assert trained_texts(tokenizer, example.labels) == ["See you.<|im_end|>"]
+
+
+def test_train_false_excludes_a_reply(tmp_path, tokenizer):
+    untrained = {"role": "assistant", "content": "Hello!", "train": False}
+    path = write_jsonl(tmp_path / "a.jsonl", chat("Hi", untrained, "Bye", "See you."))
+    [example], _ = encode(tokenizer, path)
+    assert trained_texts(tokenizer, example.labels) == ["See you.<|im_end|>"]
+
+
+def test_an_example_with_no_trained_token_is_dropped_and_counted(tmp_path, tokenizer):
+    untrained = {"role": "assistant", "content": "Hello!", "weight": 0}
+    path = write_jsonl(tmp_path / "a.jsonl", chat("Hi", "Hello!"), chat("Hi", untrained))
+    examples, accounting = encode(tokenizer, path)
+    assert [example.where for example in examples] == [f"{path}:1"]
+    assert accounting.dropped == {"no_trained_tokens": 1} and accounting.where["no_trained_tokens"] == [
+        f"{path}:2"
+    ]
+
+
+# ---- control tokens in content ---------------------------------------------------------------------------
+
+
+def test_a_user_typing_a_control_token_is_rejected_with_file_and_line(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", chat("Hi", "Hello!"), chat("end it <|im_end|> now", "No."))
+    with pytest.raises(DataError, match=rf"{re.escape(path)}:2: special_token_in_content: .*'<\|im_end\|>'"):
+        encode(tokenizer, path)
+
+
+def test_control_tokens_in_content_can_be_allowed(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", chat("end it <|im_end|> now", "No."))
+    [example], _ = encode(tokenizer, path, special_in_content="allow")
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    assert np.count_nonzero(example.input_ids == im_end) == 3  # the user's, then one per turn
+    assert trained_texts(tokenizer, example.labels) == ["No.<|im_end|>"]
+
+
+# ---- length --------------------------------------------------------------------------------------------
+
+LONG = chat(("system", "Be brief."), "First question, long enough.", "First answer, long enough.", "Q2", "A2")
+
+
+def full_length(tokenizer, tmp_path) -> int:
+    [example], _ = encode(tokenizer, write_jsonl(tmp_path / "full.jsonl", LONG), max_seq_len=10_000)
+    return len(example.input_ids)
+
+
+def test_truncation_right_cuts_and_counts(tmp_path, tokenizer):
+    full = full_length(tokenizer, tmp_path)
+    [full_example], _ = encode(tokenizer, write_jsonl(tmp_path / "a.jsonl", LONG), max_seq_len=full)
+    [example], accounting = encode(tokenizer, write_jsonl(tmp_path / "a.jsonl", LONG), max_seq_len=full - 5)
+    assert len(example.input_ids) == full - 5 and accounting.truncated == 1
+    assert example.labels.tolist() == full_example.labels[: full - 5].tolist()
+
+
+def test_truncation_right_that_cuts_every_trained_token_drops_not_truncates(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", chat(("system", "Be brief. " * 10), "Hi", "Hello!"))
+    examples, accounting = encode(tokenizer, path, max_seq_len=8)
+    assert examples == [] and accounting.dropped == {"no_trained_tokens": 1} and accounting.truncated == 0
+
+
+def test_truncation_drop(tmp_path, tokenizer):
+    full = full_length(tokenizer, tmp_path)
+    path = write_jsonl(tmp_path / "a.jsonl", LONG)
+    examples, accounting = encode(tokenizer, path, max_seq_len=full - 1, truncation="drop")
+    assert (
+        examples == []
+        and accounting.dropped == {"too_long": 1}
+        and accounting.where["too_long"] == [f"{path}:1"]
+    )
+
+
+def test_truncation_turns_keeps_the_system_prompt_and_drops_the_oldest_exchange(tmp_path, tokenizer):
+    full = full_length(tokenizer, tmp_path)
+    [example], accounting = encode(
+        tokenizer, write_jsonl(tmp_path / "a.jsonl", LONG), max_seq_len=full - 1, truncation="turns"
+    )
+    assert text_of(tokenizer, example) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
+        "<|im_start|>assistant\nA2<|im_end|>\n"
+    )
+    assert trained_texts(tokenizer, example.labels) == ["A2<|im_end|>"] and accounting.truncated == 1
+
+
+def test_truncation_turns_drops_what_is_too_long_even_alone(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", LONG, chat("A question " * 20, "An answer " * 20))
+    examples, accounting = encode(tokenizer, path, max_seq_len=12, truncation="turns")
+    assert examples == [] and accounting.dropped == {"too_long": 2}
+    assert accounting.where["too_long"] == [f"{path}:1", f"{path}:2"]
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+BAD_LINES = {
+    "invalid_json": '{"messages": [',
+    "invalid_utf8": b'{"messages": "\xff\xfe"}',
+    "not_an_object": "[1, 2]",
+    "unknown_format": {"text": "hello"},
+    "wrong_type": {"messages": [{"role": "user", "content": 3}]},
+    "missing_field": {"messages": [{"role": "user"}]},
+    "unknown_role": chat(("narrator", "Once"), ("assistant", "upon")),
+    "no_assistant_turn": chat("Hi"),
+    "empty_content": chat("Hi", ""),
+    "system_not_first": chat("Hi", "Hello!", ("system", "late")),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_LINES))
+def test_on_error_raise_names_file_line_and_reason(tmp_path, tokenizer, reason):
+    path = write_jsonl(tmp_path / "bad.jsonl", chat("Hi", "Hello!"), BAD_LINES[reason])
+    with pytest.raises(DataError, match=rf"^{re.escape(path)}:2: {reason}: .*protocol\.on_error=skip"):
+        encode(tokenizer, path)
+
+
+def test_on_error_skip_accounts_for_every_line(tmp_path, tokenizer):
+    lines = [
+        chat("Hi", "Hello!"),
+        *BAD_LINES.values(),
+        chat("Hi", {"role": "assistant", "content": "x", "train": False}),
+    ]
+    lines += [chat("Q " * 40, "A " * 40), chat("Bye", "See you.")]
+    path = write_jsonl(tmp_path / "mixed.jsonl", *lines)
+    examples, accounting = encode(tokenizer, path, on_error="skip", max_seq_len=40, truncation="drop")
+    last_line = len(lines)
+    assert [example.where for example in examples] == [f"{path}:1", f"{path}:{last_line}"]
+    assert (
+        accounting.read
+        == len(lines)
+        == accounting.kept + sum(accounting.skipped.values()) + sum(accounting.dropped.values())
+    )
+    assert accounting.skipped == dict.fromkeys(BAD_LINES, 1)
+    assert accounting.dropped == {"no_trained_tokens": 1, "too_long": 1}
+    for line, reason in enumerate(BAD_LINES, start=2):
+        assert accounting.where[reason] == [f"{path}:{line}"]
+    summary = accounting.summary()
+    assert summary.splitlines()[0] == f"read {len(lines)} = kept 2 + skipped {len(BAD_LINES)} + dropped 2"
+    for reason, places in accounting.where.items():
+        assert f"{reason}: {', '.join(places)}" in summary
+
+
+def test_accounting_merges_and_round_trips(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", chat("Hi", "Hello!"), "oops", chat("Hi"))
+    _, accounting = encode(tokenizer, path, on_error="skip")
+    total = Accounting()
+    total.merge(accounting)
+    total.merge(Accounting.from_dict(json.loads(json.dumps(accounting.to_dict()))))
+    assert (total.read, total.kept, dict(total.skipped)) == (
+        6,
+        2,
+        {"invalid_json": 2, "no_assistant_turn": 2},
+    )
+    assert total.where["invalid_json"] == [f"{path}:2", f"{path}:2"]
+
+
+def test_read_conversations_yields_conversations_and_located_errors(tmp_path):
+    path = write_jsonl(
+        tmp_path / "a.jsonl", chat("Hi", "Hello!"), "oops", {"instruction": "Hi", "output": "Yo"}
+    )
+    items = list(read_conversations(path))
+    assert isinstance(items[0], Conversation) and items[0].where == f"{path}:1"
+    assert (
+        isinstance(items[1], ProtocolError)
+        and items[1].reason == "invalid_json"
+        and items[1].where == f"{path}:2"
+    )
+    assert [m.role for m in items[2].messages] == ["user", "assistant"]
+    forced = list(read_conversations(path, "messages"))[2]
+    assert isinstance(forced, ProtocolError) and forced.reason == "missing_field"
+
+
+def test_a_template_error_found_on_a_line_names_it_and_is_never_skipped(tmp_path, tokenizer):
+    # Renders a non-final "magic" message differently: prefix-stable on the probe, not on this line.
+    source = (
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}"
+        "{{ m.content if loop.last or m.content != 'magic' else 'MAGIC' }}{{ '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    template = JinjaTemplate(source, eot="<|im_end|>")
+    check_template(template)
+    path = write_jsonl(tmp_path / "a.jsonl", chat("Hi", "Hello!"), chat("magic", "Hello!"))
+    encoder = ConversationEncoder(tokenizer, template, ProtocolConfig(on_error="skip"))
+    with pytest.raises(TemplateError, match=rf"^{re.escape(path)}:2: chat template is not prefix-stable"):
+        list(encoder.encode_file(path, "auto", Accounting()))
+
+
+# ---- system prompt -------------------------------------------------------------------------------------
+
+
+def test_system_prompt_insertion_is_reproducible(tmp_path, tokenizer):
+    lines = [chat(f"Question {i}", f"Answer {i}") for i in range(40)]
+    lines[3]["messages"].insert(0, {"role": "system", "content": "Mine."})
+    path = write_jsonl(tmp_path / "a.jsonl", *lines)
+    config = {"system_prompt": ["Be brief.", "Be kind."], "system_prompt_prob": 0.5, "seed": 7}
+
+    def systems() -> list[str | None]:
+        examples, _ = encode(tokenizer, path, **config)
+        found = [
+            re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text_of(tokenizer, e)) for e in examples
+        ]
+        return [match.group(1) if match else None for match in found]
+
+    first = systems()
+    assert first == systems()
+    assert first[3] == "Mine." and {None, "Be brief.", "Be kind."} <= set(first)
+
+
+# ---- the property: trained tokens are exactly the assistant contents plus their end-of-turn -------------
+
+CONTENT = st.text(
+    st.sampled_from(" \n\t\r\u00a0\u2028") | st.characters(blacklist_categories=["Cs"]),
+    min_size=1,
+    max_size=40,
+).filter(lambda text: not CONTROL.search(text))
+TURN = st.tuples(st.sampled_from(["user", "assistant", "tool"]), CONTENT, st.booleans())
+
+
+@st.composite
+def conversations(draw) -> list[Message]:
+    messages = [Message("system", draw(CONTENT))] if draw(st.booleans()) else []
+    messages += [Message(role, content, train) for role, content, train in draw(st.lists(TURN, max_size=6))]
+    return messages + [Message("assistant", draw(CONTENT))]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(conversations(), min_size=1, max_size=4))
+def test_trained_tokens_decode_to_exactly_the_assistant_contents(tokenizer, batch):
+    encoder = ConversationEncoder(tokenizer, CHATML, ProtocolConfig(max_seq_len=100_000))
+    examples = list(encoder.encode_conversations([Conversation(list(m)) for m in batch], Accounting()))
+    assert len(examples) == len(batch)
+    for messages, example in zip(batch, examples, strict=True):
+        expected = [m.content + "<|im_end|>" for m in messages if m.role == "assistant" and m.train]
+        assert trained_texts(tokenizer, example.labels) == expected
+        assert (
+            example.labels[example.labels != IGNORE_INDEX]
+            == example.input_ids[example.labels != IGNORE_INDEX]
+        ).all()
