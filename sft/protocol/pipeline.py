@@ -109,8 +109,9 @@ class EncodedExample:
 
 
 def apply_mask_strategy(messages: list[Message], mask: str) -> list[Message]:
-    """`last_turn` trains only the final assistant message; `all_assistant` keeps each message's own flag."""
-    if mask == "all_assistant":
+    """`last_turn` trains only the final assistant message; `all_assistant` keeps each message's own flag
+    (`all_tokens` trains the whole text, see ConversationEncoder.prepare)."""
+    if mask in ("all_assistant", "all_tokens"):
         return messages
     last = max(i for i, m in enumerate(messages) if m.role == "assistant")
     return [
@@ -161,9 +162,10 @@ class ConversationEncoder:
                     )
         conversation = maybe_add_system_prompt(conversation, self.config, index)
         conversation.messages = apply_mask_strategy(conversation.messages, self.config.mask)
-        return conversation, render_chat_prompt(
-            conversation.messages, self.template, tools=conversation.tools
-        )
+        rendered = render_chat_prompt(conversation.messages, self.template, tools=conversation.tools)
+        if self.config.mask == "all_tokens":  # the ablation baseline: every token of the text is a target
+            rendered = RenderedChat(rendered.text, [(0, len(rendered.text))])
+        return conversation, rendered
 
     def _apply_length_policy(
         self, conversation: Conversation, rendered: RenderedChat, encoding: Encoding, accounting: Accounting

@@ -59,7 +59,7 @@ class ProtocolConfig:
     role_map: dict[str, str] = field(default_factory=dict)
     merge_consecutive: bool = False
     strip_content: bool = False
-    mask: str = "all_assistant"  # all_assistant | last_turn
+    mask: str = "all_assistant"  # all_assistant | last_turn | all_tokens (train on every token: ablations)
     special_in_content: str = "reject"  # reject | allow
     max_seq_len: int = 2048
     truncation: str = "right"  # right | drop | turns
@@ -68,7 +68,7 @@ class ProtocolConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "mask": ("all_assistant", "last_turn"),
+            "mask": ("all_assistant", "last_turn", "all_tokens"),
             "special_in_content": ("reject", "allow"),
             "truncation": ("right", "drop", "turns"),
             "on_error": ("raise", "skip"),

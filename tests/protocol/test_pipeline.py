@@ -311,3 +311,15 @@ def test_trained_tokens_decode_to_exactly_the_assistant_contents(tokenizer, batc
             example.labels[example.labels != IGNORE_INDEX]
             == example.input_ids[example.labels != IGNORE_INDEX]
         ).all()
+
+
+def test_mask_all_tokens_trains_every_token_but_the_first(tmp_path, tokenizer):
+    """The ablation baseline (`protocol.mask=all_tokens`): every token is a target."""
+    from sft.protocol.pipeline import Accounting, ConversationEncoder
+    from sft.protocol.templates import load_template
+    from sft.protocol.types import Conversation, Message, ProtocolConfig
+
+    encoder = ConversationEncoder(tokenizer, load_template({"name": "chatml"}), ProtocolConfig(mask="all_tokens"))
+    conversation = Conversation([Message("user", "Hi there"), Message("assistant", "Hello")])
+    [example] = encoder.encode_conversations([conversation], Accounting())
+    assert (example.labels == example.input_ids).all()
