@@ -61,7 +61,9 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu") -> Inferenc
     model_config = dict(checkpoint["hyper_parameters"]["model_config"])
     model = build_model(model_config)
     prefix = "model."
-    model.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    model.load_state_dict(
+        {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    )
     return InferenceBundle(
         model=model.to(device).eval(),
         tokenizer=Tokenizer.from_str(saved["tokenizer"]),

@@ -38,7 +38,9 @@ def generate_reply(
 ) -> tuple[str, bool]:
     """(reply text without the end-of-turn token, whether the model stopped by itself)."""
     stop_id = tokenizer.token_to_id(template.eot)
-    new_ids = generate(model, prompt_ids(messages, tokenizer, template), max_new_tokens, {stop_id}, **sampling)
+    new_ids = generate(
+        model, prompt_ids(messages, tokenizer, template), max_new_tokens, {stop_id}, **sampling
+    )
     stopped = bool(new_ids) and new_ids[-1] == stop_id
     return tokenizer.decode(new_ids[:-1] if stopped else new_ids, skip_special_tokens=False), stopped
 

@@ -76,7 +76,7 @@ class SFTModule(L.LightningModule):
         self.trained_tokens_seen = 0.0
 
     def attach(self, tokenizer, template_config: dict[str, Any]) -> None:
-        """Give the module what chat and evaluation need: the tokenizer and the template it was trained with."""
+        """Give the module what chat and evaluation need: the tokenizer and template it was trained with."""
         self.tokenizer = tokenizer
         self.template_config = standalone_config(load_template(template_config))
 
@@ -141,7 +141,9 @@ class SFTModule(L.LightningModule):
             return
         for p in parameters:
             p.grad.div_(trained_tokens)
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.optim_config.get("grad_clip") or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            parameters, self.optim_config.get("grad_clip") or float("inf")
+        )
         loss = loss_sum / trained_tokens
         if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
             self._stop_on_non_finite(loss, float(grad_norm))
@@ -154,11 +156,13 @@ class SFTModule(L.LightningModule):
         path = Path(self.trainer.default_root_dir) / "checkpoints" / "last-finite.ckpt"
         self.trainer.save_checkpoint(path)
         raise NonFiniteLossError(
-            f"non-finite training loss {loss} (grad norm {grad_norm}) at step {self.global_step}; no update was "
-            f"applied. The last good state is in {path}. Lower optim.lr, check the data, or use hardware=bf16."
+            f"non-finite training loss {loss} (grad norm {grad_norm}) at step {self.global_step}; no update "
+            f"was applied. The last good state is in {path}. Lower optim.lr, check the data, or use bf16."
         )
 
-    def _log_step(self, loss: float, trained_tokens: float, tokens: float, grad_norm: float, optimizer) -> None:
+    def _log_step(
+        self, loss: float, trained_tokens: float, tokens: float, grad_norm: float, optimizer
+    ) -> None:
         now = time.perf_counter()
         elapsed = max(now - (self._step_started_at or now), 1e-9)
         self._step_started_at = now
@@ -185,7 +189,9 @@ class SFTModule(L.LightningModule):
         self._val_tokens += trained_tokens
 
     def on_validation_epoch_end(self) -> None:
-        totals = self.trainer.strategy.reduce(torch.stack([self._val_loss_sum, self._val_tokens]), reduce_op="sum")
+        totals = self.trainer.strategy.reduce(
+            torch.stack([self._val_loss_sum, self._val_tokens]), reduce_op="sum"
+        )
         loss_sum, trained_tokens = totals.tolist()
         if trained_tokens > 0:
             self.log("val/loss", loss_sum / trained_tokens, prog_bar=True)
@@ -196,16 +202,25 @@ class SFTModule(L.LightningModule):
         decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]  # norms: never decayed
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": decay, "weight_decay": config["weight_decay"]},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
             lr=config["lr"],
             betas=tuple(config.get("betas", (0.9, 0.95))),
             eps=config.get("eps", 1e-8),
         )
-        total_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        total_steps = (
+            self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_at_step(
-                step, 1.0, config.get("warmup_steps", 0) or 1, int(total_steps), config.get("min_lr_ratio", 0.1)
+                step,
+                1.0,
+                config.get("warmup_steps", 0) or 1,
+                int(total_steps),
+                config.get("min_lr_ratio", 0.1),
             ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

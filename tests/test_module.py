@@ -151,7 +151,9 @@ def test_packed_row_gives_the_same_loss_and_gradient_as_its_examples_alone():
     }
     torch.manual_seed(0)
     module = SFTModule(MODEL, OPTIM)
-    packed_sum, packed_count = masked_token_loss_sum(module(collate_rows([packed])), torch.as_tensor(packed["labels"])[None])
+    packed_sum, packed_count = masked_token_loss_sum(
+        module(collate_rows([packed])), torch.as_tensor(packed["labels"])[None]
+    )
     packed_sum.backward()
     packed_grads = {n: p.grad.clone() for n, p in module.named_parameters()}
     module.zero_grad()
@@ -182,7 +184,11 @@ def test_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path
     torch.manual_seed(0)
     module = Poisoned(MODEL, OPTIM)
     trainer = L.Trainer(
-        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         default_root_dir=tmp_path,
     )
     loader = DataLoader(make_examples(), batch_size=1, collate_fn=collate_rows)

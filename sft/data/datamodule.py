@@ -27,7 +27,9 @@ class StoreIndex:
 
     def __init__(self, stores: Sequence[TokenStore]):
         self.stores = list(stores)
-        self.lengths = np.concatenate([s.lengths for s in self.stores]) if self.stores else np.zeros(0, np.int64)
+        self.lengths = (
+            np.concatenate([s.lengths for s in self.stores]) if self.stores else np.zeros(0, np.int64)
+        )
         self.starts = np.cumsum([0] + [len(s) for s in self.stores])
 
     def __len__(self) -> int:
@@ -135,8 +137,12 @@ def mixed_example_ids(index: StoreIndex, weights: Sequence[float], seed: int) ->
 
 def split_val(example_ids: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A deterministic held-out split (train, val) of `fraction` of the examples."""
+    if fraction <= 0:
+        return example_ids, example_ids[:0]  # no copy of the ids: memory must not scale with the data twice
     held_out = np.zeros(len(example_ids), dtype=bool)
-    held_out[np.random.default_rng([seed, 0x5E1]).permutation(len(example_ids))[: int(len(example_ids) * fraction)]] = True
+    held_out[
+        np.random.default_rng([seed, 0x5E1]).permutation(len(example_ids))[: int(len(example_ids) * fraction)]
+    ] = True
     return example_ids[~held_out], example_ids[held_out]
 
 
@@ -185,7 +191,9 @@ class SFTDataModule(L.LightningDataModule):
             train_ids, val_ids = split_val(train_ids, self.data_config.get("val_fraction") or 0.0, self.seed)
             val_index = train_index
         if len(train_ids) == 0:
-            raise ValueError("no training examples left after preparation:\n" + self.prepared.accounting.summary())
+            raise ValueError(
+                "no training examples left after preparation:\n" + self.prepared.accounting.summary()
+            )
         self.train_dataset = self._rows(train_index, train_ids)
         self.val_dataset = self._rows(val_index, val_ids) if len(val_ids) else None
 
@@ -203,7 +211,9 @@ class SFTDataModule(L.LightningDataModule):
         batch_size = int(self.data_config["batch_size"])
         if dataset.rows is not None:
             return PackedPlan(len(dataset), batch_size, world_size, self.seed)
-        return LengthGroupedPlan(dataset.index.lengths[dataset.example_ids], batch_size, world_size, self.seed)
+        return LengthGroupedPlan(
+            dataset.index.lengths[dataset.example_ids], batch_size, world_size, self.seed
+        )
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -212,7 +222,11 @@ class SFTDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self._world()
         self._train_sampler = ResumableBatchSampler(
-            self._plan(self.train_dataset, world_size), seed=self.seed, rank=rank, world_size=world_size, shuffle=False
+            self._plan(self.train_dataset, world_size),
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle=False,
         )
         if self._pending_sampler_state is not None:
             self._train_sampler.load_state_dict(self._pending_sampler_state)
@@ -228,7 +242,7 @@ class SFTDataModule(L.LightningDataModule):
         if self.val_dataset is None:
             return []
         rank, world_size = self._world()
-        # Every held-out row exactly once over all ranks (no padding repeats: val loss is a global token mean).
+        # Every held-out row once over all ranks (no padding repeats: val loss is a global token mean).
         batch_size = int(self.data_config["batch_size"])
         rows = np.arange(len(self.val_dataset))[rank::world_size]
         batches = [rows[i : i + batch_size].tolist() for i in range(0, len(rows), batch_size)]

@@ -49,7 +49,10 @@ def make_config(tmp_path, files, **data) -> dict:
 
 @pytest.fixture
 def two_files(tmp_path):
-    return [write_conversations(tmp_path / "a.jsonl", 40, "alpha"), write_conversations(tmp_path / "b.jsonl", 20, "beta")]
+    return [
+        write_conversations(tmp_path / "a.jsonl", 40, "alpha"),
+        write_conversations(tmp_path / "b.jsonl", 20, "beta"),
+    ]
 
 
 def setup_module_for(config) -> SFTDataModule:
@@ -66,7 +69,9 @@ def examples_of(dataset) -> dict[int, tuple]:
         item = dataset[row]
         for document, example_id in enumerate(dataset.row_examples(row)):
             where = item["document_ids"] == document
-            found[int(example_id)] = tuple(item[key][where].tolist() for key in ("input_ids", "labels", "position_ids"))
+            found[int(example_id)] = tuple(
+                item[key][where].tolist() for key in ("input_ids", "labels", "position_ids")
+            )
     return found
 
 
@@ -120,7 +125,9 @@ def test_mid_epoch_resume_yields_exactly_the_remaining_batches(tmp_path, two_fil
     full = [batch["input_ids"].tolist() for batch in reference.train_dataloader()]
     consumed = 3
     resumed = setup_module_for(config)
-    resumed.load_state_dict({"sampler": {"epoch": 0, "batches_consumed": consumed, "seed": 7, "world_size": 1}})
+    resumed.load_state_dict(
+        {"sampler": {"epoch": 0, "batches_consumed": consumed, "seed": 7, "world_size": 1}}
+    )
     rest = [batch["input_ids"].tolist() for batch in resumed.train_dataloader()]
     assert rest == full[consumed:]
 

@@ -32,7 +32,9 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, check:
     command = [sys.executable, *(["-c", script] if script else ["-m", "sft.train"]), *args]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 

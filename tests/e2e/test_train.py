@@ -10,7 +10,14 @@ from tests.e2e.conftest import metric_rows, summary, train
 
 pytestmark = pytest.mark.slow
 
-METRICS = ("train/loss", "val/loss", "train/tokens_per_s", "train/trained_tokens", "train/mfu", "eval/exact_match")
+METRICS = (
+    "train/loss",
+    "val/loss",
+    "train/tokens_per_s",
+    "train/trained_tokens",
+    "train/mfu",
+    "eval/exact_match",
+)
 
 
 def test_a_run_writes_checkpoint_metrics_and_summary(tmp_path, cache_dir):
@@ -35,7 +42,9 @@ def test_two_cpu_processes_match_one_process_over_the_same_global_batch(tmp_path
         assert one.keys() == two.keys() == {0, 1}
         for step in one:
             assert math.isclose(one[step], two[step], rel_tol=1e-5), (metric, step, one[step], two[step])
-    assert math.isclose(summary(single)["metrics"]["val/loss"], summary(ddp)["metrics"]["val/loss"], rel_tol=1e-5)
+    assert math.isclose(
+        summary(single)["metrics"]["val/loss"], summary(ddp)["metrics"]["val/loss"], rel_tol=1e-5
+    )
 
 
 KILL_AT_STEP_7 = """
