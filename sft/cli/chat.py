@@ -1,0 +1,149 @@
+"""sft-chat: talk to a checkpoint, with the tokenizer and template saved inside it.
+
+    sft-chat ckpt=outputs/RUN/checkpoints/last.ckpt                          # a REPL: /reset, /exit
+    sft-chat ckpt=... "system='You are Nova, a helpful assistant.'" prompt="Who are you?"   # one reply
+
+(Hydra reads an unquoted comma as a list: quote such values for Hydra inside the shell's quotes.)
+
+Each turn renders the whole conversation with the training template plus the assistant header, tokenized
+as one string exactly as in training, and decodes with the KV cache until the end-of-turn token (which is
+not printed).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sft.checkpoint import InferenceBundle, load_for_inference
+from sft.evaluate import generate_reply
+
+COMMANDS = "/reset starts a new conversation, /exit (or Ctrl-D) quits"
+
+
+def resolve_device(device: str) -> str:
+    """`auto`: the GPU when there is one."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclass
+class ChatSession:
+    """A conversation with one model: the system prompt, the turns so far, and the sampling settings."""
+
+    bundle: InferenceBundle
+    system: str | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation so far, as the next turn renders it (the user's new message follows)."""
+        system = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return system + self.history
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def respond(self, user_text: str) -> tuple[str, bool]:
+        """(reply, whether it ended with the end-of-turn token); both turns join the history. A prompt that
+        does not fit the model's context raises ValueError and leaves the history as it was."""
+        messages = self.messages + [{"role": "user", "content": user_text}]
+        reply, stopped = generate_reply(
+            self.bundle.model,
+            messages,
+            self.bundle.tokenizer,
+            self.bundle.template,
+            self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            generator=self.generator,
+        )
+        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
+        return reply, stopped
+
+
+def terminal_lines(prompt: str = "you> ") -> Iterator[str]:
+    """Lines typed at a terminal, with line editing, until Ctrl-D."""
+    try:
+        import readline  # noqa: F401  (importing it gives input() history and editing)
+    except ImportError:
+        pass
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            print(file=sys.stderr)
+            return
+
+
+def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO = sys.stdout) -> None:
+    """One reply per input line; `/reset` clears the history, `/exit` ends. Notes go to stderr, so that
+    stdout holds only the replies."""
+    for line in lines:
+        text = line.rstrip("\n")
+        command = text.strip()
+        if command == "/exit":
+            return
+        if command == "/reset":
+            session.reset()
+            print("(new conversation)", file=sys.stderr)
+            continue
+        if not command:
+            continue
+        try:
+            reply, stopped = session.respond(text)
+        except ValueError as error:
+            print(f"({error}; /reset to start a new conversation)", file=sys.stderr)
+            continue
+        print(reply, file=out, flush=True)
+        if not stopped:
+            print(f"(cut at max_new_tokens={session.max_new_tokens})", file=sys.stderr)
+
+
+def chat(config: dict[str, Any]) -> None:
+    bundle = load_for_inference(config["ckpt"], device=resolve_device(config["device"]))
+    session = ChatSession(
+        bundle,
+        system=None if config["system"] is None else str(config["system"]),
+        max_new_tokens=config["max_new_tokens"],
+        temperature=config["temperature"],
+        top_p=config["top_p"],
+        seed=config["seed"],
+    )
+    if config["prompt"] is not None:
+        try:
+            reply, _ = session.respond(str(config["prompt"]))
+        except ValueError as error:
+            sys.exit(f"sft-chat: {error}")
+        print(reply)
+        return
+    if sys.stdin.isatty():
+        print(
+            f"chatting with {config['ckpt']} ({bundle.template.name} template); {COMMANDS}", file=sys.stderr
+        )
+        run_repl(session, terminal_lines())
+    else:
+        run_repl(session, sys.stdin)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://sft.conf", config_name="chat")
+def main(cfg: DictConfig) -> None:
+    chat(OmegaConf.to_container(cfg, resolve=True))
+
+
+if __name__ == "__main__":
+    main()

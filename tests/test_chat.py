@@ -1,0 +1,155 @@
+"""sft-chat: one-shot replies, stopping at the end-of-turn token (never printed), /reset and /exit, and
+history rendered exactly as training renders the same conversation."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sft.checkpoint import load_for_inference
+from sft.cli.chat import ChatSession, run_repl
+from sft.evaluate import prompt_ids
+from sft.model.generate import generate
+from sft.module import SFTModule
+from sft.protocol.labels import IGNORE_INDEX
+from sft.protocol.pipeline import Accounting, ConversationEncoder
+from sft.protocol.templates import BUILTINS
+from sft.protocol.types import Conversation, Message, ProtocolConfig
+
+TINY_MODEL = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "initializer_range": 0.2,  # peaked logits: greedy continuations vary from token to token
+    "tie_word_embeddings": False,
+}
+SYSTEM, QUESTION = "You are Nova", "Who are you?"
+
+
+def write_checkpoint(path: Path, tokenizer, template: dict | str = "chatml", steer=None, **model) -> Path:
+    """A checkpoint as sft-train writes it: the module's state_dict (`model.` keys), its hyper_parameters and
+    the `sft` entry of `on_save_checkpoint`. `steer(model)` may edit the weights first."""
+    torch.manual_seed(0)
+    model_config = {**TINY_MODEL, **model, "vocab_size": tokenizer.get_vocab_size()}
+    module = SFTModule(model_config, {"lr": 1e-3, "weight_decay": 0.0})
+    module.attach(tokenizer, {"name": template} if isinstance(template, str) else template)
+    if steer is not None:
+        steer(module.model)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+def steer_to_stop(model, prompt: list[int], stop_id: int, min_reply: int = 2) -> list[int]:
+    """Make greedy decoding of `prompt` emit `stop_id` after a few ordinary tokens; return those tokens.
+
+    Swapping two rows of the (untied) lm_head swaps those two tokens' logits and nothing else, so the
+    greedy run is unchanged until the first step whose argmax was the swapped-in token."""
+    free_run = generate(model, prompt, 16, set())
+    index = next(i for i in range(min_reply, len(free_run)) if free_run[i] not in free_run[:i])
+    assert stop_id not in free_run[: index + 1], "pick another seed: the free run already stops"
+    token = free_run[index]
+    with torch.no_grad():
+        model.lm_head.weight[[token, stop_id]] = model.lm_head.weight[[stop_id, token]]
+    return free_run[:index]
+
+
+def steered_checkpoint(path: Path, tokenizer, messages: list[dict], template: str = "chatml"):
+    """(checkpoint, reply ids) for a model whose greedy reply to `messages` stops after a few tokens."""
+    eot_id = tokenizer.token_to_id(BUILTINS[template].eot)
+    prompt = prompt_ids(messages, tokenizer, BUILTINS[template])
+    reply: list[int] = []
+
+    def steer(model):
+        reply.extend(steer_to_stop(model, prompt, eot_id))
+
+    return write_checkpoint(path, tokenizer, template, steer=steer), reply
+
+
+@pytest.fixture(scope="module")
+def steered(tmp_path_factory, tokenizer):
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
+    return steered_checkpoint(tmp_path_factory.mktemp("chat") / "steered.ckpt", tokenizer, messages)
+
+
+def test_one_shot_prints_only_the_reply_and_writes_nothing(steered, tokenizer, tmp_path):
+    checkpoint, reply_ids = steered
+    command = [
+        str(Path(sys.executable).with_name("sft-chat")),
+        f"ckpt={checkpoint}",
+        f"system={SYSTEM}",
+        f"prompt={QUESTION}",
+        "max_new_tokens=20",
+        "device=cpu",
+    ]
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode("utf-8") == tokenizer.decode(reply_ids, skip_special_tokens=False) + "\n"
+    assert "<|im_end|>" not in result.stdout.decode("utf-8")
+    assert list(tmp_path.iterdir()) == []  # no outputs/, .hydra/ or log file
+
+
+def test_generation_stops_at_the_end_of_turn_token(steered, tokenizer):
+    checkpoint, reply_ids = steered
+    session = ChatSession(load_for_inference(checkpoint), system=SYSTEM, max_new_tokens=20)
+    reply, stopped = session.respond(QUESTION)
+    assert stopped
+    assert reply == tokenizer.decode(reply_ids, skip_special_tokens=False)
+    assert "<|im_end|>" not in reply
+    assert session.history == [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": reply}]
+
+
+def test_repl_keeps_history_resets_and_exits(steered, tokenizer):
+    checkpoint, reply_ids = steered
+    session = ChatSession(load_for_inference(checkpoint), system=SYSTEM, max_new_tokens=8)
+    out = io.StringIO()
+    run_repl(
+        session, [f"{QUESTION}\n", "Sort: 3 1 2\n", "/reset\n", f"{QUESTION}\n", "/exit\n", "unread\n"], out
+    )
+    replies = out.getvalue().splitlines()
+    expected = tokenizer.decode(reply_ids, skip_special_tokens=False)
+    assert replies[0] == expected and replies[-1] == expected  # after /reset: the same prompt again
+    assert [m["content"] for m in session.history] == [QUESTION, expected]  # "unread" never ran
+
+
+def test_a_prompt_longer_than_the_context_is_refused_and_not_kept(steered):
+    checkpoint, _ = steered
+    session = ChatSession(load_for_inference(checkpoint), max_new_tokens=4)
+    out = io.StringIO()
+    run_repl(session, ["word " * 300, QUESTION], out)
+    assert len(out.getvalue().splitlines()) == 1  # only the second line got a reply
+    assert [m["content"] for m in session.history][0] == QUESTION
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "microlm"])
+def test_history_renders_as_training_renders_the_conversation(tmp_path, tokenizer, template):
+    session = ChatSession(load_for_inference(write_checkpoint(tmp_path / "c.ckpt", tokenizer, template)))
+    session.system = "You are Sage, a helpful assistant."
+    session.history = [
+        {"role": "user", "content": "Reverse: 3 8 1"},
+        {"role": "assistant", "content": "1 8 3"},
+        {"role": "user", "content": "Now sort my list."},
+        {"role": "assistant", "content": "1 3 8"},
+    ]
+    question = {"role": "user", "content": "How many items were in my list?"}
+    prompt = prompt_ids(session.messages + [question], session.bundle.tokenizer, session.bundle.template)
+
+    conversation = session.messages + [question, {"role": "assistant", "content": "3"}]
+    encoder = ConversationEncoder(session.bundle.tokenizer, session.bundle.template, ProtocolConfig())
+    messages = [Message(m["role"], m["content"]) for m in conversation]
+    (example,) = encoder.encode_conversations([Conversation(messages)], Accounting())
+    assert example.input_ids[: len(prompt)].tolist() == prompt
+    # The prompt ends exactly where the last answer's trained tokens begin.
+    assert example.labels[len(prompt) - 1] == IGNORE_INDEX
+    assert example.labels[len(prompt)] != IGNORE_INDEX

@@ -1,0 +1,82 @@
+"""sft-eval: val loss and perplexity over trained tokens (batching and padding do not change them), the
+sample's exact match, user files through the same protocol, and the JSON report."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from sft.checkpoint import load_for_inference
+from sft.cli import eval as eval_cli
+from sft.data.build import protocol_config
+from sft.module import masked_token_loss_sum
+from sft.protocol.pipeline import Accounting, ConversationEncoder
+from tests.test_chat import write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    return write_checkpoint(tmp_path_factory.mktemp("eval") / "tiny.ckpt", tokenizer)
+
+
+def eval_config(*overrides: str) -> dict:
+    with initialize_config_module("sft.conf", version_base="1.3"):
+        cfg = compose("eval", overrides=["device=cpu", *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_sample_report_through_the_console_entry(checkpoint, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "report.json"
+    argv = ["sft-eval", f"ckpt={checkpoint}", "data.num_val=4", "eval.max_items=3", "eval.max_new_tokens=4"]
+    monkeypatch.setattr(sys, "argv", [*argv, f"out={out}", "device=cpu"])
+    monkeypatch.chdir(tmp_path)
+    eval_cli.main()
+    report = json.loads(out.read_text())
+    metrics = report["metrics"]
+    assert report["examples"] == 4 and report["exact_match_items"] == 3
+    assert metrics["val/perplexity"] == pytest.approx(math.exp(metrics["val/loss"]))
+    assert 0.0 <= metrics["eval/exact_match"] <= 1.0
+    assert "val/loss" in capsys.readouterr().out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report.json"]  # no outputs/ or logs
+
+
+def test_loss_is_the_trained_token_mean_whatever_the_batching(checkpoint):
+    bundle = load_for_inference(checkpoint)
+    config = eval_config(f"ckpt={checkpoint}", "data.num_val=6")
+    encoder = ConversationEncoder(bundle.tokenizer, bundle.template, protocol_config(config["protocol"]))
+    conversations = eval_cli.eval_conversations(config["data"], config["seed"])
+    examples = list(encoder.encode_conversations(conversations, Accounting()))
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for example in examples:  # one at a time, no padding
+            ids, labels = (torch.from_numpy(a)[None] for a in (example.input_ids, example.labels))
+            loss_sum, count = masked_token_loss_sum(bundle.model(ids), labels)
+            total, tokens = total + float(loss_sum), tokens + int(count)
+    for batch_size in (1, 4):
+        loss_sum, trained_tokens = eval_cli.trained_token_loss(bundle.model, examples, batch_size)
+        assert trained_tokens == tokens
+        assert loss_sum == pytest.approx(total, rel=1e-5)
+    report = eval_cli.evaluate_checkpoint({**config, "eval": {**config["eval"], "exact_match": False}})
+    assert report["metrics"]["val/loss"] == pytest.approx(total / tokens, rel=1e-5)
+    assert "eval/exact_match" not in report["metrics"]
+
+
+def test_user_files_go_through_the_protocol_with_accounting(checkpoint, tmp_path):
+    path = tmp_path / "held_out.jsonl"
+    records = [
+        {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there."}]},
+        {"prompt": "Reverse: 3 1 2", "completion": "2 1 3"},
+        {"no": "conversation here"},
+    ]
+    path.write_text("\n".join(json.dumps(record) for record in records) + "\n")
+    config = eval_config(f"ckpt={checkpoint}", f"data.val=[{path}]", "protocol.on_error=skip")
+    report = eval_cli.evaluate_checkpoint(config)
+    assert report["examples"] == 2
+    assert report["accounting"]["skipped"] == {"unknown_format": 1}
+    assert report["metrics"]["val/loss"] > 0 and "eval/exact_match" not in report["metrics"]
