@@ -18,7 +18,8 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from sft.data.datamodule import SFTDataModule
-from sft.module import SFTModule, masked_token_loss_sum
+from sft.loss import masked_token_loss_sum
+from sft.module import SFTModule
 
 
 def materialise_batches(config: dict, steps: int) -> list[dict[str, torch.Tensor]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lightning as L
 import torch
 from tokenizers import Tokenizer
 
@@ -67,23 +66,3 @@ def exact_match_counts(
 def sample_eval_items(seed: int, count: int, max_items: int) -> list[EvalItem]:
     """The held-out split of the embedded default, as exact-match items."""
     return evaluation_items(generate_conversations(count, seed, split="val"))[:max_items]
-
-
-class ExactMatchCallback(L.Callback):
-    """Logs `eval/exact_match` after each validation; items are split across ranks and the counts summed."""
-
-    def __init__(self, items: list[EvalItem], max_new_tokens: int):
-        self.items = items
-        self.max_new_tokens = max_new_tokens
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        mine = self.items[trainer.global_rank :: trainer.world_size]
-        correct, total = exact_match_counts(
-            module.model, mine, module.tokenizer, module.template, self.max_new_tokens
-        )
-        counts = trainer.strategy.reduce(
-            torch.tensor([correct, total], dtype=torch.float64, device=module.device), reduce_op="sum"
-        )
-        module.log("eval/exact_match", float(counts[0] / counts[1]), rank_zero_only=True)

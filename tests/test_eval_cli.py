@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from sft.checkpoint import load_for_inference
 from sft.cli import eval as eval_cli
 from sft.data.build import protocol_config
-from sft.module import masked_token_loss_sum
+from sft.loss import masked_token_loss_sum
 from sft.protocol.pipeline import Accounting, ConversationEncoder
 from tests.test_chat import write_checkpoint
 

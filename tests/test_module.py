@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from sft.data.datamodule import collate_rows
-from sft.module import SFTModule, masked_token_loss_sum
+from sft.loss import masked_token_loss_sum
+from sft.module import SFTModule
 from sft.protocol.labels import IGNORE_INDEX
 
 MODEL = {

@@ -24,7 +24,7 @@ from sft.cli.chat import resolve_device
 from sft.data.build import protocol_config
 from sft.data.sample import generate_conversations
 from sft.evaluate import exact_match_counts, sample_eval_items
-from sft.module import masked_token_loss_sum
+from sft.loss import masked_token_loss_sum
 from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.pipeline import Accounting, ConversationEncoder, EncodedExample, read_conversations
 from sft.protocol.records import record_to_conversation

@@ -1,0 +1,58 @@
+"""The Lightning pieces of training: atomic checkpoint files and the exact-match evaluation hook.
+
+Kept apart from sft.checkpoint and sft.evaluate so that chat, eval and export start without Lightning.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from sft.checkpoint import load_checkpoint
+from sft.evaluate import EvalItem, exact_match_counts
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary sibling, fsync, then rename over the target: a process killed mid-save leaves
+    the previous checkpoint (e.g. `last.ckpt`) intact instead of a truncated file that resume would trust."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(temporary, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint(path)
+
+
+class ExactMatchCallback(L.Callback):
+    """Logs `eval/exact_match` after each validation; items are split across ranks and the counts summed."""
+
+    def __init__(self, items: list[EvalItem], max_new_tokens: int):
+        self.items = items
+        self.max_new_tokens = max_new_tokens
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        mine = self.items[trainer.global_rank :: trainer.world_size]
+        correct, total = exact_match_counts(
+            module.model, mine, module.tokenizer, module.template, self.max_new_tokens
+        )
+        counts = trainer.strategy.reduce(
+            torch.tensor([correct, total], dtype=torch.float64, device=module.device), reduce_op="sum"
+        )
+        module.log("eval/exact_match", float(counts[0] / counts[1]), rank_zero_only=True)
