@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -10,12 +12,16 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from sft.checkpoint import AtomicCheckpointIO
+from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback
+from sft.config import ConfigError, validate_config
 from sft.data.datamodule import SFTDataModule
-from sft.evaluate import ExactMatchCallback, sample_eval_items
+from sft.evaluate import sample_eval_items
+from sft.loggers import finish_wandb
 from sft.module import SFTModule
 
 
@@ -39,8 +45,40 @@ def build_logger(logger_config: dict[str, Any], run_dir: Path, config: dict[str,
 def trainer_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     hardware = config["hardware"]
     kwargs = {key: hardware[key] for key in ("accelerator", "devices", "num_nodes", "strategy", "precision")}
+    if isinstance(kwargs["strategy"], dict):  # a `_target_` mapping, e.g. conf/hardware/fsdp.yaml
+        kwargs["strategy"] = hydra.utils.instantiate(kwargs["strategy"], _convert_="all")
     # The datamodule shards every epoch itself (disjoint, resumable); Lightning must not re-wrap its samplers.
     return {**kwargs, "use_distributed_sampler": False, **config["trainer"]}
+
+
+def cluster_plugins() -> list:
+    """Under SLURM, Lightning saves `hpc_ckpt_N.ckpt` in the run directory on SIGUSR1 (sent before the time
+    limit, conf/hydra/launcher/slurm.yaml) and requeues the job, which resumes there (see resume_from)."""
+    if not SLURMEnvironment.detect():
+        return []
+    return [SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)]
+
+
+def sweep_safe(kwargs: dict[str, Any], multirun: bool) -> dict[str, Any]:
+    """Under `-m` off SLURM, `strategy=ddp` becomes `ddp_spawn`: Lightning's `ddp` re-launches the command
+    line for each extra process, and a re-launched `sft-train -m ...` (or submitit's local job) would run the
+    whole sweep again. On SLURM, SLURM starts one process per device and nothing is re-launched."""
+    if multirun and kwargs["strategy"] == "ddp" and not SLURMEnvironment.detect():
+        print("strategy=ddp inside a -m sweep: using ddp_spawn (ddp would re-run the sweep in each process)")
+        return {**kwargs, "strategy": "ddp_spawn"}
+    return kwargs
+
+
+def resume_from(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """`last` also considers the checkpoint of a SLURM requeue (Lightning's "last" ignores it): the newest
+    `hpc_ckpt_N.ckpt` when it is newer than every checkpoint in checkpoints/."""
+    if ckpt_path != "last":
+        return ckpt_path
+    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda path: path.stat().st_mtime)
+    saved = [path.stat().st_mtime for path in (run_dir / "checkpoints").glob("*.ckpt")]
+    if hpc and hpc[-1].stat().st_mtime >= max(saved, default=0.0):
+        return str(hpc[-1])
+    return ckpt_path
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -50,7 +88,7 @@ def final_metrics(trainer: L.Trainer) -> dict[str, float]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Prepare data, build the model, fit, and write summary.json; returns the summary."""
     started = time.perf_counter()
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = validate_config(cfg)  # a typo'd key or wrong type fails here, naming the key
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     L.seed_everything(config["seed"], workers=True)
 
@@ -78,14 +116,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if config["data"]["name"] == "sample" and config["eval"]["exact_match"]:
         items = sample_eval_items(config["seed"], config["data"]["num_val"], config["eval"]["max_items"])
         callbacks.append(ExactMatchCallback(items, config["eval"]["max_new_tokens"]))
+    if config["logger"]["name"] == "wandb":
+        from sft.loggers import WandbExtras
+
+        callbacks.append(WandbExtras(config["logger"]["generations"], config["eval"]["max_new_tokens"]))
     trainer = L.Trainer(
         default_root_dir=run_dir,
         logger=build_logger(config["logger"], run_dir, config),
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        **trainer_kwargs(config),
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
+        **sweep_safe(trainer_kwargs(config), multirun=HydraConfig.get().mode == RunMode.MULTIRUN),
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=config.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(config.get("ckpt_path"), run_dir))
+    finally:
+        finish_wandb(failed=sys.exc_info()[0] is not None)  # -m jobs share a process: never leave a run open
 
     summary = {
         "run_dir": str(run_dir),
@@ -101,7 +146,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"run directory: {run_dir}\ncheckpoint:    {summary['checkpoint']}\nsummary:       {run_dir / 'summary.json'}")
+        print(
+            f"run directory: {run_dir}\ncheckpoint:    {summary['checkpoint']}\n"
+            f"summary:       {run_dir / 'summary.json'}"
+        )
         for key, value in summary["metrics"].items():
             print(f"  {key:28s} {value:.4f}")
         print(f"  {'seconds':28s} {summary['seconds']}")
@@ -109,8 +157,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://sft.conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    train(cfg)
+def main(cfg: DictConfig) -> float | None:
+    """Returns the final val/loss: the objective a Hydra sweeper (hydra/sweeper=optuna_lr) minimises."""
+    try:
+        return train(cfg)["metrics"].get("val/loss")
+    except ConfigError as error:
+        sys.exit(f"sft-train: {error}")  # the user's typo, not a crash: the message without a traceback
 
 
 if __name__ == "__main__":
