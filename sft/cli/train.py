@@ -11,6 +11,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -25,12 +26,14 @@ from sft.loggers import finish_wandb
 from sft.module import SFTModule
 
 
-def build_logger(logger_config: dict[str, Any], run_dir: Path, config: dict[str, Any]):
+def build_logger(
+    logger_config: dict[str, Any], run_dir: Path, config: dict[str, Any], resume_step: int | None
+):
     name = logger_config["name"]
     if name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
+        from sft.loggers import ResumableCSVLogger
 
-        return CSVLogger(save_dir=run_dir, name="", version="")
+        return ResumableCSVLogger(run_dir, resume_step)
     if name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -85,6 +88,27 @@ def final_metrics(trainer: L.Trainer) -> dict[str, float]:
     return {key: float(value) for key, value in sorted(trainer.callback_metrics.items())}
 
 
+def checkpoint_step(path: str | None) -> int | None:
+    """The optimizer step a checkpoint was saved at (memory-mapped: the weights are not read)."""
+    if path is None or not Path(path).is_file():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
+def run_record(checkpoint_dir: Path) -> dict[str, Any]:
+    """Steps and skipped steps from the last checkpoint: true in this process also when the training ran in
+    spawned ranks (`ddp_spawn`), whose trainer state does not come back."""
+    last = checkpoint_dir / "last.ckpt"
+    if not last.is_file():
+        return {"checkpoint": None, "steps": None, "skipped_steps": None}
+    saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    return {
+        "checkpoint": str(last),
+        "steps": saved["global_step"],
+        "skipped_steps": saved["sft"]["skipped_steps"],
+    }
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Prepare data, build the model, fit, and write summary.json; returns the summary."""
     started = time.perf_counter()
@@ -95,6 +119,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = SFTDataModule(config)
     tokenizer = datamodule.tokenizer  # prepared before the model: it fixes the vocabulary size
     print(datamodule.prepared.accounting.summary())
+    datamodule.setup("fit")  # here too, not only in spawned ranks: the summary reports packing efficiency
     model_config = {**config["model"], "vocab_size": tokenizer.get_vocab_size()}
     module = SFTModule(model_config, config["optim"], peak_flops=config["hardware"].get("peak_flops", 0.0))
     module.attach(tokenizer, config["template"])
@@ -120,26 +145,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from sft.loggers import WandbExtras
 
         callbacks.append(WandbExtras(config["logger"]["generations"], config["eval"]["max_new_tokens"]))
+    ckpt_path = resume_from(config.get("ckpt_path"), run_dir)
+    if ckpt_path == "last":
+        ckpt_path = str(checkpoint_dir / "last.ckpt") if (checkpoint_dir / "last.ckpt").is_file() else None
     trainer = L.Trainer(
         default_root_dir=run_dir,
-        logger=build_logger(config["logger"], run_dir, config),
+        logger=build_logger(config["logger"], run_dir, config, checkpoint_step(ckpt_path)),
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         **sweep_safe(trainer_kwargs(config), multirun=HydraConfig.get().mode == RunMode.MULTIRUN),
     )
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(config.get("ckpt_path"), run_dir))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         finish_wandb(failed=sys.exc_info()[0] is not None)  # -m jobs share a process: never leave a run open
 
     summary = {
         "run_dir": str(run_dir),
-        "checkpoint": trainer.checkpoint_callback.last_model_path,
+        **run_record(checkpoint_dir),
         "best_checkpoint": trainer.checkpoint_callback.best_model_path,
         "metrics_csv": str(run_dir / "metrics.csv") if config["logger"]["name"] == "csv" else None,
         "metrics": final_metrics(trainer),
-        "steps": trainer.global_step,
-        "skipped_steps": module.skipped_steps,
         "packing_efficiency": datamodule.packing_efficiency,
         "data": datamodule.prepared.accounting.to_dict(),
         "seconds": round(time.perf_counter() - started, 1),
@@ -148,6 +174,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(
             f"run directory: {run_dir}\ncheckpoint:    {summary['checkpoint']}\n"
+            f"metrics:       {summary['metrics_csv'] or config['logger']['name']}\n"
             f"summary:       {run_dir / 'summary.json'}"
         )
         for key, value in summary["metrics"].items():
