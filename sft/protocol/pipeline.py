@@ -12,6 +12,7 @@ import dataclasses
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -214,15 +215,31 @@ class ConversationEncoder:
         self, conversations: Iterable[Conversation | ProtocolError], accounting: Accounting
     ) -> Iterator[EncodedExample]:
         """The batched hot path. Items are conversations, or errors already found while reading; examples
-        come out in input order."""
-        for chunk in self._prepared_chunks(conversations, accounting):
-            encodings = self.tokenizer.encode_batch(
-                [rendered.text for _, rendered in chunk], add_special_tokens=False
-            )
-            for (conversation, rendered), encoding in zip(chunk, encodings, strict=True):
-                example = self._apply_length_policy(conversation, rendered, encoding, accounting)
-                if example is not None:
-                    yield example
+        come out in input order.
+
+        Pipelined: one thread tokenizes chunk k (the Rust tokenizer releases the GIL and uses every core)
+        while this thread reads, validates and renders chunk k + 1 and builds the labels of chunk k - 1.
+        """
+        with ThreadPoolExecutor(max_workers=1) as tokenizing:
+            in_flight = None
+            for chunk in self._prepared_chunks(conversations, accounting):
+                submitted = (chunk, tokenizing.submit(self._encode_texts, chunk))
+                if in_flight is not None:
+                    yield from self._examples(*in_flight, accounting)
+                in_flight = submitted
+            if in_flight is not None:
+                yield from self._examples(*in_flight, accounting)
+
+    def _encode_texts(self, chunk: list[tuple[Conversation, RenderedChat]]) -> list[Encoding]:
+        return self.tokenizer.encode_batch([rendered.text for _, rendered in chunk], add_special_tokens=False)
+
+    def _examples(
+        self, chunk: list[tuple[Conversation, RenderedChat]], encodings: Future, accounting: Accounting
+    ) -> Iterator[EncodedExample]:
+        for (conversation, rendered), encoding in zip(chunk, encodings.result(), strict=True):
+            example = self._apply_length_policy(conversation, rendered, encoding, accounting)
+            if example is not None:
+                yield example
 
     def _prepared_chunks(
         self, conversations: Iterable[Conversation | ProtocolError], accounting: Accounting
