@@ -98,3 +98,18 @@ def test_ddp_inside_a_local_sweep_spawns_instead_of_relaunching_the_sweep(monkey
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_JOB_NAME", "sft")
     assert sweep_safe(kwargs, multirun=True) == kwargs  # SLURM starts the processes itself
+
+
+def test_resumed_csv_logger_keeps_the_rows_before_the_checkpoint(tmp_path):
+    from sft.loggers import ResumableCSVLogger
+
+    first = ResumableCSVLogger(tmp_path)
+    for step in range(5):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.save()
+    resumed = ResumableCSVLogger(tmp_path, resume_step=3)  # steps 3 and 4 will be logged again
+    resumed.log_metrics({"train/loss": 30.0, "val/loss": 1.0}, step=3)
+    resumed.save()
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["step", "train/loss", "val/loss"]
+    assert [row.split(",")[:2] for row in rows[1:]] == [["0", "0.0"], ["1", "1.0"], ["2", "2.0"], ["3", "30.0"]]
