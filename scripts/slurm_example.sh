@@ -9,7 +9,7 @@
 # <run dir>/hpc_ckpt_N.ckpt and requeues the job (scontrol requeue). The requeued job keeps its job id, so
 # it gets the same run directory, and ckpt_path=last resumes from the newest checkpoint there.
 #
-# For sweeps, `sft-train -m hydra/launcher=slurm ...` submits array jobs instead (docs/scale.md).
+# For sweeps, `sft-train -m hydra/launcher=slurm ...` submits array jobs instead (README, "SLURM").
 #SBATCH --job-name=sft
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8

@@ -243,11 +243,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def documented_commands() -> list[list[str]]:
-    """The arguments of every `sft-train` command in docs/scale.md's bash blocks (continuations joined)."""
-    text = (ROOT / "docs" / "scale.md").read_text()
+    """The arguments of every `sft-train` command in the README's bash blocks (continuations joined)."""
+    text = (ROOT / "README.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
+            if "bin/sft-train" not in line:
+                continue
             words = shlex.split(line, comments=True)
             entry = [i for i, word in enumerate(words) if word.endswith("bin/sft-train")]
             if entry:

@@ -3,7 +3,7 @@
     sft-export ckpt=outputs/RUN/checkpoints/last.ckpt out=exported
     sft-export ckpt=... out=exported-gguf generation_tags=false   # for llama.cpp's Jinja engine
 
-docs/chat_export.md shows how to serve the result.
+The README shows how to serve the result.
 """
 
 from __future__ import annotations
