@@ -14,11 +14,13 @@ count lives in a plain attribute, not a buffer, because DDP would broadcast a bu
 from __future__ import annotations
 
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 
 from sft.loss import masked_token_loss_sum
@@ -37,6 +39,28 @@ def lr_at_step(step: int, peak_lr: float, warmup_steps: int, total_steps: int, m
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return peak_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch generator states as tensors, lists and ints (loadable with weights_only)."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached_gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Resume continues the random streams (sampling, dropout) where the checkpoint left them."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class SFTModule(L.LightningModule):
@@ -77,12 +101,15 @@ class SFTModule(L.LightningModule):
             "template": self.template_config,
             "trained_tokens_seen": self.trained_tokens_seen,
             "skipped_steps": self.skipped_steps,
+            "rng": rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("sft", {})
         self.trained_tokens_seen = saved.get("trained_tokens_seen", 0.0)
         self.skipped_steps = saved.get("skipped_steps", 0)
+        if "rng" in saved:
+            set_rng_state(saved["rng"])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(

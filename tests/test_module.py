@@ -199,3 +199,17 @@ def test_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path
     assert saved["global_step"] == 1
     for name, value in saved["state_dict"].items():
         assert torch.isfinite(value).all(), name
+
+
+def test_random_streams_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    from sft.module import rng_state, set_rng_state
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    path = tmp_path / "rng.pt"
+    torch.save(rng_state(), path)
+    expected = (torch.rand(2), np.random.rand(2), random.random())
+    set_rng_state(torch.load(path, weights_only=True))
+    got = (torch.rand(2), np.random.rand(2), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
