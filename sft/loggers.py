@@ -14,6 +14,7 @@ import netrc
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -226,7 +227,9 @@ class ResumableCSVLogger(CSVLogger):
                 reader = csv.DictReader(handle)
                 header = list(reader.fieldnames or [])
                 kept = [row for row in reader if int(row["step"]) < self.resume_step]
-        writer = super().experiment  # creates the writer, which removes the old file
+        with warnings.catch_warnings():  # its "previous log files will be deleted" is handled right below
+            warnings.filterwarnings("ignore", message="Experiment logs directory")
+            writer = super().experiment  # creates the writer, which removes the old file
         if kept:
             with open(path, "w", newline="") as handle:
                 csv_writer = csv.DictWriter(handle, fieldnames=header)
