@@ -80,8 +80,6 @@ class SFTModule(L.LightningModule):
         self._reset_window()
         self._step_started_at: float | None = None
         self._row_length = 0  # tokens per row of the last micro-batch: the attention term of the FLOPs
-        self._val_loss_sum = torch.zeros((), dtype=torch.float64)
-        self._val_tokens = torch.zeros((), dtype=torch.float64)
         self.tokenizer = None  # set by attach(): saved into every checkpoint so it is usable on its own
         self.template_config: dict[str, Any] | None = None
         self.trained_tokens_seen = 0.0

@@ -76,9 +76,14 @@ class RowDataset(Dataset):
 
 
 def collate_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Right-pad rows to the longest; padding is its own document (-1), never a target."""
+    """Right-pad rows to the longest; padding is its own document (-1), never a target.
+
+    Rows of one example each need no document ids: under causal attention right padding cannot reach the
+    real tokens, so the model may take its fast `is_causal` path."""
     width = max(len(row["input_ids"]) for row in rows)
     fill = {"input_ids": 0, "labels": IGNORE_INDEX, "position_ids": 0, "document_ids": -1}
+    if all(row["document_ids"][-1] == 0 for row in rows):
+        del fill["document_ids"]
     batch = {key: torch.full((len(rows), width), value, dtype=torch.long) for key, value in fill.items()}
     for i, row in enumerate(rows):
         for key in fill:

@@ -318,11 +318,16 @@ class LlamaForCausalLM(nn.Module):
         return 6 * matmul_params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
-def build_model(cfg: Mapping[str, Any]) -> LlamaForCausalLM:
-    """The model for a Hydra `model` group option: LlamaConfig's keys plus an optional `name`.
+def build_model(cfg: Mapping[str, Any]) -> nn.Module:
+    """The model for a Hydra `model` group option: LlamaConfig's keys plus an optional `name`, or
+    `name: hf` for a pretrained transformers directory (sft.model.hf).
 
     `vocab_size` is null in the YAML; the caller fills it from the tokenizer.
     """
+    if cfg.get("name") == "hf":
+        from sft.model.hf import build_hf_model  # transformers is an optional extra
+
+        return build_hf_model(cfg)
     values = {key: value for key, value in cfg.items() if key != "name"}
     known = {field.name for field in dataclasses.fields(LlamaConfig)}
     if unknown := sorted(set(values) - known):

@@ -154,3 +154,11 @@ def test_explicit_val_files_and_their_batches_cover_each_row_once(tmp_path, two_
     datamodule = setup_module_for(config)
     rows = [row for batch in datamodule.val_dataloader().batch_sampler for row in batch]
     assert sorted(rows) == list(range(len(datamodule.val_dataset)))
+
+
+def test_collate_keeps_document_ids_only_where_a_row_holds_several_examples(tmp_path, two_files):
+    packed = setup_module_for(make_config(tmp_path, two_files, packing=True))
+    unpacked = setup_module_for(make_config(tmp_path, two_files, packing=False))
+    packed_batch = next(iter(packed.train_dataloader()))
+    unpacked_batch = next(iter(unpacked.train_dataloader()))
+    assert "document_ids" in packed_batch and "document_ids" not in unpacked_batch
