@@ -1,4 +1,4 @@
-"""Lightning's overhead: SFTModule under `lightning.Trainer` vs a plain PyTorch loop, same model, same batches.
+"""Lightning's overhead: SFTModule under `lightning.Trainer` vs a plain PyTorch loop on the same batches.
 
     python scripts/bench_trainer.py [--steps 40] [--rounds 2] [overrides for conf/train.yaml ...]
 
@@ -100,9 +100,11 @@ def main() -> None:
     model = new_module(config, vocab_size).model
     flops_per_token = model.flops_per_token(config["protocol"]["max_seq_len"])
     peak = config["hardware"]["peak_flops"]
-    print(f"model {config['model']['name']}: {model.num_parameters():,} parameters; {args.steps} steps of "
-          f"{config['data']['batch_size']} rows x {config['protocol']['max_seq_len']} tokens; torch threads "
-          f"{torch.get_num_threads()}")
+    print(
+        f"model {config['model']['name']}: {model.num_parameters():,} parameters; {args.steps} steps of "
+        f"{config['data']['batch_size']} rows x {config['protocol']['max_seq_len']} tokens; torch threads "
+        f"{torch.get_num_threads()}"
+    )
     print(f"{'round':>5} {'loop':>10} {'steps/s':>8} {'tokens/s':>9} {'MFU':>6}")
     totals = {"plain": 0.0, "lightning": 0.0}
     for round_index in range(args.rounds):
@@ -110,11 +112,15 @@ def main() -> None:
             seconds = loop(config, vocab_size, batches)
             totals[name] += seconds
             rate = tokens / seconds
-            print(f"{round_index:>5} {name:>10} {(args.steps - 1) / seconds:8.2f} {rate:9.0f} "
-                  f"{flops_per_token * rate / peak:6.1%}")
+            print(
+                f"{round_index:>5} {name:>10} {(args.steps - 1) / seconds:8.2f} {rate:9.0f} "
+                f"{flops_per_token * rate / peak:6.1%}"
+            )
     overhead = totals["lightning"] / totals["plain"] - 1
-    print(f"Lightning overhead over the plain loop: {overhead:+.1%} (total {totals['lightning']:.1f}s vs "
-          f"{totals['plain']:.1f}s)")
+    print(
+        f"Lightning overhead over the plain loop: {overhead:+.1%} (total {totals['lightning']:.1f}s vs "
+        f"{totals['plain']:.1f}s)"
+    )
 
 
 if __name__ == "__main__":

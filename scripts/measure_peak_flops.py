@@ -1,6 +1,6 @@
 """Measure this machine's dense fp32 (or bf16 on GPU) matmul peak, the denominator of train/mfu.
 
-    python scripts/measure_peak_flops.py            # then: sft-train hardware.peak_flops=<printed value>
+python scripts/measure_peak_flops.py            # then: sft-train hardware.peak_flops=<printed value>
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     peak = max(matmul_flops_per_s(args.size, dtype, device) for _ in range(3))
-    print(f"{device} {dtype} {args.size}x{args.size} matmul: {peak:.3e} FLOP/s (threads={torch.get_num_threads()})")
+    print(
+        f"{device} {dtype} {args.size}x{args.size} matmul: {peak:.3e} FLOP/s "
+        f"(threads={torch.get_num_threads()})"
+    )
     print(f"hardware.peak_flops={peak:.3e}")
 
 

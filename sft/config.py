@@ -162,13 +162,15 @@ TRAINER_OWNED = {
 
 def section_schemas(config: Mapping[str, Any]) -> dict[str, type]:
     """The schema of every section, the logger's chosen by its name."""
+    from sft.model.hf import HFModelConfig  # imports no transformers: safe without the [hf] extra
     from sft.model.llama import LlamaConfig
     from sft.protocol.types import ProtocolConfig
 
     logger_name = (config.get("logger") or {}).get("name")
+    model_name = (config.get("model") or {}).get("name")
     return {
         **SECTIONS,
-        "model": LlamaConfig,
+        "model": HFModelConfig if model_name == "hf" else LlamaConfig,
         "protocol": ProtocolConfig,
         "logger": LOGGERS.get(logger_name, WandbLoggerConfig),
     }
@@ -294,6 +296,10 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     for key, value in config.items():
         if key in schemas:
             problems += check_section(key, value, schemas[key], FIELD_OVERRIDES.get(key, {}))
+            if key == "model" and isinstance(value, Mapping) and isinstance(value.get("lora"), Mapping):
+                from sft.model.hf import LoraSettings
+
+                problems += check_section("model.lora", value["lora"], LoraSettings, {})
         elif key == "trainer":
             problems += check_trainer(value)
         elif key in top:

@@ -35,4 +35,6 @@ def test_checkpoints_load_with_weights_only(tmp_path):
 
 def test_chat_eval_and_export_do_not_import_lightning():
     code = "import sys, sft.cli.chat, sft.cli.eval, sft.cli.export; print('lightning' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    )

@@ -132,7 +132,9 @@ def test_every_option_composes_validates_and_instantiates(group, option, tmp_pat
         with initialize_config_module("sft.conf", version_base="1.3"):
             HydraConfig.instance().set_config(compose("train", overrides=overrides, return_hydra_config=True))
         try:
-            assert isinstance(build_logger(section, tmp_path, config, resume_step=None), L.pytorch.loggers.Logger)
+            assert isinstance(
+                build_logger(section, tmp_path, config, resume_step=None), L.pytorch.loggers.Logger
+            )
         finally:
             HydraConfig.instance().cfg = None
     elif group == "experiment":

@@ -112,4 +112,9 @@ def test_resumed_csv_logger_keeps_the_rows_before_the_checkpoint(tmp_path):
     resumed.save()
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0].split(",") == ["step", "train/loss", "val/loss"]
-    assert [row.split(",")[:2] for row in rows[1:]] == [["0", "0.0"], ["1", "1.0"], ["2", "2.0"], ["3", "30.0"]]
+    assert [row.split(",")[:2] for row in rows[1:]] == [
+        ["0", "0.0"],
+        ["1", "1.0"],
+        ["2", "2.0"],
+        ["3", "30.0"],
+    ]

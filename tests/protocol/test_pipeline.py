@@ -319,7 +319,9 @@ def test_mask_all_tokens_trains_every_token_but_the_first(tmp_path, tokenizer):
     from sft.protocol.templates import load_template
     from sft.protocol.types import Conversation, Message, ProtocolConfig
 
-    encoder = ConversationEncoder(tokenizer, load_template({"name": "chatml"}), ProtocolConfig(mask="all_tokens"))
+    encoder = ConversationEncoder(
+        tokenizer, load_template({"name": "chatml"}), ProtocolConfig(mask="all_tokens")
+    )
     conversation = Conversation([Message("user", "Hi there"), Message("assistant", "Hello")])
     [example] = encoder.encode_conversations([conversation], Accounting())
     assert (example.labels == example.input_ids).all()
