@@ -6,9 +6,9 @@ wrong type (`trainer.max_steps=abc`), a mandatory `???` left unset, and a `train
 `lightning.Trainer` does not take. Every problem is reported at once, each under its full key.
 
 Each section's schema is a dataclass; `model` and `protocol` use the dataclasses of what they configure
-(`LlamaConfig`, `ProtocolConfig`). `trainer` stays open to any `lightning.Trainer` argument and is checked
-against its signature. Adding a key to conf/ means adding a field here: the test that composes every option
-of every group fails until you do.
+(`LlamaConfig`, or `HFModelConfig` for `model=hf`; `ProtocolConfig`). `trainer` stays open to any
+`lightning.Trainer` argument and is checked against its signature. Adding a key to conf/ means adding a
+field here: the test that composes every option of every group fails until you do.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -277,7 +278,15 @@ def check_trainer(values: Any) -> list[str]:
 def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The resolved config as plain containers, or a ConfigError naming every key that does not fit."""
     if isinstance(cfg, DictConfig):
-        missing = sorted(OmegaConf.missing_keys(cfg))
+        try:
+            missing = sorted(OmegaConf.missing_keys(cfg))
+        except OmegaConfBaseException as error:  # e.g. tokenizer.path: ${model.path} with model.path=???
+            unset = re.search(r"Missing mandatory value: (\S+)", str(error))
+            key = unset.group(1) if unset else getattr(error, "full_key", "") or "config"
+            raise ConfigError(
+                f"config value not set (???): {key} (needed by {getattr(error, 'full_key', '?')}); give it on "
+                f"the command line, e.g. {key}=..."
+            ) from error
         if missing:
             raise ConfigError(
                 "config values not set (???): " + ", ".join(missing) + "; give each on the command line, "

@@ -10,7 +10,9 @@ The chat template is a Jinja source that renders byte-identically to the trainin
 translated field by field (with `{% generation %}` around the trained part, so transformers'
 `return_assistant_tokens_mask` marks exactly the tokens we trained), Jinja templates keep their source.
 `export_checkpoint` renders a probe conversation both ways and refuses to write a template that differs.
-transformers itself is not needed to export.
+transformers itself is not needed to export the project's models. A `model=hf` checkpoint is written by
+the fine-tuned transformers model's own `save_pretrained` (any architecture; a LoRA adapter merged in, or
+with `merge=False` the adapter alone), with the same tokenizer, template and generation files.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from sft.checkpoint import InferenceBundle, load_for_inference
+from sft.model.hf import HFCausalLM
 from sft.protocol.templates import BuiltinTemplate, ChatTemplate, JinjaTemplate, probe_messages
 from sft.protocol.types import TemplateError
 
@@ -155,9 +158,11 @@ def _token_id(tokenizer: Tokenizer, token: str | None) -> int | None:
 
 
 def export_files(
-    bundle: InferenceBundle, dtype: str = "float32", generation_tags: bool = True
+    bundle: InferenceBundle, dtype: str = "float32", generation_tags: bool = True, merge: bool = True
 ) -> dict[str, Any]:
-    """{file name: content}: JSON-able dicts, strings, or for model.safetensors the tensors to save."""
+    """{file name: content}: JSON-able dicts, strings, for model.safetensors the tensors to save, or for
+    `model=hf` under "model" a transformers (or peft, `merge=False`) model whose save_pretrained writes the
+    weights and config.json."""
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
     template, tokenizer = bundle.template, bundle.tokenizer
@@ -169,7 +174,6 @@ def export_files(
     ids = {"bos_token_id": bos_id, "eos_token_id": eot_id, "pad_token_id": eot_id}
 
     model_config = bundle.model.config
-    config = {**model_config.to_hf_dict(), **ids, "torch_dtype": dtype, "dtype": dtype}
     stop_ids = eot_id if eos_id == eot_id else [eot_id, eos_id]
     # Greedy by default, as sft-chat and sft-eval decode (transformers' pipeline would otherwise sample).
     generation_config = {"eos_token_id": stop_ids, "pad_token_id": eot_id, "do_sample": False}
@@ -183,39 +187,65 @@ def export_files(
         "add_bos_token": False,  # the template writes any BOS itself; a second one would shift every id
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,  # decode must give back the trained text, spaces included
-        "model_max_length": model_config.max_position_embeddings,
+        "model_max_length": getattr(model_config, "max_position_embeddings", None),
         "chat_template": source,
     }
-    state = bundle.model.state_dict()
-    if model_config.tie_word_embeddings:
-        del state["lm_head.weight"]  # the same tensor as embed_tokens; safetensors refuses shared storage
-    tensors = {name: tensor.detach().to("cpu", DTYPES[dtype]).contiguous() for name, tensor in state.items()}
-    return {
-        "config.json": config,
+    files = {
         "generation_config.json": generation_config,
-        "model.safetensors": tensors,
         "tokenizer.json": tokenizer.to_str(),
         "tokenizer_config.json": tokenizer_config,
         "chat_template.jinja": source,  # recent transformers read this file in preference
     }
+    if isinstance(bundle.model, HFCausalLM):
+        return {"model": hf_export_model(bundle.model, ids, dtype, merge), **files}
+    config = {**model_config.to_hf_dict(), **ids, "torch_dtype": dtype, "dtype": dtype}
+    state = bundle.model.state_dict()
+    if model_config.tie_word_embeddings:
+        del state["lm_head.weight"]  # the same tensor as embed_tokens; safetensors refuses shared storage
+    tensors = {name: tensor.detach().to("cpu", DTYPES[dtype]).contiguous() for name, tensor in state.items()}
+    return {"config.json": config, "model.safetensors": tensors, **files}
+
+
+def hf_export_model(
+    model: HFCausalLM, ids: dict[str, int | None], dtype: str, merge: bool
+) -> torch.nn.Module:
+    """What `save_pretrained` writes for `model=hf`: the fine-tuned transformers model (LoRA merged into
+    the weights), or with `merge=False` the PeftModel, whose save_pretrained writes the adapter alone."""
+    if merge or not model.is_lora:
+        exported = model.merged_model()
+        for key, value in ids.items():  # the tokenizer's ids, eos = end-of-turn, as for the project's models
+            setattr(exported.config.get_text_config(), key, value)
+            setattr(exported.config, key, value)
+    else:
+        exported = model.model
+    return exported.to(DTYPES[dtype])
 
 
 def export_checkpoint(
-    ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32", generation_tags: bool = True
+    ckpt: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str = "float32",
+    generation_tags: bool = True,
+    merge: bool = True,
 ) -> Path:
     """Write the export directory `out` (which must not exist or be empty) all at once: files go to a
-    temporary sibling that is renamed into place, so an interrupted export leaves nothing half-written."""
+    temporary sibling that is renamed into place, so an interrupted export leaves nothing half-written.
+
+    `merge` (model=hf with LoRA only): fold the adapter into the weights (default), or write the adapter
+    alone (adapter_config.json + adapter_model.safetensors, over the base model at `model.path`)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"out={out} exists and is not an empty directory; choose a new one or remove it")
-    files = export_files(load_for_inference(ckpt), dtype, generation_tags)
+    files = export_files(load_for_inference(ckpt), dtype, generation_tags, merge)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         for name, content in files.items():
-            if name == "model.safetensors":
+            if name == "model":  # first: our generation_config.json then replaces the model's own
+                content.save_pretrained(staging)
+            elif name == "model.safetensors":
                 save_file(content, staging / name, metadata={"format": "pt"})
             elif isinstance(content, dict):
                 (staging / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", "utf-8")

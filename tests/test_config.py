@@ -66,6 +66,11 @@ def extra_overrides(group: str, option: str, tmp_path: Path) -> list[str]:
     if (group, option) == ("template", "jinja"):
         (tmp_path / "chat.jinja").write_text(JINJA)
         return [f"template.path={tmp_path / 'chat.jinja'}", "template.eot='<|im_end|>'"]
+    if (group, option) == ("model", "hf"):
+        pytest.importorskip("transformers")
+        from tests.test_hf import make_model_dir
+
+        return [f"model.path={make_model_dir(tmp_path)}"]
     if (group, option) == ("data", "jsonl"):
         (tmp_path / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
         return [f"data.train=[{tmp_path / 'chats.jsonl'}]"]
@@ -116,8 +121,11 @@ def test_every_option_composes_validates_and_instantiates(group, option, tmp_pat
     elif group == "template":
         assert load_template(section).eot
     elif group == "model":
-        with torch.device("meta"):
-            model = build_model({**section, "vocab_size": 1024})
+        vocab_size, device = 1024, torch.device("meta")
+        if option == "hf":  # its own tokenizer; from_pretrained refuses the meta device (tiny: quick)
+            vocab_size, device = load_tokenizer(section["path"]).get_vocab_size(), torch.device("cpu")
+        with device:
+            model = build_model({**section, "vocab_size": vocab_size})
         assert sum(p.numel() for p in model.parameters()) > 0
     elif group == "data":
         train_files, val_files = data_files(section, tmp_path, config["seed"])

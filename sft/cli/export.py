@@ -19,7 +19,9 @@ from sft.export import ExportError, export_checkpoint
 @hydra.main(version_base="1.3", config_path="pkg://sft.conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     try:
-        out = export_checkpoint(cfg.ckpt, cfg.out, dtype=cfg.dtype, generation_tags=cfg.generation_tags)
+        out = export_checkpoint(
+            cfg.ckpt, cfg.out, dtype=cfg.dtype, generation_tags=cfg.generation_tags, merge=cfg.merge
+        )
     except (ExportError, FileNotFoundError) as error:
         sys.exit(f"sft-export: {error}")
     for path in sorted(out.iterdir()):

@@ -170,6 +170,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "data": datamodule.prepared.accounting.to_dict(),
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if trainer.is_global_zero and config["model"].get("lora") and summary["checkpoint"]:
+        # The LoRA adapter on its own, from the last checkpoint (right under ddp_spawn too).
+        from sft.checkpoint import load_for_inference
+
+        adapter = load_for_inference(summary["checkpoint"]).model.save_adapter(run_dir / "adapter")
+        summary["adapter"] = str(adapter)
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(

@@ -15,6 +15,7 @@ letting documents see each other.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,12 @@ class HFModelConfig:
 
 
 EXPLICIT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TRUE_PRECISIONS = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64, "64": torch.float64}
+TRUE_PRECISIONS = {
+    "bf16-true": torch.bfloat16,
+    "16-true": torch.float16,
+    "64-true": torch.float64,
+    "64": torch.float64,
+}
 
 
 def load_dtype(value: str | int | None) -> torch.dtype:
@@ -122,6 +128,12 @@ class HFCausalLM(nn.Module):
         return self.base_model.config.get_text_config()
 
     @property
+    def _cache_argument(self) -> str:
+        """transformers 5.2x renamed `past_key_values` to `cache` (the old name warns until 5.40)."""
+        parameters = inspect.signature(self.base_model.forward).parameters
+        return "cache" if "cache" in parameters else "past_key_values"
+
+    @property
     def attn_implementation(self) -> str:
         return self.base_model.config._attn_implementation or "eager"
 
@@ -150,7 +162,7 @@ class HFCausalLM(nn.Module):
                 raise ValueError(f"KV cache full: {past} + {seq_len} tokens > max_len {kv_cache.max_len}")
             if past == 0 or getattr(kv_cache, "hf_cache", None) is None:
                 kv_cache.hf_cache = DynamicCache(config=self.base_model.config)
-            kwargs = {"past_key_values": kv_cache.hf_cache, "use_cache": True}
+            kwargs = {self._cache_argument: kv_cache.hf_cache, "use_cache": True}
         else:
             kwargs = {"use_cache": False}
         if position_ids is None:
@@ -182,7 +194,7 @@ class HFCausalLM(nn.Module):
         return Path(directory)
 
     def merged_model(self) -> nn.Module:
-        """The transformers model with any LoRA adapter folded into its weights (a copy; self is unchanged)."""
+        """The transformers model with any LoRA adapter folded into its weights (a copy: self keeps it)."""
         import copy
 
         if not self.is_lora:
@@ -198,11 +210,15 @@ def build_hf_model(cfg: Mapping[str, Any]) -> HFCausalLM:
     """
     known = {field.name for field in dataclasses.fields(HFModelConfig)}
     if unknown := sorted(set(cfg) - known):
-        raise HFModelError(f"unknown model config keys {unknown} for model=hf; expected some of {sorted(known)}")
+        raise HFModelError(
+            f"unknown model config keys {unknown} for model=hf; expected some of {sorted(known)}"
+        )
     config = HFModelConfig(**cfg)
     path = Path(config.path)
     if not (path / "config.json").is_file():
-        raise HFModelError(f"model.path={path}: no config.json there; give a local transformers model directory")
+        raise HFModelError(
+            f"model.path={path}: no config.json there; give a local transformers model directory"
+        )
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as error:
@@ -231,4 +247,4 @@ def build_hf_model(cfg: Mapping[str, Any]) -> HFCausalLM:
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, peft_config)
-    return HFCausalLM(model, str(path))
+    return HFCausalLM(model.train(), str(path))  # from_pretrained returns eval mode: dropout would be off
