@@ -284,8 +284,8 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             unset = re.search(r"Missing mandatory value: (\S+)", str(error))
             key = unset.group(1) if unset else getattr(error, "full_key", "") or "config"
             raise ConfigError(
-                f"config value not set (???): {key} (needed by {getattr(error, 'full_key', '?')}); give it on "
-                f"the command line, e.g. {key}=..."
+                f"config value not set (???): {key} (needed by {getattr(error, 'full_key', '?')}); "
+                f"give it on the command line, e.g. {key}=..."
             ) from error
         if missing:
             raise ConfigError(

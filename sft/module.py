@@ -153,13 +153,23 @@ class SFTModule(L.LightningModule):
             return
         for p in parameters:
             p.grad.div_(trained_tokens)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            parameters, self.optim_config.get("grad_clip") or float("inf")
-        )
+        grad_norm = self._clip_gradients(parameters)
         loss = loss_sum / trained_tokens
-        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+        overflow = not torch.isfinite(grad_norm) and getattr(self.trainer.precision_plugin, "scaler", None)
+        if overflow:  # fp16: GradScaler skips this step and lowers its scale; that is not a diverged run
+            self.log("train/fp16_overflow", 1.0)
+        elif not (math.isfinite(loss) and torch.isfinite(grad_norm)):
             self._stop_on_non_finite(loss, float(grad_norm))
         self._log_step(loss, trained_tokens, tokens, float(grad_norm), optimizer)
+
+    def _clip_gradients(self, parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+        """Clip to `optim.grad_clip` by the global norm; under FSDP only the sharded root module sees every
+        rank's shards, so it computes the norm (each rank alone would clip by a different factor)."""
+        max_norm = self.optim_config.get("grad_clip") or float("inf")
+        sharded_root = getattr(self.trainer.strategy, "model", None)
+        if hasattr(sharded_root, "clip_grad_norm_"):
+            return sharded_root.clip_grad_norm_(max_norm)
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
     def _stop_on_non_finite(self, loss: float, grad_norm: float) -> None:
         """Keep the last good weights (no update is applied) in a checkpoint, then stop with a clear error."""
@@ -188,7 +198,13 @@ class SFTModule(L.LightningModule):
         self.log("train/trained_tokens_per_s", trained_tokens / elapsed)
         if self.peak_flops > 0:
             flops_per_token = self.model.flops_per_token(self._row_length)
-            self.log("train/mfu", flops_per_token * tokens_per_s / self.peak_flops)
+            # tokens are summed over ranks, the peak is one device's
+            self.log("train/mfu", flops_per_token * tokens_per_s / self.trainer.world_size / self.peak_flops)
+
+    def on_train_epoch_start(self) -> None:
+        efficiency = getattr(self.trainer.datamodule, "packing_efficiency", None)
+        if efficiency is not None:
+            self.log("data/packing_efficiency", efficiency)
 
     # ---- validation -----------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

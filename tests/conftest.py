@@ -15,6 +15,8 @@ CORPUS = [
     "Reverse the list 3 1 2 -> 2 1 3. Sort it: 1 2 3.",
     "system user assistant tool You are a helpful assistant.",
     "Ünïcödé text, emoji 🙂, 中文字符, tabs\tand\nnewlines.",
+    # whitespace runs, so that the tokenizer learns merges like "\n\n" and "  " that could cross a boundary
+    "<|im_start|>assistant\n\n\n  indented\n\n\tcode\n    more  spaces\n\n<|im_end|>\n\n",
 ] * 4
 
 CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]

@@ -212,3 +212,24 @@ def test_prepare_never_imports_torch_or_lightning():
     )
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_preparers_of_one_cache_take_turns(tmp_path):
+    """Every rank of a job may call prepare(); the cache lock makes the others wait for the first."""
+    import threading
+
+    from sft.data.build import cache_lock
+
+    cache = tmp_path / "cache"
+    finished = threading.Event()
+
+    def second_preparer():
+        with cache_lock(cache):
+            finished.set()
+
+    with cache_lock(cache):
+        thread = threading.Thread(target=second_preparer)
+        thread.start()
+        assert not finished.wait(0.3)
+    thread.join(5)
+    assert finished.is_set()

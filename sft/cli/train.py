@@ -96,14 +96,16 @@ def checkpoint_step(path: str | None) -> int | None:
 
 
 def run_record(checkpoint_dir: Path) -> dict[str, Any]:
-    """Steps and skipped steps from the last checkpoint: true in this process also when the training ran in
-    spawned ranks (`ddp_spawn`), whose trainer state does not come back."""
+    """Checkpoints, steps and skipped steps read from the files: true in this process also when training ran
+    in spawned ranks (`ddp_spawn`), whose trainer state does not come back."""
     last = checkpoint_dir / "last.ckpt"
     if not last.is_file():
-        return {"checkpoint": None, "steps": None, "skipped_steps": None}
+        return {"checkpoint": None, "best_checkpoint": None, "steps": None, "skipped_steps": None}
     saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    best = sorted(checkpoint_dir.glob("best-step*.ckpt"))  # save_top_k=1: at most one
     return {
         "checkpoint": str(last),
+        "best_checkpoint": str(best[0]) if best else None,
         "steps": saved["global_step"],
         "skipped_steps": saved["sft"]["skipped_steps"],
     }
@@ -128,15 +130,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     checkpoint_dir = run_dir / "checkpoints"
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(
+        ModelCheckpoint(  # last.ckpt, the resume point, every N optimizer steps and at the end
+            dirpath=checkpoint_dir,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=config["checkpoint"]["every_n_train_steps"],
+        ),
+        ModelCheckpoint(  # saved when a validation ends, so it is scored with its own val/loss
             dirpath=checkpoint_dir,
             filename="best-step{step}",
             auto_insert_metric_name=False,
             monitor="val/loss",
             save_top_k=1,
-            save_last=True,
-            every_n_train_steps=config["checkpoint"]["every_n_train_steps"],
-        )
+        ),
     ]
     if config["data"]["name"] == "sample" and config["eval"]["exact_match"]:
         items = sample_eval_items(config["seed"], config["data"]["num_val"], config["eval"]["max_items"])
@@ -163,7 +169,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "run_dir": str(run_dir),
         **run_record(checkpoint_dir),
-        "best_checkpoint": trainer.checkpoint_callback.best_model_path,
         "metrics_csv": str(run_dir / "metrics.csv") if config["logger"]["name"] == "csv" else None,
         "metrics": final_metrics(trainer),
         "packing_efficiency": datamodule.packing_efficiency,

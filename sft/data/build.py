@@ -8,10 +8,12 @@ second run with the same inputs opens the existing store in milliseconds.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +215,27 @@ def prepare(cfg: Mapping[str, Any]) -> PreparedData:
     protocol = protocol_config(cfg["protocol"])
     template = load_template(cfg["template"])
     check_template(template)
+    with cache_lock(cache_dir):
+        return _prepare_locked(cfg, cache_dir, fmt, protocol, template)
+
+
+@contextmanager
+def cache_lock(cache_dir: Path) -> Iterator[None]:
+    """One preparer per cache at a time: when every rank of a job runs `prepare` (srun, torchrun), the first
+    builds the tokenizer and stores and the others wait, then open them from the cache."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare_locked(
+    cfg: Mapping[str, Any], cache_dir: Path, fmt: str, protocol: ProtocolConfig, template: ChatTemplate
+) -> PreparedData:
+    data_cfg = cfg["data"]
     train_files, val_files = data_files(data_cfg, cache_dir, cfg["seed"])
     tokenizer = build_tokenizer(cfg["tokenizer"], template, protocol, train_files, fmt, cache_dir)
     encoder = ConversationEncoder(tokenizer, template, protocol)

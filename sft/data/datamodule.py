@@ -127,17 +127,27 @@ class LengthGroupedPlan:
         return rank_units(global_batches, self.world_size)
 
 
-def mixed_example_ids(index: StoreIndex, weights: Sequence[float], seed: int) -> np.ndarray:
-    """Sample each source with replacement so that the training set has the requested proportions
-    (same total size as the sources together), reproducibly."""
+def mixed_example_ids(
+    index: StoreIndex, example_ids: np.ndarray, weights: Sequence[float], seed: int
+) -> np.ndarray:
+    """Sample each source's examples (among `example_ids`, the training ones) with replacement so that the
+    training set has the requested proportions, same total size, reproducibly."""
     if len(weights) != len(index.stores):
         raise ValueError(f"data.mix has {len(weights)} weights for {len(index.stores)} data.train files")
     proportions = np.asarray(weights, dtype=np.float64) / np.sum(weights)
-    counts = np.floor(proportions * len(index)).astype(np.int64)
+    counts = np.floor(proportions * len(example_ids)).astype(np.int64)
+    source_of = np.searchsorted(index.starts, example_ids, side="right") - 1
     rng = np.random.default_rng([seed, 0x6D1C])
-    return np.concatenate(
-        [rng.choice(index.source_ids(source), size=count) for source, count in enumerate(counts) if count > 0]
-    )
+    drawn = []
+    for source, count in enumerate(counts):
+        candidates = example_ids[source_of == source]
+        if count > 0 and len(candidates) == 0:
+            raise ValueError(
+                f"data.mix gives data.train[{source}] weight {weights[source]} but it has no examples"
+            )
+        if count > 0:
+            drawn.append(rng.choice(candidates, size=count))
+    return np.concatenate(drawn)
 
 
 def split_val(example_ids: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,14 +197,15 @@ class SFTDataModule(L.LightningDataModule):
         if self.prepared is None:
             self.prepared = prepare(self.config)  # other ranks: the stores exist, this only opens them
         train_index = StoreIndex(self.prepared.train)
-        mix = self.data_config.get("mix")
-        train_ids = mixed_example_ids(train_index, mix, self.seed) if mix else np.arange(len(train_index))
+        train_ids = np.arange(len(train_index))
         if self.prepared.val:
             val_index = StoreIndex(self.prepared.val)
             val_ids = np.arange(len(val_index))
-        else:
+        else:  # held out before mixing, so that no drawn duplicate of a val example lands in training
             train_ids, val_ids = split_val(train_ids, self.data_config.get("val_fraction") or 0.0, self.seed)
             val_index = train_index
+        if self.data_config.get("mix"):
+            train_ids = mixed_example_ids(train_index, train_ids, self.data_config["mix"], self.seed)
         if len(train_ids) == 0:
             raise ValueError(
                 "no training examples left after preparation:\n" + self.prepared.accounting.summary()

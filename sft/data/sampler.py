@@ -95,6 +95,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
             return unit_count // self.world_size
         return -(-unit_count // self.world_size)
 
+    @property
+    def sampler(self) -> ResumableBatchSampler:
+        """Lightning calls `set_epoch` on `dataloader.sampler` and `dataloader.batch_sampler.sampler`, never
+        on the batch sampler itself; this makes it reach us (without it every epoch replays epoch 0)."""
+        return self
+
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this at every epoch start, also for the epoch a checkpoint resumes: same epoch,
         resume point kept; a new epoch starts from its first batch."""

@@ -163,10 +163,13 @@ class ConversationEncoder:
                     )
         conversation = maybe_add_system_prompt(conversation, self.config, index)
         conversation.messages = apply_mask_strategy(conversation.messages, self.config.mask)
-        rendered = render_chat_prompt(conversation.messages, self.template, tools=conversation.tools)
+        return conversation, self._render(conversation.messages, conversation.tools)
+
+    def _render(self, messages: list[Message], tools: list | None) -> RenderedChat:
+        rendered = render_chat_prompt(messages, self.template, tools=tools)
         if self.config.mask == "all_tokens":  # the ablation baseline: every token of the text is a target
-            rendered = RenderedChat(rendered.text, [(0, len(rendered.text))])
-        return conversation, rendered
+            return RenderedChat(rendered.text, [(0, len(rendered.text))])
+        return rendered
 
     def _apply_length_policy(
         self, conversation: Conversation, rendered: RenderedChat, encoding: Encoding, accounting: Accounting
@@ -205,7 +208,7 @@ class ConversationEncoder:
             messages = messages[:head] + messages[next_user[0] :]
             if not any(m.role == "assistant" and m.train for m in messages):
                 return None
-            rendered = render_chat_prompt(messages, self.template, tools=conversation.tools)
+            rendered = self._render(messages, conversation.tools)
             encoding = self.tokenizer.encode(rendered.text, add_special_tokens=False)
             if len(encoding) <= self.config.max_seq_len:
                 return labels_from_encoding(encoding, rendered.assistant_spans)

@@ -24,7 +24,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) 
     """A byte-level BPE (GPT-2 style: no unknown token, any text round-trips) with the template's
     control tokens added whole, so `<|im_end|>` is one id and never split."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Newlines stand alone: a merge such as "\n\n" or "\n  " would make one token of a template's header
+    # newline and the first characters of a reply, and the overlap rule would then train the header.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

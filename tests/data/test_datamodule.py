@@ -162,3 +162,10 @@ def test_collate_keeps_document_ids_only_where_a_row_holds_several_examples(tmp_
     packed_batch = next(iter(packed.train_dataloader()))
     unpacked_batch = next(iter(unpacked.train_dataloader()))
     assert "document_ids" in packed_batch and "document_ids" not in unpacked_batch
+
+
+def test_mixing_never_draws_held_out_examples(tmp_path, two_files):
+    datamodule = setup_module_for(make_config(tmp_path, two_files, mix=[0.5, 0.5], val_fraction=0.25))
+    train_ids, val_ids = set(datamodule.train_dataset.example_ids), set(datamodule.val_dataset.example_ids)
+    assert len(val_ids) == 15 and not train_ids & val_ids
+    assert np.mean(datamodule.train_dataset.example_ids >= 40) == 0.5

@@ -97,3 +97,28 @@ def test_token_check_refuses_an_end_of_turn_merged_with_what_follows():
     tokenizer.add_special_tokens([AddedToken("<|im_end|>\n", special=True)])  # longest match wins
     with pytest.raises(TemplateError, match="across the boundary"):
         check_template_tokens(BUILTINS["chatml"], tokenizer)
+
+
+@pytest.mark.parametrize("reply", ["\nstarts with a newline", "  two spaces", "\n\n  both", "\tA tab"])
+def test_replies_starting_with_whitespace_never_train_the_header_newline(reply):
+    """A BPE trained on chats learns merges like "\\n\\n" and "\\n  "; if the header's newline could merge
+    with a reply's first characters, the overlap rule would train a piece of the header."""
+    import numpy as np
+
+    from sft.protocol.labels import IGNORE_INDEX, labels_from_encoding
+    from sft.protocol.templates import load_template
+    from sft.protocol.tokenizer import train_bpe
+    from sft.protocol.types import Message
+
+    template = load_template({"name": "chatml"})
+    chats = [
+        template.render([Message("user", f"q{i}"), Message("assistant", f"{ws}answer {i}")]).text
+        for i, ws in enumerate(["\n", "\n\n", "  ", "\n  ", "\t", ""] * 20)
+    ]
+    tokenizer = train_bpe(chats, vocab_size=300, special_tokens=template.special_tokens)
+    rendered = template.render([Message("user", "hi"), Message("assistant", reply)])
+    encoding = tokenizer.encode(rendered.text, add_special_tokens=False)
+    ids, labels = labels_from_encoding(encoding, rendered.assistant_spans)
+    trained = ids[labels != IGNORE_INDEX]
+    assert tokenizer.decode(trained.tolist(), skip_special_tokens=False) == reply + "<|im_end|>"
+    assert np.array_equal(trained, ids[-len(trained) - 1 : -1])  # one run: the reply and its end-of-turn
