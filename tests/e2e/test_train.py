@@ -47,12 +47,12 @@ def test_two_cpu_processes_match_one_process_over_the_same_global_batch(tmp_path
     )
 
 
-KILL_AT_STEP_7 = """
+KILL_AT_STEP = """
 import os, sys
 from sft.module import SFTModule
 original = SFTModule.on_train_batch_end
 def on_train_batch_end(self, outputs, batch, batch_idx):
-    if self.global_step == 7:
+    if self.global_step == int(os.environ["SFT_TEST_KILL_AT"]):
         os._exit(17)  # a hard kill: no cleanup, no final checkpoint
     return original(self, outputs, batch, batch_idx)
 SFTModule.on_train_batch_end = on_train_batch_end
@@ -62,14 +62,19 @@ main()
 """
 
 
-def test_kill_and_resume_continues_with_identical_losses(tmp_path, cache_dir):
-    common = ["trainer.max_steps=10", "trainer.val_check_interval=5", "checkpoint.every_n_train_steps=3"]
+@pytest.mark.parametrize("kill_at", [7, 24], ids=["first-epoch", "second-epoch"])
+def test_kill_and_resume_continues_with_identical_losses(tmp_path, cache_dir, monkeypatch, kill_at):
+    """Checkpoints every 11 steps; an epoch is ~20 steps, so killing at 24 resumes from step 22, in epoch 2."""
+    common = ["trainer.max_steps=28", "trainer.val_check_interval=14", "checkpoint.every_n_train_steps=11"]
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
     train(uninterrupted, cache_dir, *common)
-    killed = train(resumed, cache_dir, *common, script=KILL_AT_STEP_7, check=False)
+    monkeypatch.setenv("SFT_TEST_KILL_AT", str(kill_at))
+    killed = train(resumed, cache_dir, *common, script=KILL_AT_STEP, check=False)
     assert killed.returncode == 17, killed.stderr[-2000:]
     train(resumed, cache_dir, *common, "ckpt_path=last")
     want, got = metric_rows(uninterrupted, "train/loss"), metric_rows(resumed, "train/loss")
-    assert got.keys() == want.keys() == set(range(10))  # metrics.csv keeps the rows from before the kill
-    for step in range(10):  # the checkpoint was at step 6; steps 6.. ran twice in `resumed`
+    assert got.keys() == want.keys() == set(range(28))  # metrics.csv keeps the rows from before the kill
+    for step in range(28):
         assert math.isclose(want[step], got[step], rel_tol=1e-6), (step, want[step], got[step])
+    resumed_from = kill_at // 11 * 11
+    assert metric_rows(uninterrupted, "epoch")[resumed_from] == (0 if kill_at < 11 else 1)
