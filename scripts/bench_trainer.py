@@ -1,6 +1,6 @@
 """Lightning's overhead: SFTModule under `lightning.Trainer` vs a plain PyTorch loop on the same batches.
 
-    python scripts/bench_trainer.py [--steps 40] [--rounds 2] [overrides for conf/train.yaml ...]
+    python scripts/bench_trainer.py [--steps 40] [--rounds 4] [overrides for conf/train.yaml ...]
 
 Both sides run the identical work per step (forward, assistant-only token-mean loss, backward, clipping,
 AdamW); the batches are materialised once from the embedded default's data module, so data loading is not
@@ -89,7 +89,7 @@ def lightning_loop(config: dict, vocab_size: int, batches: list) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
     args, overrides = parser.parse_known_args()
     with initialize_config_module("sft.conf", version_base="1.3"):
         config = OmegaConf.to_container(compose("train", overrides=overrides), resolve=True)
