@@ -35,9 +35,6 @@ class StoreIndex:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def source_ids(self, source: int) -> np.ndarray:
-        return np.arange(self.starts[source], self.starts[source + 1])
-
     def __getitem__(self, example_id: int) -> tuple[np.ndarray, np.ndarray]:
         source = int(np.searchsorted(self.starts, example_id, side="right")) - 1
         return self.stores[source][int(example_id - self.starts[source])]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sft.model.llama import KVCache
+from sft.model.llama import KVCache, attention_mask, cache_and_positions
 
 
 class HFModelError(ValueError):
@@ -91,9 +91,7 @@ def packed_attention_mask(document_ids: Tensor, implementation: str) -> Tensor:
     (fp32: added to bf16 scores under autocast it promotes, and softmax runs in fp32 anyway). The diagonal is
     always allowed, so no row is empty.
     """
-    seq_len = document_ids.shape[1]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=document_ids.device).tril()
-    allowed = (causal & (document_ids[:, :, None] == document_ids[:, None, :]))[:, None]
+    allowed = attention_mask(document_ids.shape[1], 0, document_ids, document_ids.device)
     if implementation == "sdpa":
         return allowed
     if implementation == "eager":
@@ -149,24 +147,15 @@ class HFCausalLM(nn.Module):
         kv_cache: the project's KVCache; the transformers cache rides on it (`kv_cache.hf_cache`), created
         when `kv_cache.length` is 0, and `length` advances by the new tokens, as the project's model does.
         """
-        batch, seq_len = input_ids.shape
-        kwargs: dict[str, Any] = {}
-        past = 0
+        seq_len = input_ids.shape[1]
+        past, position_ids = cache_and_positions(input_ids, position_ids, document_ids, kv_cache)
+        kwargs: dict[str, Any] = {"use_cache": False}
         if kv_cache is not None:
-            if document_ids is not None:
-                raise ValueError("document_ids (packed rows) cannot be combined with a KV cache")
             from transformers import DynamicCache
 
-            past = kv_cache.length
-            if past + seq_len > kv_cache.max_len:
-                raise ValueError(f"KV cache full: {past} + {seq_len} tokens > max_len {kv_cache.max_len}")
             if past == 0 or getattr(kv_cache, "hf_cache", None) is None:
                 kv_cache.hf_cache = DynamicCache(config=self.base_model.config)
             kwargs = {self._cache_argument: kv_cache.hf_cache, "use_cache": True}
-        else:
-            kwargs = {"use_cache": False}
-        if position_ids is None:
-            position_ids = torch.arange(past, past + seq_len, device=input_ids.device).expand(batch, -1)
         if document_ids is not None:
             kwargs["attention_mask"] = packed_attention_mask(document_ids, self.attn_implementation)
         output = self.model(input_ids=input_ids, position_ids=position_ids, **kwargs)

@@ -165,6 +165,24 @@ def attention_mask(
     return mask
 
 
+def cache_and_positions(
+    input_ids: Tensor, position_ids: Tensor | None, document_ids: Tensor | None, kv_cache: KVCache | None
+) -> tuple[int, Tensor]:
+    """(tokens already in the cache, position ids): positions default to continuing after the cache.
+    Shared by every model with the project's forward signature."""
+    batch, seq_len = input_ids.shape
+    num_past = 0
+    if kv_cache is not None:
+        if document_ids is not None:
+            raise ValueError("document_ids (packed rows) cannot be combined with a KV cache")
+        num_past = kv_cache.length
+        if num_past + seq_len > kv_cache.max_len:
+            raise ValueError(f"KV cache full: {num_past} + {seq_len} tokens > max_len {kv_cache.max_len}")
+    if position_ids is None:
+        position_ids = torch.arange(num_past, num_past + seq_len, device=input_ids.device).expand(batch, -1)
+    return num_past, position_ids
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -237,17 +255,8 @@ class LlamaModel(nn.Module):
         document_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> Tensor:
-        batch, seq_len = input_ids.shape
-        num_past = 0
-        if kv_cache is not None:
-            if document_ids is not None:
-                raise ValueError("document_ids (packed rows) cannot be combined with a KV cache")
-            num_past = kv_cache.length
-            if num_past + seq_len > kv_cache.max_len:
-                raise ValueError(f"KV cache full: {num_past} + {seq_len} tokens > max_len {kv_cache.max_len}")
-        if position_ids is None:
-            positions = torch.arange(num_past, num_past + seq_len, device=input_ids.device)
-            position_ids = positions.expand(batch, -1)
+        seq_len = input_ids.shape[1]
+        num_past, position_ids = cache_and_positions(input_ids, position_ids, document_ids, kv_cache)
         mask = attention_mask(seq_len, num_past, document_ids, input_ids.device)
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
