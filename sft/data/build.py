@@ -95,7 +95,7 @@ def rendered_texts(paths: list[str], fmt: str, encoder: ConversationEncoder) -> 
         for index, item in enumerate(read_conversations(path, fmt)):
             if not isinstance(item, ProtocolError):
                 try:
-                    yield encoder.prepare(item, index)[1].text
+                    yield from (row.rendered.text for row in encoder.prepare(item, index)[1])
                 except ProtocolError:
                     pass
 
@@ -108,6 +108,7 @@ RENDERING_KEYS = (
     "merge_consecutive",
     "strip_content",
     "seed",
+    "turns",
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +23,31 @@ class TemplateError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One function call of an assistant message (OpenAI's `tool_calls` item)."""
+
+    name: str
+    arguments: dict[str, Any]  # an object, as transformers' templates expect (never a JSON string)
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     role: str  # one of ROLES after normalization
     content: str
     train: bool = True  # False excludes this (assistant) message from the loss
+    reasoning: str | None = None  # an assistant's reasoning (`reasoning_content`, `thinking`)
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's function calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None  # a tool message: the function that produced it
+
+
+def message_strings(message: Message) -> list[str]:
+    """Every string of a message that a template may print (for the control-token checks)."""
+    strings = [message.content, message.reasoning or "", message.tool_call_id or "", message.name or ""]
+    for call in message.tool_calls:
+        strings += [call.name, json.dumps(call.arguments, ensure_ascii=False), call.id or ""]
+    return strings
 
 
 @dataclass(slots=True)
@@ -35,7 +57,8 @@ class Conversation:
     messages: list[Message]
     source: str = "<memory>"  # file name
     line: int = 0  # 1-based line (JSONL) or element index + 1 (JSON array)
-    tools: list[Any] | None = None  # reaches Jinja templates as `tools`
+    tools: list[Any] | None = None  # reaches templates as `tools`
+    variables: dict[str, Any] = field(default_factory=dict)  # per-record template variables
 
     @property
     def where(self) -> str:
@@ -48,6 +71,9 @@ class RenderedChat:
 
     text: str
     assistant_spans: list[tuple[int, int]]  # sorted, disjoint; one per trained assistant message
+    # Character positions where the text as rendered at inference ends (generation prompts, final turns):
+    # their encodings must be prefixes of the row's encoding, or the row is split (see protocol.turns).
+    boundaries: tuple[int, ...] = field(default=(), compare=False)
 
 
 @dataclass(slots=True)
@@ -63,6 +89,7 @@ class ProtocolConfig:
     special_in_content: str = "reject"  # reject | allow
     max_seq_len: int = 2048
     truncation: str = "right"  # right | drop | turns
+    turns: str = "auto"  # auto: one row when exact, else one per trained turn | whole | per_turn
     on_error: str = "raise"  # raise | skip
     seed: int = 0
 
@@ -71,6 +98,7 @@ class ProtocolConfig:
             "mask": ("all_assistant", "last_turn", "all_tokens"),
             "special_in_content": ("reject", "allow"),
             "truncation": ("right", "drop", "turns"),
+            "turns": ("auto", "whole", "per_turn"),
             "on_error": ("raise", "skip"),
         }
         for key, allowed in choices.items():

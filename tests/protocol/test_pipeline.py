@@ -246,7 +246,8 @@ def test_read_conversations_yields_conversations_and_located_errors(tmp_path):
 
 
 def test_a_template_error_found_on_a_line_names_it_and_is_never_skipped(tmp_path, tokenizer):
-    # Renders a non-final "magic" message differently: prefix-stable on the probe, not on this line.
+    # Renders a non-final "magic" message differently: fine on the probe; on this line the final turn
+    # does not extend its generation prompt.
     source = (
         "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}"
         "{{ m.content if loop.last or m.content != 'magic' else 'MAGIC' }}{{ '<|im_end|>\\n' }}{% endfor %}"
@@ -256,7 +257,10 @@ def test_a_template_error_found_on_a_line_names_it_and_is_never_skipped(tmp_path
     check_template(template)
     path = write_jsonl(tmp_path / "a.jsonl", chat("Hi", "Hello!"), chat("magic", "Hello!"))
     encoder = ConversationEncoder(tokenizer, template, ProtocolConfig(on_error="skip"))
-    with pytest.raises(TemplateError, match=rf"^{re.escape(path)}:2: chat template is not prefix-stable"):
+    expected = (
+        rf"^{re.escape(path)}:2: chat template template.source: assistant message 2 has no inference-exact"
+    )
+    with pytest.raises(TemplateError, match=expected):
         list(encoder.encode_file(path, "auto", Accounting()))
 
 

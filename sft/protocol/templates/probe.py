@@ -1,0 +1,128 @@
+"""The start-up probe: render a conversation with a distinct sentinel in every message (system prompt,
+several turns, an untrained turn, reasoning, a tool call and its result, tools) and refuse a template
+whose trained text would be wrong, before any data is read.
+
+A template may not render some kinds of message at all (Gemma 1/2 refuse a system role, Phi-3.5 drops tool
+messages, Llama 3 has no reasoning): conversations holding one are refused one by one while preparing
+(counted), so the probe drops that kind and tries again; `probe_report` says which kinds were dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sft.protocol.templates.base import ChatTemplate
+from sft.protocol.types import Message, ProtocolError, RenderedChat, TemplateError, ToolCall
+
+PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "probe_lookup_5a4c",
+            "description": "probe-tool-description-e2d1",
+            "parameters": {
+                "type": "object",
+                "properties": {"query": {"type": "string"}},
+                "required": ["query"],
+            },
+        },
+    }
+]
+_SYSTEM = [Message("system", "probe-system-7f3a")]
+_TURNS = [
+    Message("user", "probe-user-1-2b9c"),
+    Message("assistant", "probe-assistant-1-5e1d"),
+    Message("user", "probe-user-2-9a07"),
+    Message("assistant", "probe-assistant-2-c3f8", train=False),
+    Message("user", "probe-user-3-41e6"),
+]
+_CALL = ToolCall("probe_lookup_5a4c", {"query": "probe-argument-77b0"}, id="call_probe_1")
+_TOOL_RESULT = Message("tool", "probe-tool-1-8b3e", tool_call_id="call_probe_1", name="probe_lookup_5a4c")
+
+# The kinds of message the probe includes, dropped in this order while the template refuses them.
+KINDS = ("system", "tool", "reasoning")
+
+
+def _probe(kinds: tuple[str, ...]) -> list[Message]:
+    def reasoning(text: str) -> str | None:
+        return text if "reasoning" in kinds else None
+
+    messages = (_SYSTEM if "system" in kinds else []) + _TURNS
+    if "tool" in kinds:
+        calling = Message("assistant", "", reasoning=reasoning("probe-reasoning-1-a9e3"), tool_calls=(_CALL,))
+        messages += [calling, _TOOL_RESULT]
+    return messages + [
+        Message("assistant", "probe-assistant-3-d852", reasoning=reasoning("probe-reasoning-2-4c70"))
+    ]
+
+
+def probe_conversation(template: ChatTemplate) -> tuple[list[Message], list[Any] | None, list[str]]:
+    """(messages, tools, kinds the template does not render): the richest probe the template accepts. A
+    kind is dropped when the template loses it, or (a template that raises) in the order of KINDS."""
+    kinds, dropped = list(KINDS), []
+    while True:
+        messages = _probe(tuple(kinds))
+        tools = PROBE_TOOLS if "tool" in kinds else None
+        try:
+            if "tool" in kinds and not template.supports_tool_role:
+                raise ProtocolError("template_rejected", "the template refuses a tool turn")
+            template.render_rows(messages, tools)
+            return messages, tools, dropped
+        except ProtocolError as error:
+            kind = getattr(error, "kind", None)
+            kind = kind if kind in kinds else (kinds[0] if kinds else None)
+            if kind is None:
+                raise TemplateError(
+                    f"template {template.name!r} cannot render the probe conversation: {error}"
+                ) from error
+            dropped.append(kind)
+            kinds.remove(kind)
+
+
+def probe_messages(template: ChatTemplate) -> list[Message]:
+    return probe_conversation(template)[0]
+
+
+def check_template(template: ChatTemplate) -> list[str]:
+    """Render the probe and raise TemplateError, naming the message, unless in every row each trained span
+    holds exactly its own message (content, reasoning, calls) and ends with an end-of-turn marker, and no
+    message is shown twice. Returns the kinds of message the template does not render."""
+    messages, tools, dropped = probe_conversation(template)
+    rows = template.render_rows(messages, tools)
+    trained = [i for i, m in enumerate(messages) if m.role == "assistant" and m.train]
+    if sum(len(row.assistant_spans) for row in rows) != len(trained):
+        raise TemplateError(
+            f"template {template.name!r}: {sum(len(row.assistant_spans) for row in rows)} trained spans for "
+            f"{len(trained)} trained assistant messages of the probe"
+        )
+    spans = [(row, span) for row in rows for span in row.assistant_spans]
+    for index, (row, (start, end)) in zip(trained, spans, strict=True):
+        _check_row(template, messages, index, row, start, end)
+    return dropped
+
+
+def _sentinels(message: Message) -> list[str]:
+    return [text for text in (message.content, message.reasoning) if text]
+
+
+def _check_row(
+    template: ChatTemplate, messages: list[Message], index: int, row: RenderedChat, start: int, end: int
+) -> None:
+    text, span_text = row.text, row.text[start:end]
+
+    def fail(at: int, problem: str) -> TemplateError:
+        message = messages[at]
+        return TemplateError(
+            f"template {template.name!r} fails the start-up probe at message {at} ({message.role}, "
+            f"content {message.content!r}): {problem}. Rendered probe: {text!r}"
+        )
+
+    for at, message in enumerate(messages):
+        count = text.count(message.content) if message.content else 0
+        if count > 1:
+            raise fail(at, f"rendered {count} times")
+    inside = [s for m in messages for s in _sentinels(m) if s in span_text]
+    if inside != _sentinels(messages[index]):
+        raise fail(index, f"its trained span {span_text!r} holds {inside}, not exactly its own message")
+    if not any(span_text.endswith(marker) for marker in template.eot_markers):
+        raise fail(index, f"its trained span {span_text!r} does not end with an end-of-turn marker")
