@@ -6,13 +6,21 @@ the caller prefixes the record's file:line (`RawRecord.where`, `Conversation.whe
 written; aliases are resolved and conversations validated in `normalize_conversations`.
 
 Record formats (detected per record, or forced with `fmt`):
-- messages: `{"messages" | "conversations": [{"role", "content"}, ...]}`; content is a string or a list
-  of parts `{"type": "text" | "reasoning" | "tool_call", "text" | "value": str}`.
-- sharegpt: `{"conversations": [{"from", "value"}, ...]}`.
+- messages: `{"messages" | "conversations": [{"role", "content"}, ...]}` in the schema of today's APIs:
+  content is a string, null (beside tool calls or reasoning) or a list of parts
+  `{"type": "text" | "reasoning" | "tool_call", "text" | "value": str}`; an assistant message may carry
+  `reasoning_content` (or `reasoning`, `thinking`) and `tool_calls`
+  (`[{"type": "function", "id"?, "function": {"name", "arguments"}}]`, arguments an object or a JSON
+  string of one; stored as an object); a tool message `tool_call_id` and `name`. A `tool_call` part holds
+  `{"name", "arguments"}` JSON, as LLaMA-Factory writes it.
+- sharegpt: `{"conversations": [{"from", "value"}, ...]}`; `function_call` turns hold `{"name",
+  "arguments"}` JSON (or a list of them) and become an assistant message with those calls;
+  `observation` turns become tool results.
 Both read the same way: either message spelling, and a top-level `"system"` string as a first message.
 - alpaca: `{"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}`.
 - prompt_completion: `{"prompt", "completion"}`, each a string or a list of messages.
-Any record may carry `tools` (a list, or a JSON string of one). A message with `"train": false` or
+Any record may carry `tools` (a list, or a JSON string of one), and template variables: `enable_thinking`,
+`reasoning_effort`, and any others in `chat_template_kwargs`. A message with `"train": false` or
 `"weight": 0` is excluded from the loss.
 """
 
@@ -24,16 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sft.protocol.types import Conversation, Message, ProtocolError
+from sft.protocol.types import Conversation, Message, ProtocolError, ToolCall
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
-
-# How each content part type is rendered into the message's text (prefix, suffix).
-_PART_AFFIXES = {
-    "text": ("", ""),
-    "reasoning": ("<think>\n", "\n</think>\n\n"),
-    "tool_call": ("<tool_call>\n", "\n</tool_call>"),
-}
+PART_TYPES = ("text", "reasoning", "tool_call")
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # the first present wins, as in transformers
+TEMPLATE_VARIABLES = ("enable_thinking", "reasoning_effort")  # record keys passed to the template
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +151,18 @@ def record_to_conversation(
             'alpaca {"instruction", "output"}, prompt_completion {"prompt", "completion"}',
         )
     messages = _PARSERS[record_format](data)
-    return Conversation(messages, source=source, line=line, tools=_parse_tools(data.get("tools")))
+    return Conversation(
+        messages, source=source, line=line, tools=_parse_tools(data.get("tools")), variables=_variables(data)
+    )
+
+
+def _variables(data: dict[str, Any]) -> dict[str, Any]:
+    """Per-record template variables: `chat_template_kwargs` (vLLM's name) and the keys of
+    TEMPLATE_VARIABLES given at the top level."""
+    variables = data.get("chat_template_kwargs") or {}
+    if not isinstance(variables, dict):
+        raise _wrong_type("'chat_template_kwargs'", "an object", variables)
+    return {**variables, **{key: data[key] for key in TEMPLATE_VARIABLES if data.get(key) is not None}}
 
 
 def _parse_chat(data: dict[str, Any]) -> list[Message]:
@@ -198,41 +213,111 @@ def _parse_messages(turns: list[Any], key: str) -> list[Message]:
 def _parse_message(turn: Any, name: str) -> Message:
     if not isinstance(turn, dict):
         raise _wrong_type(name, "an object", turn)
-    if "tool_calls" in turn:  # OpenAI's message-level calls: refuse rather than silently drop them
-        raise ProtocolError(
-            "unsupported_field",
-            f"{name} has 'tool_calls'; write each call as a content part "
-            '{"type": "tool_call", "value": "..."} instead',
-        )
     role_key, content_key = ("role", "content") if "role" in turn else ("from", "value")
     role = _require(turn, role_key, str, name)
-    content = _content_text(_require(turn, content_key, (str, list), name), name)
-    return Message(role, content, train=_is_trained(turn, name))
+    if role == "function_call":  # LLaMA-Factory's ShareGPT: the value holds the call(s) as JSON
+        calls = _parse_call_json(_require(turn, content_key, str, name), name)
+        return Message("assistant", "", train=_is_trained(turn, name), tool_calls=calls)
+    content = turn.get(content_key)
+    if content is not None or not (turn.get("tool_calls") or _reasoning(turn, name) is not None):
+        _require(turn, content_key, (str, list), name)  # null or absent only beside calls or reasoning
+    text, part_reasoning, part_calls = _content_parts(content or "", name)
+    reasoning = _reasoning(turn, name)
+    if reasoning is not None and part_reasoning is not None:
+        raise ProtocolError(
+            "duplicate_reasoning", f"{name} has reasoning both as a field and as a content part"
+        )
+    return Message(
+        role,
+        text,
+        train=_is_trained(turn, name),
+        reasoning=reasoning if reasoning is not None else part_reasoning,
+        tool_calls=_parse_tool_calls(turn.get("tool_calls"), name) + part_calls,
+        tool_call_id=_optional_string(turn, "tool_call_id", name),
+        name=_optional_string(turn, "name", name),
+    )
 
 
-def _content_text(content: str | list[Any], name: str) -> str:
-    """A message's text: a string as is, or its parts joined in order (tool calls one per line)."""
+def _reasoning(turn: dict[str, Any], name: str) -> str | None:
+    key = next((key for key in REASONING_KEYS if turn.get(key) is not None), None)
+    return None if key is None else _require(turn, key, str, name)
+
+
+def _optional_string(turn: dict[str, Any], key: str, name: str) -> str | None:
+    return None if turn.get(key) is None else _require(turn, key, str, name)
+
+
+def _content_parts(content: str | list[Any], name: str) -> tuple[str, str | None, tuple[ToolCall, ...]]:
+    """(text, reasoning, calls) of a message's content: a string as is, or its parts: text parts joined
+    in order, reasoning parts joined, `tool_call` parts as calls."""
     if isinstance(content, str):
-        return content
-    pieces = []
-    previous_type = None
+        return content, None, ()
+    texts, reasoning, calls = [], [], []
     for number, part in enumerate(content, start=1):
         part_name = f"{name} content part {number}"
         if not isinstance(part, dict):
             raise _wrong_type(part_name, "an object", part)
         part_type = part.get("type")
-        if part_type not in _PART_AFFIXES:
+        if part_type not in PART_TYPES:
             raise ProtocolError(
                 "unknown_content_part",
-                f"{part_name} has type {part_type!r}; known part types: {sorted(_PART_AFFIXES)}",
+                f"{part_name} has type {part_type!r}; known part types: {sorted(PART_TYPES)}",
             )
         value = _require(part, "text" if "text" in part else "value", str, part_name)
-        if part_type == previous_type == "tool_call":
-            pieces.append("\n")
-        prefix, suffix = _PART_AFFIXES[part_type]
-        pieces.append(prefix + value + suffix)
-        previous_type = part_type
-    return "".join(pieces)
+        if part_type == "tool_call":
+            calls += _parse_call_json(value, part_name)
+        else:
+            (texts if part_type == "text" else reasoning).append(value)
+    return "".join(texts), "\n".join(reasoning) if reasoning else None, tuple(calls)
+
+
+def _parse_call_json(value: str, name: str) -> tuple[ToolCall, ...]:
+    """`{"name", "arguments"}` JSON, or a list of such objects (LLaMA-Factory's function_call value)."""
+    try:
+        parsed = json.loads(value)
+    except (ValueError, RecursionError) as error:
+        raise ProtocolError("invalid_tool_call", f"{name} is not JSON of a call ({error})") from None
+    return _parse_tool_calls(parsed if isinstance(parsed, list) else [parsed], name)
+
+
+def _parse_tool_calls(calls: Any, name: str) -> tuple[ToolCall, ...]:
+    """OpenAI's `tool_calls` (`{"function": {"name", "arguments"}}`) or flat `{"name", "arguments"}`
+    items; arguments an object, a JSON string of one, or absent (no arguments)."""
+    if calls is None:
+        return ()
+    if not isinstance(calls, list):
+        raise _wrong_type(f"{name} 'tool_calls'", "a list", calls)
+    parsed = []
+    for number, call in enumerate(calls, start=1):
+        call_name = f"{name} tool call {number}"
+        if not isinstance(call, dict):
+            raise _wrong_type(call_name, "an object", call)
+        function = call.get("function", call)
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not function["name"]
+        ):
+            raise ProtocolError("invalid_tool_call", f"{call_name} has no function name")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except (ValueError, RecursionError) as error:
+                raise ProtocolError(
+                    "invalid_tool_call", f"{call_name} ({function['name']}): arguments are not JSON ({error})"
+                ) from None
+        if not isinstance(arguments, dict):
+            raise ProtocolError(
+                "invalid_tool_call",
+                f"{call_name} ({function['name']}): arguments must be a JSON object, got "
+                f"{type(arguments).__name__}",
+            )
+        call_id = call.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise _wrong_type(f"{call_name} 'id'", "a string", call_id)
+        parsed.append(ToolCall(function["name"], arguments, call_id))
+    return tuple(parsed)
 
 
 def _is_trained(turn: dict[str, Any], name: str) -> bool:

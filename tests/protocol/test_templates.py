@@ -394,15 +394,18 @@ def test_a_turn_left_open_for_its_tool_result_is_trained_as_inference_closes_it(
     assert rows[1].text.endswith("<|im_start|>assistant\nprobe_lookup_5a4c<|im_end|>\n")
 
 
-def test_probe_catches_a_generation_tag_around_the_header():
+def test_a_generation_tag_around_more_than_the_target_trains_the_target():
+    # As TRL's *_training.jinja do: the header (or a prefilled <think>) and the newline after the marker
+    # inside the tags. Inference gives the model the header, so only the reply through the marker trains.
     source = (
         "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}"
-        "{{ '<|im_start|>assistant\\n' + m.content + '<|im_end|>' }}{% endgeneration %}"
-        "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>' }}{% endif %}{{ '\\n' }}"
+        "{{ '<|im_start|>assistant\\n' + m.content + '<|im_end|>\\n' }}{% endgeneration %}"
+        "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
-    error = probe_error(source)
-    assert "assistant message 3: its {% generation %} block ('<|im_start|>assistant\\nprobe" in error
+    template = JinjaTemplate(source, eot="<|im_end|>")
+    check_template(template)
+    assert span_texts(template.render(NO_TOOL)) == ["Hello!<|im_end|>", "Let me check.<|im_end|>"]
 
 
 def test_probe_catches_a_generation_tag_without_the_eot():
@@ -410,7 +413,7 @@ def test_probe_catches_a_generation_tag_without_the_eot():
         "{% generation %}{{ m.content + '<|im_end|>' }}{% endgeneration %}",
         "{% generation %}{{ m.content }}{% endgeneration %}<|im_end|>",
     )
-    assert "its {% generation %} block ('probe-assistant-1-5e1d') is not what" in probe_error(source)
+    assert "no {% generation %} block covers what the model generates" in probe_error(source)
 
 
 def test_probe_catches_a_wrong_eot():

@@ -21,7 +21,7 @@ from jinja2 import nodes
 from sft.protocol.templates import sandbox
 from sft.protocol.templates.base import ChatTemplate
 from sft.protocol.templates.turns import inference_rows
-from sft.protocol.types import Message, ProtocolError, RenderedChat, TemplateError, message_strings
+from sft.protocol.types import Message, ProtocolError, RenderedChat, TemplateError, ToolCall, message_strings
 
 DEFAULT_DATE = "2026-01-01"  # what `strftime_now` returns unless template.date says otherwise
 
@@ -133,8 +133,16 @@ class JinjaTemplate(ChatTemplate):
         return not self._renders(["user", "user", "assistant"])
 
     def _renders(self, roles: list[str]) -> bool:
+        """Whether the template renders these roles (an assistant before a tool message makes a call)."""
+        call = (ToolCall("check", {}, id="call_check"),)
+        messages = [
+            Message(role, f"{role} {i}", tool_calls=call if roles[i + 1 : i + 2] == ["tool"] else ())
+            if role == "assistant"
+            else Message(role, f"{role} {i}", tool_call_id="call_check" if role == "tool" else None)
+            for i, role in enumerate(roles)
+        ]
         try:
-            self.render_blocks([Message(role, f"{role} {i}") for i, role in enumerate(roles)])
+            self.render_blocks(messages)
         except ProtocolError:
             return False
         return True
@@ -204,7 +212,16 @@ class JinjaTemplate(ChatTemplate):
                 f"chat template {self.origin} {reason} ({type(error).__name__}: {error}); "
                 "it is refused (the sandbox bounds time, size, ranges and attribute access)"
             ) from error
-        except jinja2.TemplateError as error:
+        except (
+            jinja2.TemplateError,
+            TypeError,
+            ValueError,
+            LookupError,
+            AttributeError,
+            ArithmeticError,
+        ) as error:
+            # raise_exception, or a template that cannot handle this conversation's values (e.g. it joins
+            # a call's arguments as a string): a problem of this record
             raise ProtocolError(
                 "template_rejected", f"the chat template refused this conversation: {error}"
             ) from error

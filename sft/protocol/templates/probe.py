@@ -9,6 +9,7 @@ messages, Llama 3 has no reasoning): conversations holding one are refused one b
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from sft.protocol.templates.base import ChatTemplate
@@ -43,40 +44,56 @@ _TOOL_RESULT = Message("tool", "probe-tool-1-8b3e", tool_call_id="call_probe_1",
 KINDS = ("system", "tool", "reasoning")
 
 
-def _probe(kinds: tuple[str, ...]) -> list[Message]:
+def _probe(kinds: list[str], call_reasoning: bool) -> list[Message]:
     def reasoning(text: str) -> str | None:
         return text if "reasoning" in kinds else None
 
-    messages = (_SYSTEM if "system" in kinds else []) + _TURNS
+    turns = [
+        replace(m, reasoning=reasoning(f"probe-reasoning-{i}-3b1f")) if m.role == "assistant" else m
+        for i, m in enumerate(_TURNS)
+    ]
+    messages = (_SYSTEM if "system" in kinds else []) + turns
     if "tool" in kinds:
-        calling = Message("assistant", "", reasoning=reasoning("probe-reasoning-1-a9e3"), tool_calls=(_CALL,))
-        messages += [calling, _TOOL_RESULT]
+        call_thought = reasoning("probe-reasoning-call-a9e3") if call_reasoning else None
+        messages += [Message("assistant", "", reasoning=call_thought, tool_calls=(_CALL,)), _TOOL_RESULT]
     return messages + [
         Message("assistant", "probe-assistant-3-d852", reasoning=reasoning("probe-reasoning-2-4c70"))
     ]
 
 
+def template_label(template: ChatTemplate) -> str:
+    return getattr(template, "origin", template.name)
+
+
 def probe_conversation(template: ChatTemplate) -> tuple[list[Message], list[Any] | None, list[str]]:
     """(messages, tools, kinds the template does not render): the richest probe the template accepts. A
-    kind is dropped when the template loses it, or (a template that raises) in the order of KINDS."""
+    kind is dropped when the template loses it, or (a template that raises) in the order of KINDS. A call
+    is tried with reasoning and without: thinking templates such as Nemotron's need it on every turn, and
+    GPT-OSS drops it from history once an answer follows (those conversations are refused one by one)."""
     kinds, dropped = list(KINDS), []
     while True:
-        messages = _probe(tuple(kinds))
         tools = PROBE_TOOLS if "tool" in kinds else None
-        try:
-            if "tool" in kinds and not template.supports_tool_role:
-                raise ProtocolError("template_rejected", "the template refuses a tool turn")
-            template.render_rows(messages, tools)
-            return messages, tools, dropped
-        except ProtocolError as error:
-            kind = getattr(error, "kind", None)
-            kind = kind if kind in kinds else (kinds[0] if kinds else None)
-            if kind is None:
-                raise TemplateError(
-                    f"template {template.name!r} cannot render the probe conversation: {error}"
-                ) from error
-            dropped.append(kind)
-            kinds.remove(kind)
+        error = None
+        for call_reasoning in (True, False):
+            messages = _probe(kinds, call_reasoning)
+            try:
+                if "tool" in kinds and not template.supports_tool_role:
+                    error = ProtocolError("template_rejected", "the template refuses a tool turn")
+                    error.kind = "tool"
+                    break
+                template.render_rows(messages, tools)
+                return messages, tools, dropped
+            except ProtocolError as refused:
+                error = refused
+        kind = getattr(error, "kind", None)
+        if kind is None and error.reason != "no_inference_target":  # raised by the template: guess
+            kind = kinds[0] if kinds else None
+        if kind not in kinds:
+            raise TemplateError(
+                f"template {template_label(template)} cannot train even the start-up probe exactly: {error}"
+            ) from error
+        dropped.append(kind)
+        kinds.remove(kind)
 
 
 def probe_messages(template: ChatTemplate) -> list[Message]:
@@ -90,10 +107,11 @@ def check_template(template: ChatTemplate) -> list[str]:
     messages, tools, dropped = probe_conversation(template)
     rows = template.render_rows(messages, tools)
     trained = [i for i, m in enumerate(messages) if m.role == "assistant" and m.train]
-    if sum(len(row.assistant_spans) for row in rows) != len(trained):
+    span_count = sum(len(row.assistant_spans) for row in rows)
+    if span_count != len(trained):
         raise TemplateError(
-            f"template {template.name!r}: {sum(len(row.assistant_spans) for row in rows)} trained spans for "
-            f"{len(trained)} trained assistant messages of the probe"
+            f"template {template_label(template)}: {span_count} trained spans for {len(trained)} trained "
+            "assistant messages of the probe"
         )
     spans = [(row, span) for row in rows for span in row.assistant_spans]
     for index, (row, (start, end)) in zip(trained, spans, strict=True):
@@ -113,7 +131,7 @@ def _check_row(
     def fail(at: int, problem: str) -> TemplateError:
         message = messages[at]
         return TemplateError(
-            f"template {template.name!r} fails the start-up probe at message {at} ({message.role}, "
+            f"template {template_label(template)} fails the start-up probe at message {at} ({message.role}, "
             f"content {message.content!r}): {problem}. Rendered probe: {text!r}"
         )
 

@@ -62,7 +62,10 @@ def final_turn_target(
     tools: list[Any] | None,
     variables: Mapping[str, Any] | None,
 ) -> Target:
-    """Turn k's inference target, checked: F_k extends P_k, an eot closes it, it shows the message."""
+    """Turn k's inference target, checked: F_k extends P_k, an eot closes it, it shows the message.
+    ProtocolError when this conversation cannot be trained as written (the template drops part of the
+    message, or this turn's text does not extend its generation prompt); TemplateError when no
+    conversation can be (no end-of-turn marker, tags around the wrong text)."""
     prompt, _ = template.render_blocks(messages[:k], tools, True, variables)
     text, blocks = template.render_blocks(messages[: k + 1], tools, False, variables)
     name = f"chat template {template.origin}"
@@ -71,13 +74,16 @@ def final_turn_target(
     if lost is not None:
         raise lost
     if differ < len(prompt):
-        raise TemplateError(
+        error = ProtocolError(
+            "no_inference_target",
             f"{name}: assistant message {k + 1} has no inference-exact target: the conversation through it "
             f"renders {text[max(0, differ - 30) : differ + 30]!r} where the generation prompt has "
             f"{prompt[max(0, differ - 30) : differ + 30]!r} (char {differ}), so the text it would be trained "
             "on is not what the model generates after that prompt (e.g. a template that prefills <think> "
-            "and then renders the final turn without its reasoning)"
+            "and renders the turn without it, or prefills an empty reasoning block and renders reasoning)",
         )
+        error.kind = "reasoning" if messages[k].reasoning is not None else None
+        raise error
     start = len(prompt)
     ends = [
         text.rfind(marker, start) + len(marker) for marker in template.eot_markers if marker in text[start:]
@@ -96,15 +102,16 @@ def final_turn_target(
 def _check_generation_block(
     name: str, k: int, text: str, blocks: list[tuple[int, int]], start: int, end: int
 ) -> None:
-    """The final turn's {% generation %} block must be the target, optionally followed by whitespace (TRL's
-    *_training.jinja wrap the newline after the marker; the span ends at the marker)."""
-    block = blocks[-1] if blocks else None
-    if block is None or block[0] != start or block[1] < end or text[end : block[1]].strip():
-        shown = "none" if block is None else repr(text[block[0] : block[1]])
+    """Tags must cover the final turn's target: the span is the target whatever else they wrap (TRL's
+    *_training.jinja also wrap the newline after the marker, or the header and a prefilled <think>, which
+    inference gives the model rather than it generating them); a block that cuts the target short means
+    the template expects something else to be generated, and is refused."""
+    if not any(block_start <= start and end <= block_end for block_start, block_end in blocks):
+        shown = [text[block_start:block_end] for block_start, block_end in blocks[-2:]]
         raise TemplateError(
-            f"{name}: assistant message {k + 1}: its {{% generation %}} block ({shown}) is not what the "
-            f"model generates after the generation prompt ({text[start:end]!r}); tags must wrap exactly "
-            "the assistant's text through its end-of-turn marker"
+            f"{name}: assistant message {k + 1}: no {{% generation %}} block covers what the model "
+            f"generates after the generation prompt ({text[start:end]!r}; the last blocks hold {shown}); "
+            "tags must wrap the assistant's text through its end-of-turn marker"
         )
 
 
@@ -130,14 +137,14 @@ def inference_rows(
     if turns == "per_turn":
         return [RenderedChat(t.text, [(t.start, t.end)]) for t in targets.values()]
     spans = [(t.start, t.end) for t in targets.values()]
-    stable = all(whole.startswith(t.text) for t in targets.values()) and all(
+    stable = all(whole.startswith(t.text[: t.end]) for t in targets.values()) and all(
         previous[1] <= following[0] for previous, following in zip(spans, spans[1:])
     )
     if stable:
-        boundaries = sorted({position for t in targets.values() for position in (t.start, len(t.text))})
+        boundaries = sorted({position for t in targets.values() for position in (t.start, t.end)})
         return [RenderedChat(whole, spans, tuple(boundaries))]
     if turns == "whole":
-        k = next(k for k, t in targets.items() if not whole.startswith(t.text))
+        k = next(k for k, t in targets.items() if not whole.startswith(t.text[: t.end]))
         raise TemplateError(unstable_message(template.origin, k, targets[k].text, whole))
     return [RenderedChat(t.text, [(t.start, t.end)]) for t in targets.values()]
 
