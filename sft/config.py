@@ -43,7 +43,9 @@ class TemplateConfig:
     name: str  # chatml | llama3 | microlm | jinja (sft.protocol.templates.load_template checks the rest)
     path: str | None = None
     source: str | None = None
-    eot: str | None = None
+    eot: str | list[str] | None = None  # one end-of-turn marker or several (GPT-OSS)
+    stop: list[str] = dataclasses.field(default_factory=list)  # generation-stop tokens (default: eot)
+    date: str | None = None  # what strftime_now prints (default: sft.protocol.templates.jinja.DEFAULT_DATE)
     bos_token: str | None = None
     eos_token: str | None = None
     special_tokens: list[str] = dataclasses.field(default_factory=list)

@@ -39,6 +39,8 @@ from sft.protocol.tokenizer import (
 )
 from sft.protocol.types import ProtocolConfig, ProtocolError
 
+SPLIT_ROWS_SHOWN = 10_000  # split rows noted in the manifest (sft-inspect shows the first few)
+
 
 @dataclass
 class PreparedData:
@@ -190,7 +192,10 @@ def build_store(
         StoreWriter(store_dir, vocab_size=encoder.tokenizer.get_vocab_size()) as writer,
     ):
         task = progress.add_task(f"preparing {Path(path).name}", total=size, rows=0, tokens_per_s=0.0)
-        for example in encoder.encode_file(path, fmt, accounting):
+        split_rows = []  # [row, turn, of] for the first rows of split conversations, for sft-inspect
+        for row, example in enumerate(encoder.encode_file(path, fmt, accounting)):
+            if example.split is not None and row < SPLIT_ROWS_SHOWN:
+                split_rows.append([row, *example.split])
             writer.add(example.input_ids, example.labels)
             tokens += len(example.input_ids)
             if accounting.kept % 1000 == 0:
@@ -201,6 +206,7 @@ def build_store(
                 "cache_key": key,
                 "source": str(path),
                 "accounting": accounting.to_dict(),
+                "split_rows": split_rows,
                 "versions": {"protocol": PROTOCOL_VERSION, "parts": parts},
             }
         )

@@ -125,6 +125,7 @@ class EncodedExample:
     input_ids: np.ndarray  # int64
     labels: np.ndarray  # int64, IGNORE_INDEX where not trained
     where: str  # file:line
+    split: tuple[int, int] | None = None  # (turn, of) for a row of a conversation split into per-turn rows
 
 
 def apply_mask_strategy(messages: list[Message], mask: str) -> list[Message]:
@@ -361,6 +362,8 @@ class ConversationEncoder:
             for row, encoding, outcome in zip(rows, encodings, outcomes, strict=True)
         ]
         kept = [example for example in examples if example is not None]
+        for turn, example in enumerate(kept, start=1):
+            example.split = (turn, len(kept))
         if kept:
             accounting.kept += 1
             accounting.truncated += any(outcome.truncated for outcome in outcomes)

@@ -17,6 +17,7 @@ from sft.protocol.templates import (
     probe_conversation,
     probe_messages,
     render_chat_prompt,
+    standalone_config,
 )
 from sft.protocol.types import Message, ProtocolError, TemplateError
 
@@ -535,3 +536,21 @@ def test_chatml_spans_are_exactly_assistant_content_plus_eot(turns):
         for m in messages
     )
     assert outside == expected
+
+
+def test_eot_may_be_a_list_and_stop_tokens_are_their_own_setting():
+    source = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+        "{% if m.role == 'assistant' %}{{ '<|return|>' if loop.last else '<|end|>' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    config = {"name": "jinja", "source": source, "eot": ["<|return|>", "<|end|>"], "stop": ["<|return|>"]}
+    template = load_template(config)
+    assert template.eot_markers == ("<|return|>", "<|end|>") and template.stop_tokens == ("<|return|>",)
+    assert template.eot == "<|return|>" and {"<|return|>", "<|end|>"} <= set(template.special_tokens)
+    check_template(template)
+    rows = template.render_rows(NO_TOOL)  # <|end|> in history, <|return|> as the final turn: split
+    assert [span_texts(row) for row in rows] == [["Hello!<|return|>"], ["Let me check.<|return|>"]]
+    rebuilt = load_template(standalone_config(template))
+    assert rebuilt.fingerprint == template.fingerprint and rebuilt.stop_tokens == ("<|return|>",)
+    assert load_template({**config, "stop": []}).stop_tokens == ("<|return|>", "<|end|>")
