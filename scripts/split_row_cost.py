@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sft.data.prefix_tree import tokens_computed
 from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.pipeline import Accounting, ConversationEncoder, read_conversations
 from sft.protocol.templates import JinjaTemplate
@@ -27,14 +28,6 @@ from sft.protocol.types import Conversation, ProtocolConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CONTROL = re.compile(r"<\|[A-Za-z_]+\|>")
-
-
-def prefix_tree_size(rows: list[np.ndarray]) -> int:
-    """Distinct token prefixes among the rows: the tokens a prefix tree of them holds."""
-    nodes: set[tuple[int, ...]] = set()
-    for ids in rows:
-        nodes.update(tuple(ids[: end + 1]) for end in range(len(ids)))
-    return len(nodes)
 
 
 def main() -> None:
@@ -68,10 +61,10 @@ def main() -> None:
     examples = list(encoder.encode_conversations(conversations, accounting))
     trained = sum(int(np.count_nonzero(e.labels != IGNORE_INDEX)) for e in examples)
     stored = sum(len(e.input_ids) for e in examples)
-    by_conversation: dict[str, list[np.ndarray]] = {}
+    by_conversation: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for example, conversation in zip(examples, _conversation_of(examples), strict=True):
-        by_conversation.setdefault(conversation, []).append(example.input_ids)
-    shared = sum(prefix_tree_size(rows) for rows in by_conversation.values())
+        by_conversation.setdefault(conversation, []).append((example.input_ids, example.labels))
+    shared = sum(tokens_computed(rows)[1] for rows in by_conversation.values())
     normalized = [encoder.prepare(c, index)[0] for index, c in enumerate(conversations)]
     one_row = sum(
         len(tokenizer.encode(template.render_text(c.messages, c.tools), add_special_tokens=False).ids)
