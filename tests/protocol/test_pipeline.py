@@ -326,7 +326,10 @@ def test_a_lone_surrogate_in_a_conversation_from_memory_is_invalid_text(tokenize
 
 
 def test_duplicate_keys_are_noted_without_changing_the_outcome(tmp_path, tokenizer):
-    duplicated = '{"messages": [{"role": "user", "content": "a", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}'
+    duplicated = (
+        '{"messages": [{"role": "user", "content": "a", "content": "Hi"}, '
+        '{"role": "assistant", "content": "Yo"}]}'
+    )
     path = write_jsonl(tmp_path / "a.jsonl", chat("Hi", "Hello!"), duplicated)
     examples, accounting = encode(tokenizer, path)
     assert len(examples) == 2 and accounting.kept == 2 and accounting.noted == {"duplicate_keys": 1}
