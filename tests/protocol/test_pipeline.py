@@ -177,7 +177,7 @@ def linear_drop_oldest_turns(encoder, messages: list[Message]) -> list[int] | No
         messages = messages[:head] + messages[next_user[0] :]
         if not any(m.role == "assistant" and m.train for m in messages):
             return None
-        text = render_chat_prompt(messages, CHATML).text
+        text = render_chat_prompt(messages, encoder.template).text
         ids = encoder.tokenizer.encode(text, add_special_tokens=False).ids
         if len(ids) <= encoder.config.max_seq_len:
             return ids
