@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from sft.protocol.types import ROLES, Conversation, Message, ProtocolConfig, ProtocolError
+from sft.protocol.types import (
+    ROLES,
+    SURROGATE,
+    Conversation,
+    Message,
+    ProtocolConfig,
+    ProtocolError,
+    message_strings,
+)
 
 ROLE_ALIASES = {
     "system": "system",
@@ -54,6 +62,10 @@ def normalize_conversations(
                 "wrong_type",
                 f"message {number} content must be a string, got {type(message.content).__name__}",
             )
+        if any(SURROGATE.search(text) for text in message_strings(message)):  # files are checked when read
+            raise ProtocolError(
+                "invalid_text", f"message {number} holds a lone UTF-16 surrogate, which is not text"
+            )
         role = role_map.get(message.role)
         if role is None:
             raise ProtocolError(
@@ -79,7 +91,9 @@ def normalize_conversations(
     _check_structure(numbered, requires_alternation)
     tools = list(conversation.tools) if conversation.tools is not None else None
     messages = [message for _, message in numbered]
-    return Conversation(messages, conversation.source, conversation.line, tools, dict(conversation.variables))
+    return dataclasses.replace(
+        conversation, messages=messages, tools=tools, variables=dict(conversation.variables)
+    )
 
 
 def _role_map(config: ProtocolConfig) -> dict[str, str]:
