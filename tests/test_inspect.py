@@ -18,7 +18,7 @@ from sft.data.stats import dataset_stats, length_histogram
 from sft.data.store import StoreWriter, TokenStore
 from sft.protocol.labels import build_loss_labels
 from sft.protocol.pipeline import Accounting
-from tests.conftest import make_tokenizer
+from tests.helpers import make_tokenizer
 
 CONVERSATIONS = [
     [("user", "What is two plus two?"), ("assistant", "Four, of course.")],

@@ -14,7 +14,7 @@ from sft.data.build import prepare
 from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.pipeline import DataError
 from sft.protocol.tokenizer import load_tokenizer
-from tests.conftest import make_tokenizer
+from tests.helpers import make_tokenizer
 
 A = [
     {
