@@ -22,8 +22,8 @@ from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback
 from sft.config import ConfigError, validate_config
 from sft.data.datamodule import SFTDataModule
 from sft.evaluate import sample_eval_items
-from sft.loggers import finish_wandb
 from sft.module import SFTModule
+from sft.wandb_logger import finish_wandb
 
 
 def build_logger(
@@ -31,7 +31,7 @@ def build_logger(
 ):
     name = logger_config["name"]
     if name == "csv":
-        from sft.loggers import ResumableCSVLogger
+        from sft.csv_logger import ResumableCSVLogger
 
         return ResumableCSVLogger(run_dir, resume_step)
     if name == "tensorboard":
@@ -39,7 +39,7 @@ def build_logger(
 
         return TensorBoardLogger(save_dir=run_dir, name="", version="")
     if name == "wandb":
-        from sft.loggers import wandb_logger
+        from sft.wandb_logger import wandb_logger
 
         return wandb_logger(logger_config, run_dir, config)
     raise ValueError(f"logger={name!r}: expected csv, tensorboard or wandb")
@@ -148,7 +148,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         items = sample_eval_items(config["seed"], config["data"]["num_val"], config["eval"]["max_items"])
         callbacks.append(ExactMatchCallback(items, config["eval"]["max_new_tokens"]))
     if config["logger"]["name"] == "wandb":
-        from sft.loggers import WandbExtras
+        from sft.wandb_generations import WandbExtras
 
         callbacks.append(WandbExtras(config["logger"]["generations"], config["eval"]["max_new_tokens"]))
     ckpt_path = resume_from(config.get("ckpt_path"), run_dir)
