@@ -5,14 +5,13 @@ Kept apart from sft.checkpoint and sft.evaluate so that chat, eval and export st
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from sft.atomic import atomic_file
 from sft.checkpoint import load_checkpoint
 from sft.evaluate import EvalItem, exact_match_counts
 
@@ -22,17 +21,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     the previous checkpoint (e.g. `last.ckpt`) intact instead of a truncated file that resume would trust."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(temporary, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        with atomic_file(path, "wb") as handle:
+            torch.save(checkpoint, handle)
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
         return load_checkpoint(path)

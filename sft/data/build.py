@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from tokenizers import Tokenizer
 
+from sft.atomic import atomic_file
 from sft.data import sample
 from sft.data.store import StoreWriter, TokenStore, cache_key, is_complete
 from sft.protocol.pipeline import (
@@ -60,12 +61,9 @@ def write_sample(directory: Path, count: int, seed: int, split: str) -> str:
     through exactly the same reader, cache and accounting as a user's files."""
     path = directory / f"sample-{split}-seed{seed}-n{count}.jsonl"
     if not path.is_file():
-        directory.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(temporary, "w", encoding="utf-8") as handle:
+        with atomic_file(path, "w", encoding="utf-8") as handle:
             for record in sample.generate_conversations(count, seed, split):
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(temporary, path)
     return str(path)
 
 
@@ -143,10 +141,8 @@ def build_tokenizer(
                 tokenizer_cfg["vocab_size"],
                 template.special_tokens,
             )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tokenizer.save(str(temporary))
-            os.replace(temporary, path)
+            with atomic_file(path, "w", encoding="utf-8") as handle:
+                handle.write(tokenizer.to_str(pretty=True))  # what Tokenizer.save writes
     else:
         raise ValueError(f"tokenizer.name={tokenizer_cfg['name']!r}: expected 'bpe' or 'file'")
     check_template_tokens(template, tokenizer)
@@ -250,9 +246,10 @@ def _prepare_locked(
 
 
 def export_jsonl(stores: list[TokenStore], path: str | os.PathLike) -> int:
-    """One `{"input_ids", "labels"}` line per kept example, in input order; returns the count."""
+    """One `{"input_ids", "labels"}` line per kept example, in input order; returns the count. The file
+    appears under its name only once complete."""
     count = 0
-    with open(path, "w", encoding="utf-8") as handle:
+    with atomic_file(path, "w", encoding="utf-8") as handle:
         for store in stores:
             for index in range(len(store)):
                 input_ids, labels = store[index]

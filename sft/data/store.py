@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import shutil
 from array import array
 from collections.abc import Mapping, Sequence
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from sft.atomic import publish, sync_directory, sync_file, temporary_sibling
 from sft.protocol.labels import IGNORE_INDEX
 
 FORMAT_VERSION = 1
@@ -62,9 +62,7 @@ class StoreWriter:
     def __init__(self, final_dir: str | os.PathLike[str], vocab_size: int | None = None) -> None:
         self.final_dir = Path(final_dir)
         self.dtype = token_dtype(vocab_size)
-        self.tmp_dir = self.final_dir.with_name(
-            f"{self.final_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        )
+        self.tmp_dir = temporary_sibling(self.final_dir)
         # Offsets are 8 bytes per example in a compact array; ids and labels go straight to the files.
         self._offsets = array("q", [0])
         self._trained_tokens = 0
@@ -118,17 +116,16 @@ class StoreWriter:
         manifest.update(manifest_extra or {})
         try:
             for file in self._files:
-                file.flush()
-                os.fsync(file.fileno())
+                sync_file(file)
                 file.close()
             with open(self.tmp_dir / OFFSETS_FILE, "wb") as file:
                 np.save(file, np.frombuffer(self._offsets, dtype=np.int64))
-                _sync(file)
+                sync_file(file)
             # The manifest goes last: is_complete() reads it first, so it never describes missing arrays.
             with open(self.tmp_dir / MANIFEST, "w") as file:
                 json.dump(manifest, file, indent=2, sort_keys=True)
-                _sync(file)
-            _fsync_dir(self.tmp_dir)
+                sync_file(file)
+            sync_directory(self.tmp_dir)
             self._publish()
         except BaseException:
             self.abort()
@@ -145,14 +142,12 @@ class StoreWriter:
     def _publish(self) -> None:
         """Rename into place, or keep a complete store that another process published first."""
         try:
-            os.rename(self.tmp_dir, self.final_dir)
+            publish(self.tmp_dir, self.final_dir)
         except OSError:
             # rename() refuses a non-empty target: someone else finished first (or left a foreign directory).
             if not is_complete(self.final_dir):
                 raise StoreError(f"{self.final_dir} exists but is not a complete store; delete it and retry")
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
-            return
-        _fsync_dir(self.final_dir.parent)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -161,20 +156,6 @@ class StoreWriter:
             self.close()
         else:
             self.abort()
-
-
-def _sync(file: Any) -> None:
-    file.flush()
-    os.fsync(file.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Directory entries (new files, a rename) are durable only once their directory is synced."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def read_manifest(store_dir: str | os.PathLike[str]) -> dict[str, Any]:
