@@ -11,7 +11,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -19,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback
+from sft.checkpoint import CheckpointError, load_checkpoint
 from sft.config import ConfigError, validate_config
 from sft.data.datamodule import SFTDataModule
 from sft.evaluate import sample_eval_items
@@ -92,7 +92,7 @@ def checkpoint_step(path: str | None) -> int | None:
     """The optimizer step a checkpoint was saved at (memory-mapped: the weights are not read)."""
     if path is None or not Path(path).is_file():
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    return int(load_checkpoint(path, mmap=True)["global_step"])
 
 
 def run_record(checkpoint_dir: Path) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def run_record(checkpoint_dir: Path) -> dict[str, Any]:
     last = checkpoint_dir / "last.ckpt"
     if not last.is_file():
         return {"checkpoint": None, "best_checkpoint": None, "steps": None, "skipped_steps": None}
-    saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    saved = load_checkpoint(last, mmap=True)
     best = sorted(checkpoint_dir.glob("best-step*.ckpt"))  # save_top_k=1: at most one
     return {
         "checkpoint": str(last),
@@ -199,8 +199,8 @@ def main(cfg: DictConfig) -> float | None:
     """Returns the final val/loss: the objective a Hydra sweeper (hydra/sweeper=optuna_lr) minimises."""
     try:
         return train(cfg)["metrics"].get("val/loss")
-    except ConfigError as error:
-        sys.exit(f"sft-train: {error}")  # the user's typo, not a crash: the message without a traceback
+    except (ConfigError, CheckpointError) as error:
+        sys.exit(f"sft-train: {error}")  # the user's typo or file, not a crash: the message, no traceback
 
 
 if __name__ == "__main__":
