@@ -30,3 +30,17 @@ def synced(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     return paths
+
+
+@pytest.fixture
+def files(tmp_path):
+    """sft-prepare's inputs in tmp_path: a.jsonl and b.jsonl (helpers.A, helpers.B), a tokenizer, a cache."""
+    from tests.helpers import A, B, make_tokenizer, write_jsonl
+
+    make_tokenizer().save(str(tmp_path / "tok.json"))
+    return {
+        "a": write_jsonl(tmp_path / "a.jsonl", A),
+        "b": write_jsonl(tmp_path / "b.jsonl", B),
+        "tok": str(tmp_path / "tok.json"),
+        "cache": str(tmp_path / "cache"),
+    }

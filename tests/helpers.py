@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from sft.cli.inspect import BOUNDARY, TRAINED_CLOSE, TRAINED_OPEN
 from sft.evaluate import prompt_ids
 from sft.model.generate import generate
 from sft.module import SFTModule
@@ -39,6 +41,54 @@ def make_tokenizer(special_tokens=ALL_SPECIALS, vocab_size: int = 400, corpus=CO
     from sft.protocol.tokenizer import train_bpe
 
     return train_bpe(corpus, vocab_size=vocab_size, special_tokens=list(special_tokens))
+
+
+# ---- sft-prepare's inputs: records in every supported format, and what chatml renders of them -----------
+
+A = [
+    {
+        "messages": [
+            {"role": "user", "content": "Hello, how are you?"},
+            {"role": "assistant", "content": "Fine."},
+        ]
+    },
+    {"conversations": [{"from": "human", "value": "Sort 3 1 2"}, {"from": "gpt", "value": "1 2 3"}]},
+]
+B = [
+    {"instruction": "Reverse the list", "input": "3 1 2", "output": "2 1 3"},
+    {"prompt": "Ünïcödé 🙂?", "completion": " 中文字符\n\n"},
+    {
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "The quick brown fox?"},
+            {"role": "assistant", "content": "Jumps."},
+            {"role": "user", "content": "Over?"},
+            {"role": "assistant", "content": "The lazy dog."},
+        ]
+    },
+]
+# What chatml renders for each record above, as (role, content) turns.
+TURNS = [
+    [("user", "Hello, how are you?"), ("assistant", "Fine.")],
+    [("user", "Sort 3 1 2"), ("assistant", "1 2 3")],
+    [("user", "Reverse the list\n\n3 1 2"), ("assistant", "2 1 3")],
+    [("user", "Ünïcödé 🙂?"), ("assistant", " 中文字符\n\n")],
+    [(m["role"], m["content"]) for m in B[2]["messages"]],
+]
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+# ---- sft-inspect's output -----------------------------------------------------------------------------
+
+
+def trained_runs(text: str) -> list[str]:
+    return [
+        run.replace(BOUNDARY, "") for run in re.findall(f"{TRAINED_OPEN}(.*?){TRAINED_CLOSE}", text, re.S)
+    ]
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------
