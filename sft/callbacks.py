@@ -17,8 +17,10 @@ from sft.evaluate import EvalItem, exact_match_counts
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary sibling, fsync, then rename over the target: a process killed mid-save leaves
-    the previous checkpoint (e.g. `last.ckpt`) intact instead of a truncated file that resume would trust."""
+    """Checkpoints through sft.atomic and sft.checkpoint. Lightning's stock IO also renames a temporary into
+    place, but never fsyncs (a machine crash can leave `last.ckpt` empty) and first builds the whole file in
+    memory; this one streams into a synced temporary in the same directory. Loading refuses anything but
+    plain tensors and containers, with one clear CheckpointError."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         with atomic_file(path, "wb") as handle:
