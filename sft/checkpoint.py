@@ -38,8 +38,8 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     except Exception as error:  # a broken zip or pickle fails anywhere in torch's reader, with any type
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: truncated or corrupt, not a readable checkpoint ({reason})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path}: not a training checkpoint (no state_dict)")
+    if not isinstance(checkpoint, dict):  # Lightning's own files (e.g. ddp_spawn's) may lack a state_dict
+        raise CheckpointError(f"{path}: not a training checkpoint (a {type(checkpoint).__name__})")
     return checkpoint
 
 
@@ -71,7 +71,7 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu") -> Inferenc
     checkpoint = load_checkpoint(path)
     saved = checkpoint.get("sft") or {}
     model_config = (checkpoint.get("hyper_parameters") or {}).get("model_config")
-    if not saved.get("tokenizer") or not model_config:
+    if not saved.get("tokenizer") or not model_config or "state_dict" not in checkpoint:
         raise CheckpointError(
             f"{path}: not an sft-train checkpoint (no saved model config, tokenizer and template)"
         )

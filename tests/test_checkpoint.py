@@ -36,7 +36,7 @@ def broken_file(kind: str, directory: Path, good: Path) -> Path:
     elif kind == "directory":
         path.mkdir()
     elif kind == "not_a_checkpoint":
-        torch.save({"weights": torch.ones(2)}, path)
+        torch.save([torch.ones(2)], path)
     return path  # "missing": never written
 
 
@@ -69,7 +69,7 @@ def test_each_bad_file_is_one_clear_error(kind, tmp_path, good_checkpoint):
 
 def test_a_foreign_training_checkpoint_is_named_as_such(tmp_path):
     path = tmp_path / "other.ckpt"
-    torch.save({"state_dict": {"layer.weight": torch.ones(2)}, "hyper_parameters": {}}, path)
+    torch.save({"weights": torch.ones(2)}, path)
     with pytest.raises(CheckpointError, match=f"^{path}: not an sft-train checkpoint"):
         load_for_inference(path)
 
