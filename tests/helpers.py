@@ -82,6 +82,25 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
+def run_prepare(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "sft.prepare", f"hydra.run.dir={tmp_path / 'run'}", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+
+
+def contract(files, tmp_path, *extra: str) -> list[str]:
+    return [
+        f"data.train=[{files['a']},{files['b']}]",
+        "tokenizer=file",
+        f"tokenizer.path={files['tok']}",
+        "template=chatml",
+        "protocol.system_prompt=null",
+        "protocol.max_seq_len=4096",
+        f"data.cache_dir={files['cache']}",
+        f"export={tmp_path / 'out.jsonl'}",
+        *extra,
+    ]
+
+
 # ---- sft-inspect's output -----------------------------------------------------------------------------
 
 

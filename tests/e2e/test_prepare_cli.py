@@ -4,14 +4,12 @@ a Jinja file renders as the builtin does, a bad line fails naming file and line 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.tokenizer import load_tokenizer
-from tests.helpers import TURNS
+from tests.helpers import TURNS, contract, run_prepare
 
 pytestmark = pytest.mark.slow
 
@@ -35,25 +33,6 @@ def expected_example(tokenizer, turns: list[tuple[str, str]]) -> dict:
         for token, (a, b) in zip(encoding.ids, encoding.offsets, strict=True)
     ]
     return {"input_ids": encoding.ids, "labels": labels}
-
-
-def run_prepare(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "sft.prepare", f"hydra.run.dir={tmp_path / 'run'}", *overrides]
-    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
-
-
-def contract(files, tmp_path, *extra: str) -> list[str]:
-    return [
-        f"data.train=[{files['a']},{files['b']}]",
-        "tokenizer=file",
-        f"tokenizer.path={files['tok']}",
-        "template=chatml",
-        "protocol.system_prompt=null",
-        "protocol.max_seq_len=4096",
-        f"data.cache_dir={files['cache']}",
-        f"export={tmp_path / 'out.jsonl'}",
-        *extra,
-    ]
 
 
 def test_contract_command_exports_examples_in_input_order(files, tmp_path):
