@@ -9,9 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from sft.data.prefix_tree import build_prefix_tree
-from sft.model.llama import rotary_cos_sin
+from sft.model.llama import LlamaConfig, LlamaForCausalLM, rotary_cos_sin
 from sft.protocol.labels import IGNORE_INDEX
-from tests.model.test_llama import tiny_model
+
+
+def tiny_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)  # a large init, so that attention is far from uniform and mask mistakes show
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
 
 
 def hidden_states(

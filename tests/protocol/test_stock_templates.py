@@ -19,7 +19,7 @@ from sft.protocol.pipeline import Accounting, ConversationEncoder, DataError
 from sft.protocol.templates import BUILTINS, JinjaTemplate, check_template
 from sft.protocol.templates.jinja import jinja_message
 from sft.protocol.types import Conversation, Message, ProtocolConfig, TemplateError, ToolCall
-from tests.conftest import CORPUS, make_tokenizer
+from tests.helpers import CORPUS, make_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("trl")
