@@ -82,9 +82,10 @@ class HardwareConfig:
     accelerator: str
     devices: int | str | list[int] = 1
     num_nodes: int = 1
-    strategy: str | dict[str, Any] = "auto"  # a Lightning strategy name, or a `_target_` mapping
-    precision: str | int = "32-true"
-    peak_flops: float = 0.0
+    strategy: str = "auto"  # a Lightning strategy name, or fsdp (FSDP2, sft.hardware)
+    precision: str | int = "32-true"  # a Lightning precision, or auto (sft.hardware.resolve_precision)
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32 on GPUs
+    peak_flops: dict[str, float] = dataclasses.field(default_factory=dict)  # per compute dtype, for MFU
 
 
 @dataclass

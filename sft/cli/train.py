@@ -22,6 +22,7 @@ from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback
 from sft.config import ConfigError, validate_config
 from sft.data.datamodule import SFTDataModule
 from sft.evaluate import sample_eval_items
+from sft.hardware import HardwareError, hardware_callbacks, plan_hardware, trainer_kwargs
 from sft.loggers import finish_wandb
 from sft.module import SFTModule
 
@@ -45,31 +46,12 @@ def build_logger(
     raise ValueError(f"logger={name!r}: expected csv, tensorboard or wandb")
 
 
-def trainer_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-    hardware = config["hardware"]
-    kwargs = {key: hardware[key] for key in ("accelerator", "devices", "num_nodes", "strategy", "precision")}
-    if isinstance(kwargs["strategy"], dict):  # a `_target_` mapping, e.g. conf/hardware/fsdp.yaml
-        kwargs["strategy"] = hydra.utils.instantiate(kwargs["strategy"], _convert_="all")
-    # The datamodule shards every epoch itself (disjoint, resumable); Lightning must not re-wrap its samplers.
-    return {**kwargs, "use_distributed_sampler": False, **config["trainer"]}
-
-
 def cluster_plugins() -> list:
     """Under SLURM, Lightning saves `hpc_ckpt_N.ckpt` in the run directory on SIGUSR1 (sent before the time
     limit, conf/hydra/launcher/slurm.yaml) and requeues the job, which resumes there (see resume_from)."""
     if not SLURMEnvironment.detect():
         return []
     return [SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)]
-
-
-def sweep_safe(kwargs: dict[str, Any], multirun: bool) -> dict[str, Any]:
-    """Under `-m` off SLURM, `strategy=ddp` becomes `ddp_spawn`: Lightning's `ddp` re-launches the command
-    line for each extra process, and a re-launched `sft-train -m ...` (or submitit's local job) would run the
-    whole sweep again. On SLURM, SLURM starts one process per device and nothing is re-launched."""
-    if multirun and kwargs["strategy"] == "ddp" and not SLURMEnvironment.detect():
-        print("strategy=ddp inside a -m sweep: using ddp_spawn (ddp would re-run the sweep in each process)")
-        return {**kwargs, "strategy": "ddp_spawn"}
-    return kwargs
 
 
 def resume_from(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -123,7 +105,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     print(datamodule.prepared.accounting.summary())
     datamodule.setup("fit")  # here too, not only in spawned ranks: the summary reports packing efficiency
     model_config = {**config["model"], "vocab_size": tokenizer.get_vocab_size()}
-    module = SFTModule(model_config, config["optim"], peak_flops=config["hardware"].get("peak_flops", 0.0))
+    hardware = plan_hardware(config["hardware"])
+    print(f"precision: {hardware.precision} ({hardware.precision_reason}); train/mfu against ", end="")
+    print(
+        f"{hardware.peak_flops:.3g} FLOP/s"
+        if hardware.peak_flops
+        else f"nothing (no peak_flops.{hardware.compute_dtype})"
+    )
+    module = SFTModule(model_config, config["optim"], peak_flops=hardware.peak_flops or 0.0)
     module.attach(tokenizer, config["template"])
     tokenizer.save(str(run_dir / "tokenizer.json"))
     (run_dir / "template.json").write_text(json.dumps(config["template"], indent=2))
@@ -157,9 +146,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = L.Trainer(
         default_root_dir=run_dir,
         logger=build_logger(config["logger"], run_dir, config, checkpoint_step(ckpt_path)),
-        callbacks=callbacks,
+        callbacks=[*callbacks, *hardware_callbacks(config["hardware"])],
         plugins=[AtomicCheckpointIO(), *cluster_plugins()],
-        **sweep_safe(trainer_kwargs(config), multirun=HydraConfig.get().mode == RunMode.MULTIRUN),
+        **trainer_kwargs(config, hardware, multirun=HydraConfig.get().mode == RunMode.MULTIRUN),
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -172,6 +161,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "metrics_csv": str(run_dir / "metrics.csv") if config["logger"]["name"] == "csv" else None,
         "metrics": final_metrics(trainer),
         "packing_efficiency": datamodule.packing_efficiency,
+        "hardware": hardware.record(),
         "data": datamodule.prepared.accounting.to_dict(),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -199,7 +189,7 @@ def main(cfg: DictConfig) -> float | None:
     """Returns the final val/loss: the objective a Hydra sweeper (hydra/sweeper=optuna_lr) minimises."""
     try:
         return train(cfg)["metrics"].get("val/loss")
-    except ConfigError as error:
+    except (ConfigError, HardwareError) as error:
         sys.exit(f"sft-train: {error}")  # the user's typo, not a crash: the message without a traceback
 
 

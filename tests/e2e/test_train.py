@@ -35,7 +35,7 @@ def test_a_run_writes_checkpoint_metrics_and_summary(tmp_path, cache_dir):
 def test_two_cpu_processes_match_one_process_over_the_same_global_batch(tmp_path, cache_dir):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     common = ["trainer.max_steps=2", "trainer.val_check_interval=2", "eval.exact_match=false"]
-    train(single, cache_dir, "hardware=cpu", "data.batch_size=4", *common)
+    train(single, cache_dir, "hardware=cpu", "hardware.precision=32-true", "data.batch_size=4", *common)
     train(ddp, cache_dir, "hardware=ddp_cpu", "data.batch_size=2", *common)
     for metric in ("train/loss", "train/grad_norm", "train/trained_tokens"):
         one, two = metric_rows(single, metric), metric_rows(ddp, metric)
@@ -64,7 +64,7 @@ main()
 
 @pytest.mark.parametrize("kill_at", [7, 24], ids=["first-epoch", "second-epoch"])
 def test_kill_and_resume_continues_with_identical_losses(tmp_path, cache_dir, monkeypatch, kill_at):
-    """Checkpoints every 11 steps; an epoch is ~20 steps, so killing at 24 resumes from step 22, in epoch 2."""
+    """Checkpoints every 11 steps; an epoch is ~20 steps: killed at 24, it resumes at step 22, in epoch 2."""
     common = ["trainer.max_steps=28", "trainer.val_check_interval=14", "checkpoint.every_n_train_steps=11"]
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
     train(uninterrupted, cache_dir, *common)

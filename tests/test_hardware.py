@@ -1,0 +1,121 @@
+"""sft.hardware: the precision a run picks (and why), the peak its MFU is measured against, the strategy it
+gets, and what FSDP shards."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from sft.config import validate_config
+from sft.hardware import (
+    HardwareError,
+    ShardedDataParallel,
+    cpu_flags,
+    plan_hardware,
+    shard_unit_classes,
+    trainer_kwargs,
+)
+from sft.model.llama import DecoderLayer, build_model
+
+
+def hardware_section(option: str, *overrides: str) -> dict:
+    with initialize_config_module("sft.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"hardware={option}", *overrides])
+    return validate_config(cfg)
+
+
+def test_auto_precision_is_bf16_exactly_where_the_cpu_flags_say_bf16_is_native():
+    hardware = hardware_section("cpu")["hardware"]
+    assert hardware["precision"] == "auto"
+    for flags in ({"avx512f", "amx_bf16", "amx_tile"}, {"avx512f", "avx512_bf16"}):
+        plan = plan_hardware(hardware, flags)
+        assert plan.precision == "bf16-mixed" and plan.compute_dtype == "bf16"
+        assert (flags & {"amx_bf16", "avx512_bf16"}).pop() in plan.precision_reason
+    plan = plan_hardware(hardware, {"avx2", "avx512f"})
+    assert plan.precision == "32-true" and "no native bf16" in plan.precision_reason
+    assert plan_hardware({**hardware, "precision": "32-true"}, {"amx_bf16"}).precision == "32-true"
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx512_bf16 amx_tile\nbugs\t\t: spectre\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "sse", "avx512_bf16", "amx_tile"}
+    assert cpu_flags(tmp_path / "absent") == set()
+
+
+@pytest.mark.parametrize(
+    "option,overrides,dtype",
+    [
+        ("cpu", ["hardware.precision=32-true"], "fp32"),
+        ("cpu", ["hardware.precision=bf16-mixed"], "bf16"),
+        ("cpu", ["hardware.precision=16-mixed"], "bf16"),  # Lightning runs fp16 autocast as bf16 on a CPU
+        ("cpu_bf16", [], "bf16"),
+        ("fsdp_cpu", [], "fp32"),
+        ("gpu", [], "tf32"),  # fp32 weights, TF32 matmuls
+        ("gpu", ["hardware.float32_matmul_precision=highest"], "fp32"),
+        ("bf16", [], "bf16"),
+        ("fsdp", [], "bf16"),
+        ("gpu", ["hardware.precision=16-mixed"], "fp16"),
+    ],
+)
+def test_mfu_is_measured_against_the_peak_of_the_precision_the_run_computes_in(option, overrides, dtype):
+    hardware = hardware_section(option, *overrides)["hardware"]
+    plan = plan_hardware(hardware)
+    assert plan.compute_dtype == dtype
+    assert plan.peak_flops == hardware["peak_flops"][dtype]
+
+
+def test_peak_figures_are_ordered_as_the_hardware_computes():
+    cpu, gpu = hardware_section("cpu")["hardware"], hardware_section("gpu")["hardware"]
+    assert cpu["peak_flops"]["bf16"] > cpu["peak_flops"]["fp32"]  # AMX: bf16 runs several times faster
+    assert gpu["peak_flops"]["bf16"] == 9.89e14  # H100 SXM, dense
+    assert gpu["peak_flops"]["fp32"] < gpu["peak_flops"]["tf32"] < gpu["peak_flops"]["bf16"]
+
+
+def test_a_precision_without_a_peak_figure_logs_no_mfu_instead_of_a_wrong_one():
+    hardware = hardware_section("cpu", "hardware.precision=bf16-mixed", "~hardware.peak_flops.bf16")
+    assert plan_hardware(hardware["hardware"]).peak_flops is None
+
+
+def test_fsdp_is_data_parallel_over_every_process_with_one_checkpoint_file():
+    config = hardware_section("fsdp_cpu")
+    strategy = trainer_kwargs(config, plan_hardware(config["hardware"]))["strategy"]
+    assert isinstance(strategy, ShardedDataParallel)
+    assert strategy._save_distributed_checkpoint is False
+
+
+@pytest.fixture
+def no_slurm(monkeypatch):
+    for name in [key for key in os.environ if key.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+
+
+def test_ddp_inside_a_local_sweep_spawns_instead_of_relaunching_the_sweep(no_slurm, monkeypatch):
+    config = hardware_section("ddp")
+    plan = plan_hardware(config["hardware"])
+    assert trainer_kwargs(config, plan, multirun=True)["strategy"] == "ddp_spawn"
+    assert trainer_kwargs(config, plan, multirun=False)["strategy"] == "ddp"
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "sft")
+    assert trainer_kwargs(config, plan, multirun=True)["strategy"] == "ddp"  # SLURM starts the processes
+
+
+def test_fsdp_inside_a_local_sweep_is_refused(no_slurm):
+    config = hardware_section("fsdp")
+    with pytest.raises(HardwareError, match="re-run the sweep"):
+        trainer_kwargs(config, plan_hardware(config["hardware"]), multirun=True)
+
+
+def test_fsdp_shards_the_projects_decoder_layers_and_a_transformers_models_no_split_modules(tmp_path):
+    tiny = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32}
+    llama = build_model({**tiny, "num_hidden_layers": 2, "num_attention_heads": 2})
+    assert shard_unit_classes(llama) == (DecoderLayer,)
+    pytest.importorskip("transformers")
+    from tests.test_hf import hf_section, make_model_dir
+
+    hf = build_model(hf_section(make_model_dir(tmp_path)))
+    (layer_class,) = shard_unit_classes(hf)
+    assert layer_class.__name__ in hf.base_model._no_split_modules
+    assert sum(isinstance(module, layer_class) for module in hf.modules()) == hf.config.num_hidden_layers
