@@ -82,11 +82,7 @@ def resolve_precision(hardware: dict[str, Any], flags: set[str] | None = None) -
 def compute_dtype(precision: str, hardware: dict[str, Any]) -> str:
     """What the matmuls run in: fp32 runs as tf32 on a GPU when `float32_matmul_precision` allows it, and
     Lightning turns `16-mixed` into bf16 on a CPU."""
-    dtype = COMPUTE_DTYPES.get(precision)
-    if dtype is None:
-        raise HardwareError(
-            f"hardware.precision={precision!r}: expected auto or one of {sorted(COMPUTE_DTYPES)}"
-        )
+    dtype = COMPUTE_DTYPES.get(precision, precision)  # e.g. transformer-engine: its own peak_flops key
     on_cpu = hardware["accelerator"] == "cpu"
     if dtype == "fp32" and not on_cpu and hardware.get("float32_matmul_precision", "highest") != "highest":
         return "tf32"
@@ -103,6 +99,14 @@ class HardwarePlan:
     precision_reason: str
     compute_dtype: str
     peak_flops: float | None  # hardware.peak_flops[compute_dtype] (one device); None: no MFU
+
+    def describe(self) -> str:
+        peak = (
+            f"{self.peak_flops:.3g} FLOP/s"
+            if self.peak_flops
+            else f"no MFU (no peak_flops.{self.compute_dtype})"
+        )
+        return f"precision {self.precision} ({self.precision_reason}); {self.compute_dtype} peak: {peak}"
 
     def record(self) -> dict[str, Any]:
         return {
@@ -197,18 +201,22 @@ def shard_unit_classes(model: nn.Module) -> tuple[type, ...]:
     return classes
 
 
-def fully_shard_model(model: nn.Module, mesh) -> None:
+def fully_shard_model(model: nn.Module, mesh, precision: str) -> None:
     """`fully_shard` each decoder layer (gathered only while it runs), then the root (embeddings, final
-    norm, output head)."""
-    from torch.distributed.fsdp import fully_shard
+    norm, output head). Under bf16-mixed the gathered parameters are bf16 (half the all-gather traffic;
+    autocast would compute in bf16 anyway) and gradients are reduced in fp32 into the fp32 shards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     classes = shard_unit_classes(model)
     layers = [module for module in model.modules() if isinstance(module, classes)]
     if not layers:
         raise HardwareError(f"strategy=fsdp: the model has no {[c.__name__ for c in classes]} to shard")
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if precision == "bf16-mixed" else None, reduce_dtype=torch.float32
+    )
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def is_sharded(model: nn.Module) -> bool:

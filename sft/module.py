@@ -115,7 +115,7 @@ class SFTModule(L.LightningModule):
         """Under `strategy: fsdp` (ModelParallelStrategy gives the module a device mesh): shard each decoder
         layer, then the root. Lightning may call this again (e.g. validate after fit): shard once."""
         if self.device_mesh is not None and not is_sharded(self.model):
-            fully_shard_model(self.model, self.device_mesh["data_parallel"])
+            fully_shard_model(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 from sft.config import validate_config
@@ -13,6 +14,7 @@ from sft.hardware import (
     HardwareError,
     ShardedDataParallel,
     cpu_flags,
+    hardware_callbacks,
     plan_hardware,
     shard_unit_classes,
     trainer_kwargs,
@@ -77,6 +79,17 @@ def test_peak_figures_are_ordered_as_the_hardware_computes():
 def test_a_precision_without_a_peak_figure_logs_no_mfu_instead_of_a_wrong_one():
     hardware = hardware_section("cpu", "hardware.precision=bf16-mixed", "~hardware.peak_flops.bf16")
     assert plan_hardware(hardware["hardware"]).peak_flops is None
+
+
+def test_gpu_fp32_runs_tf32_matmuls_in_every_process():
+    (callback,) = hardware_callbacks(hardware_section("gpu")["hardware"])
+    before = torch.get_float32_matmul_precision()
+    try:
+        callback.setup(None, None, "fit")  # Lightning calls it in each rank, spawned ones too
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert hardware_callbacks(hardware_section("cpu")["hardware"]) == []
 
 
 def test_fsdp_is_data_parallel_over_every_process_with_one_checkpoint_file():

@@ -106,12 +106,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")  # here too, not only in spawned ranks: the summary reports packing efficiency
     model_config = {**config["model"], "vocab_size": tokenizer.get_vocab_size()}
     hardware = plan_hardware(config["hardware"])
-    print(f"precision: {hardware.precision} ({hardware.precision_reason}); train/mfu against ", end="")
-    print(
-        f"{hardware.peak_flops:.3g} FLOP/s"
-        if hardware.peak_flops
-        else f"nothing (no peak_flops.{hardware.compute_dtype})"
-    )
+    print(hardware.describe())
     module = SFTModule(model_config, config["optim"], peak_flops=hardware.peak_flops or 0.0)
     module.attach(tokenizer, config["template"])
     tokenizer.save(str(run_dir / "tokenizer.json"))

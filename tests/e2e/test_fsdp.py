@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from sft.checkpoint import load_for_inference
 from tests.e2e.conftest import SMALL, metric_rows, summary
 
 pytestmark = pytest.mark.slow
@@ -91,7 +92,11 @@ def test_two_sharded_processes_match_one_process(tmp_path, cache_dir, single):
     want, got = summary(single)["metrics"], summary(sharded)["metrics"]
     for metric in ("val/loss", "eval/exact_match"):
         assert math.isclose(want[metric], got[metric], rel_tol=1e-5), (metric, want[metric], got[metric])
-    assert summary(sharded)["steps"] == 4  # one consolidated checkpoint file, read like any other
+    # One consolidated checkpoint file (not shards), read like any other: resume, sft-chat, eval, export.
+    assert summary(sharded)["steps"] == 4
+    full = load_for_inference(summary(single)["checkpoint"]).model.state_dict()
+    gathered = load_for_inference(summary(sharded)["checkpoint"]).model.state_dict()
+    assert {k: v.shape for k, v in full.items()} == {k: v.shape for k, v in gathered.items()}
 
 
 def test_a_killed_sharded_run_resumes_with_identical_losses(tmp_path, cache_dir, single):

@@ -6,7 +6,9 @@ import math
 
 import pytest
 
+from sft.hardware import plan_hardware
 from tests.e2e.conftest import metric_rows, summary, train
+from tests.test_hardware import hardware_section
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +32,10 @@ def test_a_run_writes_checkpoint_metrics_and_summary(tmp_path, cache_dir):
     assert set(metric_rows(run_dir, "train/loss")) == {0, 1, 2, 3}
     assert "summary:" in result.stdout and str(run_dir) in result.stdout
     assert result_summary["data"]["read"] == result_summary["data"]["kept"] == 256
+    # The precision `auto` picked on this CPU, why, and the peak of that precision as MFU's denominator.
+    hardware = plan_hardware(hardware_section("cpu")["hardware"])
+    assert result_summary["hardware"] == hardware.record()
+    assert 0 < result_summary["metrics"]["train/mfu"] <= 1
 
 
 def test_two_cpu_processes_match_one_process_over_the_same_global_batch(tmp_path, cache_dir):
