@@ -126,9 +126,9 @@ def test_fsdp_shards_the_projects_decoder_layers_and_a_transformers_models_no_sp
     llama = build_model({**tiny, "num_hidden_layers": 2, "num_attention_heads": 2})
     assert shard_unit_classes(llama) == (DecoderLayer,)
     pytest.importorskip("transformers")
-    from tests.test_hf import hf_section, make_model_dir
+    from tests.helpers import make_model_dir
 
-    hf = build_model(hf_section(make_model_dir(tmp_path)))
+    hf = build_model({"name": "hf", "path": str(make_model_dir(tmp_path))})
     (layer_class,) = shard_unit_classes(hf)
     assert layer_class.__name__ in hf.base_model._no_split_modules
     assert sum(isinstance(module, layer_class) for module in hf.modules()) == hf.config.num_hidden_layers

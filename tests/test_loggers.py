@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from sft.cli.train import cluster_plugins, resume_from
-from sft.loggers import REDACTED, held_out_items, offline_reason, redact_secrets
 from sft.protocol.labels import IGNORE_INDEX
+from sft.redaction import REDACTED, redact_secrets
+from sft.wandb_generations import held_out_items
+from sft.wandb_logger import offline_reason
 
 
 def test_secrets_are_redacted_by_key_and_by_value(monkeypatch):
@@ -90,7 +92,7 @@ def test_an_interactive_allocation_is_not_a_slurm_job(monkeypatch, job_name):
 
 
 def test_resumed_csv_logger_keeps_the_rows_before_the_checkpoint(tmp_path):
-    from sft.loggers import ResumableCSVLogger
+    from sft.csv_logger import ResumableCSVLogger
 
     first = ResumableCSVLogger(tmp_path)
     for step in range(5):

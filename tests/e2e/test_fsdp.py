@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sft.checkpoint import load_for_inference
-from tests.e2e.conftest import SMALL, metric_rows, summary
+from tests.helpers import SMALL, metric_rows, summary
 
 pytestmark = pytest.mark.slow
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from omegaconf import OmegaConf
 
 from sft.hardware import plan_hardware
-from tests.e2e.conftest import metric_rows, summary, train
-from tests.test_hardware import hardware_section
+from tests.helpers import metric_rows, summary, train
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def test_a_run_writes_checkpoint_metrics_and_summary(tmp_path, cache_dir):
     assert "summary:" in result.stdout and str(run_dir) in result.stdout
     assert result_summary["data"]["read"] == result_summary["data"]["kept"] == 256
     # The precision `auto` picked on this CPU, why, and the peak of that precision as MFU's denominator.
-    hardware = plan_hardware(hardware_section("cpu")["hardware"])
+    hardware = plan_hardware(OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra/config.yaml").hardware))
     assert result_summary["hardware"] == hardware.record()
     assert 0 < result_summary["metrics"]["train/mfu"] <= 1
 
@@ -70,7 +70,7 @@ main()
 
 @pytest.mark.parametrize("kill_at", [7, 24], ids=["first-epoch", "second-epoch"])
 def test_kill_and_resume_continues_with_identical_losses(tmp_path, cache_dir, monkeypatch, kill_at):
-    """Checkpoints every 11 steps; an epoch is ~20 steps: killed at 24, it resumes at step 22, in epoch 2."""
+    """Checkpoints every 11 steps; an epoch is ~20 steps: killing at 24 resumes from step 22, in epoch 2."""
     common = ["trainer.max_steps=28", "trainer.val_check_interval=14", "checkpoint.every_n_train_steps=11"]
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
     train(uninterrupted, cache_dir, *common)
