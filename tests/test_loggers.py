@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from sft.cli.train import cluster_plugins, resume_from, sweep_safe
-from sft.loggers import REDACTED, held_out_items, offline_reason, redact_secrets
+from sft.config import REDACTED, redact_secrets
+from sft.loggers import held_out_items, offline_reason
 from sft.protocol.labels import IGNORE_INDEX
 
 

@@ -12,17 +12,18 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from tokenizers import Tokenizer
 
 from sft.data import sample
+from sft.data.config import DataConfig
 from sft.data.store import StoreWriter, TokenStore, cache_key, is_complete
 from sft.protocol.pipeline import (
     PROTOCOL_VERSION,
@@ -32,12 +33,16 @@ from sft.protocol.pipeline import (
 )
 from sft.protocol.templates import ChatTemplate, check_template, load_template
 from sft.protocol.tokenizer import (
+    TokenizerConfig,
     check_template_tokens,
     load_tokenizer,
     tokenizer_fingerprint,
     train_bpe,
 )
 from sft.protocol.types import ProtocolConfig, ProtocolError
+
+if TYPE_CHECKING:
+    from sft.cli.schemas import PrepareConfig
 
 
 @dataclass
@@ -49,10 +54,6 @@ class PreparedData:
     train: list[TokenStore]
     val: list[TokenStore]
     accounting: Accounting  # over all train and val files
-
-
-def protocol_config(section: Mapping[str, Any]) -> ProtocolConfig:
-    return ProtocolConfig(**{key: section[key] for key in section})
 
 
 def write_sample(directory: Path, count: int, seed: int, split: str) -> str:
@@ -69,19 +70,16 @@ def write_sample(directory: Path, count: int, seed: int, split: str) -> str:
     return str(path)
 
 
-def data_files(data_cfg: Mapping[str, Any], cache_dir: Path, seed: int) -> tuple[list[str], list[str]]:
+def data_files(data: DataConfig, cache_dir: Path, seed: int) -> tuple[list[str], list[str]]:
     """The train and val files; `data=sample` writes its generated conversations into the cache first."""
-    if data_cfg.get("name") == "sample":
+    if data.name == "sample":
         return (
-            [write_sample(cache_dir / "sample", data_cfg["num_train"], seed, "train")],
-            [write_sample(cache_dir / "sample", data_cfg["num_val"], seed, "val")],
+            [write_sample(cache_dir / "sample", data.num_train, seed, "train")],
+            [write_sample(cache_dir / "sample", data.num_val, seed, "val")],
         )
-    train = data_cfg.get("train")
+    train, val = data.train_files, data.val_files
     if not train:
         raise ValueError("data.train: give a list of files, e.g. data.train=[a.jsonl,b.jsonl]")
-    train = [train] if isinstance(train, str) else list(train)
-    val = data_cfg.get("val") or []
-    val = [val] if isinstance(val, str) else list(val)
     for path in train + val:
         if not Path(path).is_file():
             raise FileNotFoundError(f"data file not found: {path}")
@@ -112,7 +110,7 @@ RENDERING_KEYS = (
 
 
 def build_tokenizer(
-    tokenizer_cfg: Mapping[str, Any],
+    tokenizer_cfg: TokenizerConfig,
     template: ChatTemplate,
     protocol: ProtocolConfig,
     train_files: list[str],
@@ -120,12 +118,12 @@ def build_tokenizer(
     cache_dir: Path,
 ) -> Tokenizer:
     """`file`: load it. `bpe`: train on the rendered training conversations, cached by content hash."""
-    if tokenizer_cfg["name"] == "file":
-        tokenizer = load_tokenizer(tokenizer_cfg["path"])
-    elif tokenizer_cfg["name"] == "bpe":
+    if tokenizer_cfg.name == "file":
+        tokenizer = load_tokenizer(tokenizer_cfg.path)
+    elif tokenizer_cfg.name == "bpe":
         parts = {
             "kind": "bpe",
-            "vocab_size": tokenizer_cfg["vocab_size"],
+            "vocab_size": tokenizer_cfg.vocab_size,
             "special_tokens": template.special_tokens,
             "template": template.fingerprint,
             "protocol": {key: getattr(protocol, key) for key in RENDERING_KEYS},
@@ -140,7 +138,7 @@ def build_tokenizer(
             )
             tokenizer = train_bpe(
                 rendered_texts(train_files, fmt, text_encoder),
-                tokenizer_cfg["vocab_size"],
+                tokenizer_cfg.vocab_size,
                 template.special_tokens,
             )
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +146,7 @@ def build_tokenizer(
             tokenizer.save(str(temporary))
             os.replace(temporary, path)
     else:
-        raise ValueError(f"tokenizer.name={tokenizer_cfg['name']!r}: expected 'bpe' or 'file'")
+        raise ValueError(f"tokenizer.name={tokenizer_cfg.name!r}: expected 'bpe' or 'file'")
     check_template_tokens(template, tokenizer)
     return tokenizer
 
@@ -206,17 +204,14 @@ def build_store(
     return TokenStore(store_dir), accounting
 
 
-def prepare(cfg: Mapping[str, Any]) -> PreparedData:
-    """The whole preparation from a composed config (the `tokenizer`, `template`, `protocol`, `data`
-    sections and `seed`): check the template, build or load the tokenizer, then every store."""
-    data_cfg = cfg["data"]
-    cache_dir = Path(data_cfg["cache_dir"])
-    fmt = data_cfg.get("format", "auto")
-    protocol = protocol_config(cfg["protocol"])
-    template = load_template(cfg["template"])
+def prepare(cfg: PrepareConfig) -> PreparedData:
+    """The whole preparation from a typed config (its `tokenizer`, `template`, `protocol`, `data` sections
+    and `seed`): check the template, build or load the tokenizer, then every store."""
+    cache_dir = Path(cfg.data.cache_dir)
+    template = load_template(dataclasses.asdict(cfg.template))
     check_template(template)
     with cache_lock(cache_dir):
-        return _prepare_locked(cfg, cache_dir, fmt, protocol, template)
+        return _prepare_locked(cfg, cache_dir, cfg.data.format, cfg.protocol, template)
 
 
 @contextmanager
@@ -233,11 +228,10 @@ def cache_lock(cache_dir: Path) -> Iterator[None]:
 
 
 def _prepare_locked(
-    cfg: Mapping[str, Any], cache_dir: Path, fmt: str, protocol: ProtocolConfig, template: ChatTemplate
+    cfg: PrepareConfig, cache_dir: Path, fmt: str, protocol: ProtocolConfig, template: ChatTemplate
 ) -> PreparedData:
-    data_cfg = cfg["data"]
-    train_files, val_files = data_files(data_cfg, cache_dir, cfg["seed"])
-    tokenizer = build_tokenizer(cfg["tokenizer"], template, protocol, train_files, fmt, cache_dir)
+    train_files, val_files = data_files(cfg.data, cache_dir, cfg.seed)
+    tokenizer = build_tokenizer(cfg.tokenizer, template, protocol, train_files, fmt, cache_dir)
     encoder = ConversationEncoder(tokenizer, template, protocol)
     accounting = Accounting()
     stores: dict[str, list[TokenStore]] = {"train": [], "val": []}
