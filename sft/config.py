@@ -156,7 +156,8 @@ def build(annotation: Any, value: Any, key: str, problems: list[str]) -> Any:
 
 def build_dataclass(schema: type, value: Any, key: str, problems: list[str]) -> Any:
     """A section: every key known, every required key given, each value built, then `__post_init__`'s range
-    checks. A schema may pick a field's dataclass from the value (`resolve_section`, e.g. `logger.name`)."""
+    checks. A schema may pick a field's dataclass from the value (`resolve_section`, e.g. `logger.name`) and
+check a field further (`field_problems`)."""
     prefix = f"{key}." if key else ""
     if not isinstance(value, Mapping):
         problems.append(f"{key or 'config'}: expected a mapping of keys, got {value!r}")
@@ -178,7 +179,9 @@ def build_dataclass(schema: type, value: Any, key: str, problems: list[str]) -> 
         try:
             values[name] = build(annotation, item, f"{prefix}{name}", problems)
         except Invalid:
-            pass
+            continue
+        if hasattr(schema, "field_problems"):  # checks a type cannot state (trainer.* against Lightning)
+            problems.extend(schema.field_problems(name, values[name]))
     for field in dataclasses.fields(schema):
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         if field.init and required and field.name not in value:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sft.config import ConfigError, Invalid, build, did_you_mean, register_defaults
+from sft.config import Invalid, build, did_you_mean, register_defaults
 from sft.data.config import DataConfig
 from sft.optim import OptimConfig
 from sft.protocol.tokenizer import TokenizerConfig
@@ -209,11 +209,13 @@ class TrainConfig(PrepareConfig):
             return trainer_problems({key.split(".", 1)[1]: value})
         return []
 
+    @classmethod
+    def field_problems(cls, name: str, value: Any) -> list[str]:
+        return trainer_problems(value) if name == "trainer" and cls.check_trainer else []
+
     def __post_init__(self) -> None:
         if self.model is None:
             raise ValueError("model: missing section (model=gpt-tiny|gpt-small|gpt-medium|hf)")
-        if self.check_trainer and (problems := trainer_problems(self.trainer)):
-            raise ConfigError("\n".join(problems))
 
 
 @dataclass
