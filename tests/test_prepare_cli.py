@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from sft.cli.schemas import PrepareConfig
+from sft.config import load_config
 from sft.data.build import prepare
 from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.pipeline import DataError
@@ -87,17 +89,18 @@ def files(tmp_path):
     }
 
 
-def config(files, tokenizer=None, template="chatml", data_format="auto", **protocol) -> dict:
-    return {
+def config(files, tokenizer=None, template="chatml", data_format="auto", **protocol) -> PrepareConfig:
+    values = {
         "seed": 0,
         "tokenizer": tokenizer or {"name": "file", "path": files["tok"]},
         "template": {"name": template},
         "protocol": {"max_seq_len": 4096, **protocol},
         "data": {"name": "jsonl", "train": [files["a"]], "format": data_format, "cache_dir": files["cache"]},
     }
+    return load_config(values, PrepareConfig)
 
 
-def store_dir(cfg: dict):
+def store_dir(cfg: PrepareConfig):
     return prepare(cfg).train[0].store_dir
 
 
@@ -137,9 +140,9 @@ def test_store_cache_hits_when_nothing_changes_and_misses_on_any_change(files, t
 def test_data_format_forces_the_reader(files, tmp_path):
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Hi", "output": "Yo", "messages": []}])
     cfg = config(files, data_format="alpaca")
-    cfg["data"]["train"] = [alpaca]
+    cfg.data.train = [alpaca]
     assert prepare(cfg).accounting.kept == 1  # auto would read it as an (empty) messages record
-    cfg["data"]["format"] = "auto"
+    cfg.data.format = "auto"
     with pytest.raises(DataError, match=rf"{alpaca}:1: no_assistant_turn"):
         prepare(cfg)
 
