@@ -29,18 +29,18 @@ def run_main(main, tmp_path, monkeypatch, *overrides: str) -> str:
     "overrides,message",
     [
         (["optim.lrr=1"], "sft-train: optim.lrr: unknown key; did you mean optim.lr?"),
-        (["protocol.mask=last"], "protocol.mask='last': expected one of all_assistant, last_turn, all_tokens"),
+        (["protocol.mask=last"], "protocol.mask='last': expected one of all_assistant, last_turn, all_tokens"),  # noqa: E501
         (["model.hidden_szie=3"], "model.hidden_szie: unknown key; did you mean model.hidden_size?"),
-        (["trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val: set by sft-train; use optim.grad_clip"),
+        (["trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val: set by sft-train; use optim.grad_clip"),  # noqa: E501
         (["trainer.max_stepz=3"], "trainer.max_stepz: not an argument of lightning.Trainer; did you mean"),
         (["logger=wandb", "logger.projct=x"], "logger.projct: unknown key; did you mean logger.project?"),
         (["optim.lr=-1"], "optim.lr=-1.0: expected > 0"),
         (["data.batch_size=0"], "data.batch_size=0: expected >= 1"),
         (["optim.warmup_steps=-3"], "optim.warmup_steps=-3: expected >= 0"),
         (["data.val_fraction=-0.2"], "data.val_fraction=-0.2: expected 0 <= val_fraction < 1"),
-        (["data=jsonl", "data.train=[a.jsonl]", "data.mix=[-1,2]"], "data.mix=[-1.0, 2.0]: expected non-negative"),
+        (["data=jsonl", "data.train=[a.jsonl]", "data.mix=[-1,2]"], "data.mix=[-1.0, 2.0]: expected non-negative"),  # noqa: E501
         (["data=jsonl", "data.train=[a.jsonl,b.jsonl]", "data.mix=[0,0]"], "with a positive sum"),
-        (["data=jsonl", "data.train=[a.jsonl]", "data.mix=[1,2]"], "data.mix has 2 weights for 1 data.train files"),
+        (["data=jsonl", "data.train=[a.jsonl]", "data.mix=[1,2]"], "data.mix has 2 weights for 1 data.train files"),  # noqa: E501
     ],
 )  # fmt: skip
 def test_sft_train_refuses_a_bad_command_line_before_hydra_writes_or_data_is_read(
@@ -66,7 +66,7 @@ def test_every_problem_of_a_command_line_is_named_at_once(tmp_path, monkeypatch)
     [
         (prepare.main, ["protocol.maks=last_turn"], "sft-prepare: protocol.maks: unknown key; did you mean"),
         (inspect.main, ["spilt=val"], "sft-inspect: spilt: unknown key; did you mean split?"),
-        (chat.main, ["ckpt=x", "temprature=1"], "sft-chat: temprature: unknown key; did you mean temperature?"),
+        (chat.main, ["ckpt=x", "temprature=1"], "sft-chat: temprature: unknown key; did you mean temperature?"),  # noqa: E501
         (eval.main, ["ckpt=x", "data.vall=[a]"], "sft-eval: data.vall: unknown key; did you mean data.val?"),
         (export.main, ["ckpt=x", "out=y", "dtype=fp8"], "sft-export: dtype='fp8': expected one of float32"),
     ],

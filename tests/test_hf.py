@@ -15,9 +15,9 @@ from hydra import compose, initialize_config_module  # noqa: E402
 
 from sft.cli.schemas import TrainConfig  # noqa: E402
 from sft.config import ConfigError, load_config  # noqa: E402
+from sft.model import build_model  # noqa: E402
 from sft.model.generate import generate  # noqa: E402
 from sft.model.hf import HFCausalLM, HFModelError  # noqa: E402
-from sft.model import build_model  # noqa: E402
 from sft.model.llama import KVCache  # noqa: E402
 from tests.conftest import make_tokenizer  # noqa: E402
 

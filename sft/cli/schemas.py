@@ -4,8 +4,8 @@ Sections live next to what they configure (TokenizerConfig in sft/protocol/token
 and ProtocolConfig in sft/protocol/types.py, DataConfig in sft/data/config.py, OptimConfig in sft/optim.py,
 LlamaConfig / HFModelConfig in sft/model/, picked by `model.name` and imported only when a model section
 is built: sft-prepare and sft-inspect never import torch). The run-level sections that only sft-train's
-wiring reads (hardware, loggers, checkpoint, eval) live here. `trainer` stays open to any `lightning.Trainer` argument
-and is checked against its signature.
+wiring reads (hardware, loggers, checkpoint, eval) live here. `trainer` stays open to any
+`lightning.Trainer` argument and is checked against its signature.
 """
 
 from __future__ import annotations
