@@ -156,8 +156,8 @@ def build(annotation: Any, value: Any, key: str, problems: list[str]) -> Any:
 
 def build_dataclass(schema: type, value: Any, key: str, problems: list[str]) -> Any:
     """A section: every key known, every required key given, each value built, then `__post_init__`'s range
-        checks. A schema may pick a field's dataclass from the value (`resolve_section`, e.g. `logger.name`) and
-    check a field further (`field_problems`)."""
+    checks. A schema may pick a field's dataclass from the value (`resolve_section`, e.g. `logger.name`)
+    and check a field further (`field_problems`)."""
     prefix = f"{key}." if key else ""
     if not isinstance(value, Mapping):
         problems.append(f"{key or 'config'}: expected a mapping of keys, got {value!r}")
