@@ -72,7 +72,9 @@ def test_every_problem_of_a_command_line_is_named_at_once(tmp_path, monkeypatch)
     ],
 )  # fmt: skip
 def test_every_cli_checks_its_command_line_before_hydra(main, overrides, message, tmp_path, monkeypatch):
-    assert message in run_main(main, tmp_path, monkeypatch, *overrides)
+    program, problem = message.split(": ", 1)
+    refusal = run_main(main, tmp_path, monkeypatch, *overrides)
+    assert refusal.startswith(f"{program}: ") and problem in refusal
 
 
 @pytest.mark.parametrize(

@@ -59,11 +59,13 @@ def config_groups() -> set[str]:
     }
 
 
-def check_override_keys(overrides: list[str], schema: type) -> None:
+def check_override_keys(overrides: list[str], schema: type) -> dict[str, list[str]]:
     """Every `key=value` names a schema key; no credential is given on the command line (its value would be
-    written to `.hydra/overrides.yaml` and W&B's record of the command)."""
-    groups, secrets, problems = config_groups(), secret_values(), []
-    for override in parse_overrides(overrides):
+    written to `.hydra/overrides.yaml` and W&B's record of the command). Returns each refused override's
+    problems."""
+    groups, secrets, refused = config_groups(), secret_values(), {}
+    for text, override in zip(overrides, parse_overrides(overrides), strict=True):
+        problems: list[str] = []
         key = override.key_or_group
         if key.startswith("hydra.") or key == "hydra" or override.is_delete():
             continue
@@ -84,12 +86,14 @@ def check_override_keys(overrides: list[str], schema: type) -> None:
             problems.append(problem)
         elif hasattr(schema, "override_problems") and not override.is_sweep_override():
             problems += schema.override_problems(key, override.value())
-    if problems:
-        raise ConfigError("\n".join(problems))
+        if problems:
+            refused[text] = problems
+    return refused
 
 
-def check_composed(config_name: str, overrides: list[str], schema: type) -> None:
-    """Compose in memory (nothing written) and build the typed config: choices, types, ranges."""
+def check_composed(config_name: str, overrides: list[str], schema: type) -> list[str]:
+    """Compose in memory (nothing written) and build the typed config: the problems of choices, types and
+    ranges."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -98,8 +102,17 @@ def check_composed(config_name: str, overrides: list[str], schema: type) -> None
         with initialize_config_module("sft.conf", version_base="1.3"):
             cfg = compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as error:
-        raise ConfigError(" ".join(str(error).split())) from None
-    load_config(cfg, schema)
+        return [" ".join(str(error).split())]
+    try:
+        load_config(cfg, schema)
+    except ConfigError as error:
+        return problem_lines(str(error))
+    return []
+
+
+def problem_lines(message: str) -> list[str]:
+    lines = [line.strip() for line in message.splitlines()]
+    return lines[1:] if len(lines) > 1 and lines[0].endswith("problems in the config:") else lines
 
 
 # Checks run on (overrides, flags, config name, schema) before Hydra starts; extend here (e.g. resume).
@@ -110,12 +123,19 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
     overrides, flags = split_command_line(argv)
     if flags.keys() & INFO_FLAGS or flags.keys() & {"-cn", "--config-name", "-cp", "--config-path"}:
         return  # Hydra only shows something, or another config than this schema's
-    check_override_keys(overrides, schema)
+    refused = check_override_keys(overrides, schema)
+    problems = [problem for found in refused.values() for problem in found]
     for check in PRE_HYDRA_CHECKS:
         check(overrides, flags, config_name, schema)
     if not (flags.keys() & MULTIRUN_FLAGS or flags.keys() & {"-cd", "--config-dir"}):
         # sweeps (`optim.lr=1e-3,3e-3`) and user config dirs are built per job, after composition
-        check_composed(config_name, overrides, schema)
+        accepted = [override for override in overrides if override not in refused]
+        problems += [p for p in check_composed(config_name, accepted, schema) if p not in problems]
+    if problems:
+        one_line = len(problems) == 1
+        raise ConfigError(
+            problems[0] if one_line else f"{len(problems)} problems:\n  " + "\n  ".join(problems)
+        )
 
 
 def run_cli(program: str, config_name: str, schema: type, run: Callable[[Any, DictConfig], Any]) -> Any:
