@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import re
 import types
 import typing
@@ -32,41 +31,6 @@ class ConfigError(ValueError):
 
 class Invalid(Exception):
     """One value that does not fit; collected, not raised to the caller."""
-
-
-# ---- secrets -----------------------------------------------------------------------------------------
-
-# Keys whose values are credentials (not `bos_token`/`eos_token`/`max_new_tokens`: vocabulary and limits).
-SECRET_KEY = re.compile(r"api_?key|secret|passw(or)?d|credential|(access|auth|hf|api)_token|^token$", re.I)
-# Environment variables that hold credentials (WANDB_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...).
-SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.I)
-REDACTED = "<redacted>"
-
-
-def is_secret_key(key: str) -> bool:
-    return bool(SECRET_KEY.search(key.rsplit(".", 1)[-1]))
-
-
-def secret_values() -> frozenset[str]:
-    """The values of credential-holding environment variables (long enough not to match by accident)."""
-    return frozenset(value for key, value in os.environ.items() if SECRET_ENV.search(key) and len(value) >= 8)
-
-
-def redact_secrets(value: Any, secrets: frozenset[str] | None = None) -> Any:
-    """A copy of plain containers with secret-looking keys' values and every credential environment
-    variable's value (wherever it appears, e.g. in W&B notes) replaced by "<redacted>"."""
-    secrets = secret_values() if secrets is None else secrets
-    if isinstance(value, Mapping):
-        return {
-            key: REDACTED if is_secret_key(str(key)) and item else redact_secrets(item, secrets)
-            for key, item in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        return [redact_secrets(item, secrets) for item in value]
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, REDACTED)
-    return value
 
 
 # ---- the typed builder -------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from sft.data.build import data_files
 from sft.model import build_model
 from sft.protocol.templates import load_template
 from sft.protocol.tokenizer import load_tokenizer, train_bpe
-from tests.conftest import ALL_SPECIALS, CORPUS, make_tokenizer
+from tests.helpers import ALL_SPECIALS, CORPUS, make_tokenizer
 
 CONF = Path(str(files("sft.conf")))
 GROUPS = sorted(
@@ -70,7 +70,7 @@ def extra_overrides(group: str, option: str, tmp_path: Path) -> list[str]:
         return [f"template.path={tmp_path / 'chat.jinja'}", "template.eot='<|im_end|>'"]
     if (group, option) == ("model", "hf"):
         pytest.importorskip("transformers")
-        from tests.test_hf import make_model_dir
+        from tests.helpers import make_model_dir
 
         return [f"model.path={make_model_dir(tmp_path)}"]
     if (group, option) == ("data", "jsonl"):
@@ -236,7 +236,7 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_a_mandatory_value_left_unset_is_named():
-    with pytest.raises(ConfigError, match=r"data.train: not set; give the training files"):
+    with pytest.raises(ConfigError, match=r"data.train is not set: give a list of files"):
         validate_config(compose_train("data=jsonl"))
 
 

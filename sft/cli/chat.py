@@ -19,7 +19,7 @@ from typing import TextIO
 
 import torch
 
-from sft.checkpoint import InferenceBundle, load_for_inference
+from sft.checkpoint import CheckpointError, InferenceBundle, load_for_inference
 from sft.cli.entry import run_cli
 from sft.config import register_defaults
 from sft.evaluate import generate_reply
@@ -143,7 +143,10 @@ register_defaults("sft_chat_defaults", ChatConfig)
 
 
 def chat(config: ChatConfig) -> None:
-    bundle = load_for_inference(config.ckpt, device=resolve_device(config.device))
+    try:
+        bundle = load_for_inference(config.ckpt, device=resolve_device(config.device))
+    except CheckpointError as error:
+        sys.exit(f"sft-chat: {error}")
     session = ChatSession(
         bundle,
         system=None if config.system is None else str(config.system),

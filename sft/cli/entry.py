@@ -18,7 +18,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from sft.config import ConfigError, is_secret_key, key_problem, load_config, secret_values
+from sft.config import ConfigError, key_problem, load_config
+from sft.redaction import is_secret_key, secret_values
 
 # Flags after which Hydra takes a value; flags that only show information (nothing runs, nothing written).
 VALUE_FLAGS = {"-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name", "-p", "--package"}

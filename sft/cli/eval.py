@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from sft.checkpoint import load_for_inference
+from sft.checkpoint import CheckpointError, load_for_inference
 from sft.cli.chat import resolve_device
 from sft.cli.entry import run_cli
 from sft.cli.schemas import SampleEvalConfig
@@ -140,7 +141,10 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def run(config: EvalRunConfig, cfg: DictConfig) -> None:
-    report = evaluate_checkpoint(config)
+    try:
+        report = evaluate_checkpoint(config)
+    except CheckpointError as error:
+        sys.exit(f"sft-eval: {error}")
     print_report(report)
     if config.out:
         Path(config.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -14,6 +14,7 @@ from typing import Literal
 
 from omegaconf import DictConfig
 
+from sft.checkpoint import CheckpointError
 from sft.cli.entry import run_cli
 from sft.config import register_defaults
 from sft.export import ExportError, export_checkpoint
@@ -44,7 +45,7 @@ def run(config: ExportConfig, cfg: DictConfig) -> None:
             generation_tags=config.generation_tags,
             merge=config.merge,
         )
-    except (ExportError, FileNotFoundError) as error:
+    except (CheckpointError, ExportError, FileNotFoundError) as error:
         sys.exit(f"sft-export: {error}")
     for path in sorted(out.iterdir()):
         print(f"{path}  ({path.stat().st_size:,} bytes)")

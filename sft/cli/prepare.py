@@ -29,7 +29,7 @@ def run(config: PrepareConfig, cfg: DictConfig) -> None:
     for store in stores:
         counts = store.manifest["counts"]
         print(
-            f"{store.manifest['source']}: {counts['examples']} examples, {counts['tokens']} tokens, "
+            f"{store.source}: {counts['examples']} examples, {counts['tokens']} tokens, "
             f"{counts['trained_tokens']} trained → {store.store_dir}"
         )
     if config.export:

@@ -12,7 +12,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -20,28 +19,31 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback
+from sft.checkpoint import CheckpointError, load_checkpoint
 from sft.cli.entry import run_cli
 from sft.cli.schemas import TrainConfig
-from sft.config import redact_secrets
-from sft.data.build import prepare
+from sft.data.build import EmptyDataError, prepare
 from sft.data.datamodule import SFTDataModule
+from sft.data.store import StoreError
 from sft.evaluate import sample_eval_items
-from sft.loggers import finish_wandb
 from sft.module import SFTModule
+from sft.protocol.pipeline import DataError
+from sft.redaction import redact_secrets
+from sft.wandb_logger import finish_wandb
 
 
 def build_logger(config: TrainConfig, run_dir: Path, record: dict[str, Any], resume_step: int | None):
     """`record`: the config as written (interpolations unresolved, secrets redacted) for W&B."""
     name = config.logger.name
     if name == "csv":
-        from sft.loggers import ResumableCSVLogger
+        from sft.csv_logger import ResumableCSVLogger
 
         return ResumableCSVLogger(run_dir, resume_step)
     if name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
         return TensorBoardLogger(save_dir=run_dir, name="", version="")
-    from sft.loggers import wandb_logger
+    from sft.wandb_logger import wandb_logger
 
     return wandb_logger(config.logger, run_dir, record, resumable=config.ckpt_path is not None)
 
@@ -96,7 +98,7 @@ def checkpoint_step(path: str | None) -> int | None:
     """The optimizer step a checkpoint was saved at (memory-mapped: the weights are not read)."""
     if path is None or not Path(path).is_file():
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    return int(load_checkpoint(path, mmap=True)["global_step"])
 
 
 def run_record(checkpoint_dir: Path) -> dict[str, Any]:
@@ -105,7 +107,7 @@ def run_record(checkpoint_dir: Path) -> dict[str, Any]:
     last = checkpoint_dir / "last.ckpt"
     if not last.is_file():
         return {"checkpoint": None, "best_checkpoint": None, "steps": None, "skipped_steps": None}
-    saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    saved = load_checkpoint(last, mmap=True)
     best = sorted(checkpoint_dir.glob("best-step*.ckpt"))  # save_top_k=1: at most one
     return {
         "checkpoint": str(last),
@@ -121,6 +123,13 @@ def config_record(cfg: DictConfig) -> dict[str, Any]:
     return redact_secrets(OmegaConf.to_container(cfg, resolve=False))
 
 
+def with_absolute_path(model_config: Any) -> Any:
+    """`model.path` made absolute: the checkpoint keeps it to rebuild the base model, and sft-chat, sft-eval
+    and sft-export may run from any directory."""
+    path = getattr(model_config, "path", None)
+    return dataclasses.replace(model_config, path=str(Path(path).resolve())) if path else model_config
+
+
 def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Prepare data, build the model, fit, and write summary.json; returns the summary."""
     started = time.perf_counter()
@@ -131,7 +140,9 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
     print(prepared.accounting.summary())
     datamodule = SFTDataModule(config, prepared)
     tokenizer = prepared.tokenizer
-    model_config = dataclasses.replace(config.model, vocab_size=tokenizer.get_vocab_size())
+    model_config = dataclasses.replace(
+        with_absolute_path(config.model), vocab_size=tokenizer.get_vocab_size()
+    )
     module = SFTModule(model_config, config.optim, peak_flops=config.hardware.peak_flops)
     module.attach(tokenizer, dataclasses.asdict(config.template))
     tokenizer.save(str(run_dir / "tokenizer.json"))
@@ -157,7 +168,7 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
         items = sample_eval_items(config.seed, config.data.num_val, config.eval.max_items)
         callbacks.append(ExactMatchCallback(items, config.eval.max_new_tokens))
     if config.logger.name == "wandb":
-        from sft.loggers import WandbExtras
+        from sft.wandb_generations import WandbExtras
 
         callbacks.append(WandbExtras(config.logger.generations, config.eval.max_new_tokens))
     ckpt_path = resume_from(config.ckpt_path, run_dir)
@@ -205,7 +216,10 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
 
 def run(config: TrainConfig, cfg: DictConfig) -> float | None:
     """Returns the final val/loss: the objective a Hydra sweeper (hydra/sweeper=optuna_lr) minimises."""
-    return train(config, config_record(cfg))["metrics"].get("val/loss")
+    try:
+        return train(config, config_record(cfg))["metrics"].get("val/loss")
+    except (CheckpointError, DataError, EmptyDataError, StoreError) as error:
+        sys.exit(f"sft-train: {error}")  # the user's data or file, not a crash: no traceback
 
 
 def main() -> float | None:

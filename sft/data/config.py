@@ -28,7 +28,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         problems = []
         if self.name == "jsonl" and not self.train:
-            problems.append("data.train: not set; give the training files, e.g. data.train=[a.jsonl,b.jsonl]")
+            problems.append("data.train is not set: give a list of files, e.g. data.train=[a.jsonl,b.jsonl]")
         if self.format not in ("auto", *FORMATS):
             problems.append(f"data.format={self.format!r}: expected one of auto, {', '.join(FORMATS)}")
         for key, low in (("batch_size", 1), ("num_train", 1), ("num_val", 0), ("num_workers", 0)):
