@@ -14,12 +14,15 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+
+if TYPE_CHECKING:
+    from sft.cli.schemas import HardwareConfig, TrainConfig
 
 # x86 flags of native bf16 matmul (oneDNN uses them for autocast's bf16 on CPU).
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -61,13 +64,13 @@ class PrecisionChoice:
     reason: str
 
 
-def resolve_precision(hardware: dict[str, Any], flags: set[str] | None = None) -> PrecisionChoice:
+def resolve_precision(hardware: HardwareConfig, flags: set[str] | None = None) -> PrecisionChoice:
     """`precision: auto` picks bf16 autocast where the hardware computes bf16 natively (CPU feature flags,
     never a timing), fp32 elsewhere; any other value is used as given."""
-    precision = str(hardware["precision"])
+    precision = str(hardware.precision)
     if precision != "auto":
         return PrecisionChoice(precision, "hardware.precision")
-    if hardware["accelerator"] == "cpu":
+    if hardware.accelerator == "cpu":
         native = [flag for flag in CPU_BF16_FLAGS if flag in (cpu_flags() if flags is None else flags)]
         if native:
             return PrecisionChoice("bf16-mixed", f"auto: the CPU has native bf16 ({native[0]})")
@@ -79,12 +82,12 @@ def resolve_precision(hardware: dict[str, Any], flags: set[str] | None = None) -
     return PrecisionChoice("32-true", "auto: no bf16-capable GPU")
 
 
-def compute_dtype(precision: str, hardware: dict[str, Any]) -> str:
+def compute_dtype(precision: str, hardware: HardwareConfig) -> str:
     """What the matmuls run in: fp32 runs as tf32 on a GPU when `float32_matmul_precision` allows it, and
     Lightning turns `16-mixed` into bf16 on a CPU."""
     dtype = COMPUTE_DTYPES.get(precision, precision)  # e.g. transformer-engine: its own peak_flops key
-    on_cpu = hardware["accelerator"] == "cpu"
-    if dtype == "fp32" and not on_cpu and hardware.get("float32_matmul_precision", "highest") != "highest":
+    on_cpu = hardware.accelerator == "cpu"
+    if dtype == "fp32" and not on_cpu and hardware.float32_matmul_precision != "highest":
         return "tf32"
     if dtype == "fp16" and on_cpu and precision == "16-mixed":
         return "bf16"
@@ -117,10 +120,10 @@ class HardwarePlan:
         }
 
 
-def plan_hardware(hardware: dict[str, Any], flags: set[str] | None = None) -> HardwarePlan:
+def plan_hardware(hardware: HardwareConfig, flags: set[str] | None = None) -> HardwarePlan:
     choice = resolve_precision(hardware, flags)
     dtype = compute_dtype(choice.precision, hardware)
-    peak = (hardware.get("peak_flops") or {}).get(dtype)
+    peak = hardware.peak_flops.get(dtype)
     return HardwarePlan(choice.precision, choice.reason, dtype, float(peak) if peak else None)
 
 
@@ -150,12 +153,12 @@ class ShardedDataParallel(ModelParallelStrategy):
         super().setup_environment()
 
 
-def trainer_kwargs(config: dict[str, Any], plan: HardwarePlan, multirun: bool = False) -> dict[str, Any]:
+def trainer_kwargs(config: TrainConfig, plan: HardwarePlan, multirun: bool = False) -> dict[str, Any]:
     """The Trainer arguments of the hardware section (and `trainer.*`) for this run."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    hardware = config["hardware"]
-    strategy = hardware["strategy"]
+    hardware = config.hardware
+    strategy = hardware.strategy
     if multirun and strategy in ("ddp", "fsdp") and not SLURMEnvironment.detect():
         # Lightning re-launches the command line for each extra process; a re-launched `sft-train -m ...`
         # (or submitit's local job) would run the whole sweep again. On SLURM nothing is re-launched.
@@ -169,19 +172,19 @@ def trainer_kwargs(config: dict[str, Any], plan: HardwarePlan, multirun: bool = 
     if strategy == "fsdp":
         strategy = ShardedDataParallel()
     return {
-        "accelerator": hardware["accelerator"],
-        "devices": hardware["devices"],
-        "num_nodes": hardware["num_nodes"],
+        "accelerator": hardware.accelerator,
+        "devices": hardware.devices,
+        "num_nodes": hardware.num_nodes,
         "strategy": strategy,
         "precision": plan.precision,
         # The datamodule shards every epoch itself (disjoint, resumable); Lightning must not re-wrap samplers.
         "use_distributed_sampler": False,
-        **config["trainer"],
+        **config.trainer,
     }
 
 
-def hardware_callbacks(hardware: dict[str, Any]) -> list[L.Callback]:
-    value = hardware.get("float32_matmul_precision", "highest")
+def hardware_callbacks(hardware: HardwareConfig) -> list[L.Callback]:
+    value = hardware.float32_matmul_precision
     return [] if value == "highest" else [Float32MatmulPrecision(value)]
 
 

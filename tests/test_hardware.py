@@ -3,13 +3,15 @@ gets, and what FSDP shards."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from sft.config import validate_config
+from sft.cli.schemas import TrainConfig
+from sft.config import load_config
 from sft.hardware import (
     HardwareError,
     ShardedDataParallel,
@@ -19,25 +21,28 @@ from sft.hardware import (
     shard_unit_classes,
     trainer_kwargs,
 )
-from sft.model.llama import DecoderLayer, build_model
+from sft.model import build_model
+from sft.model.llama import DecoderLayer
 
 
-def hardware_section(option: str, *overrides: str) -> dict:
+def train_config(option: str, *overrides: str) -> TrainConfig:
     with initialize_config_module("sft.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"hardware={option}", *overrides])
-    return validate_config(cfg)
+    return load_config(cfg, TrainConfig)
 
 
 def test_auto_precision_is_bf16_exactly_where_the_cpu_flags_say_bf16_is_native():
-    hardware = hardware_section("cpu")["hardware"]
-    assert hardware["precision"] == "auto"
+    hardware = train_config("cpu").hardware
+    assert hardware.precision == "auto"
     for flags in ({"avx512f", "amx_bf16", "amx_tile"}, {"avx512f", "avx512_bf16"}):
         plan = plan_hardware(hardware, flags)
         assert plan.precision == "bf16-mixed" and plan.compute_dtype == "bf16"
         assert (flags & {"amx_bf16", "avx512_bf16"}).pop() in plan.precision_reason
     plan = plan_hardware(hardware, {"avx2", "avx512f"})
     assert plan.precision == "32-true" and "no native bf16" in plan.precision_reason
-    assert plan_hardware({**hardware, "precision": "32-true"}, {"amx_bf16"}).precision == "32-true"
+    assert (
+        plan_hardware(dataclasses.replace(hardware, precision="32-true"), {"amx_bf16"}).precision == "32-true"
+    )
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
@@ -63,38 +68,38 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     ],
 )
 def test_mfu_is_measured_against_the_peak_of_the_precision_the_run_computes_in(option, overrides, dtype):
-    hardware = hardware_section(option, *overrides)["hardware"]
+    hardware = train_config(option, *overrides).hardware
     plan = plan_hardware(hardware)
     assert plan.compute_dtype == dtype
-    assert plan.peak_flops == hardware["peak_flops"][dtype]
+    assert plan.peak_flops == hardware.peak_flops[dtype]
 
 
 def test_peak_figures_are_ordered_as_the_hardware_computes():
-    cpu, gpu = hardware_section("cpu")["hardware"], hardware_section("gpu")["hardware"]
-    assert cpu["peak_flops"]["bf16"] > cpu["peak_flops"]["fp32"]  # AMX: bf16 runs several times faster
-    assert gpu["peak_flops"]["bf16"] == 9.89e14  # H100 SXM, dense
-    assert gpu["peak_flops"]["fp32"] < gpu["peak_flops"]["tf32"] < gpu["peak_flops"]["bf16"]
+    cpu, gpu = train_config("cpu").hardware.peak_flops, train_config("gpu").hardware.peak_flops
+    assert cpu["bf16"] > cpu["fp32"]  # AMX: bf16 runs several times faster
+    assert gpu["bf16"] == 9.89e14  # H100 SXM, dense
+    assert gpu["fp32"] < gpu["tf32"] < gpu["bf16"]
 
 
 def test_a_precision_without_a_peak_figure_logs_no_mfu_instead_of_a_wrong_one():
-    hardware = hardware_section("cpu", "hardware.precision=bf16-mixed", "~hardware.peak_flops.bf16")
-    assert plan_hardware(hardware["hardware"]).peak_flops is None
+    hardware = train_config("cpu", "hardware.precision=bf16-mixed", "~hardware.peak_flops.bf16").hardware
+    assert plan_hardware(hardware).peak_flops is None
 
 
 def test_gpu_fp32_runs_tf32_matmuls_in_every_process():
-    (callback,) = hardware_callbacks(hardware_section("gpu")["hardware"])
+    (callback,) = hardware_callbacks(train_config("gpu").hardware)
     before = torch.get_float32_matmul_precision()
     try:
         callback.setup(None, None, "fit")  # Lightning calls it in each rank, spawned ones too
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
-    assert hardware_callbacks(hardware_section("cpu")["hardware"]) == []
+    assert hardware_callbacks(train_config("cpu").hardware) == []
 
 
 def test_fsdp_is_data_parallel_over_every_process_with_one_checkpoint_file():
-    config = hardware_section("fsdp_cpu")
-    strategy = trainer_kwargs(config, plan_hardware(config["hardware"]))["strategy"]
+    config = train_config("fsdp_cpu")
+    strategy = trainer_kwargs(config, plan_hardware(config.hardware))["strategy"]
     assert isinstance(strategy, ShardedDataParallel)
     assert strategy._save_distributed_checkpoint is False
 
@@ -106,8 +111,8 @@ def no_slurm(monkeypatch):
 
 
 def test_ddp_inside_a_local_sweep_spawns_instead_of_relaunching_the_sweep(no_slurm, monkeypatch):
-    config = hardware_section("ddp")
-    plan = plan_hardware(config["hardware"])
+    config = train_config("ddp")
+    plan = plan_hardware(config.hardware)
     assert trainer_kwargs(config, plan, multirun=True)["strategy"] == "ddp_spawn"
     assert trainer_kwargs(config, plan, multirun=False)["strategy"] == "ddp"
     monkeypatch.setenv("SLURM_NTASKS", "2")
@@ -116,9 +121,9 @@ def test_ddp_inside_a_local_sweep_spawns_instead_of_relaunching_the_sweep(no_slu
 
 
 def test_fsdp_inside_a_local_sweep_is_refused(no_slurm):
-    config = hardware_section("fsdp")
+    config = train_config("fsdp")
     with pytest.raises(HardwareError, match="re-run the sweep"):
-        trainer_kwargs(config, plan_hardware(config["hardware"]), multirun=True)
+        trainer_kwargs(config, plan_hardware(config.hardware), multirun=True)
 
 
 def test_fsdp_shards_the_projects_decoder_layers_and_a_transformers_models_no_split_modules(tmp_path):

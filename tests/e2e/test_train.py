@@ -7,6 +7,8 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
+from sft.cli.schemas import TrainConfig
+from sft.config import load_config
 from sft.hardware import plan_hardware
 from tests.helpers import metric_rows, summary, train
 
@@ -33,7 +35,9 @@ def test_a_run_writes_checkpoint_metrics_and_summary(tmp_path, cache_dir):
     assert "summary:" in result.stdout and str(run_dir) in result.stdout
     assert result_summary["data"]["read"] == result_summary["data"]["kept"] == 256
     # The precision `auto` picked on this CPU, why, and the peak of that precision as MFU's denominator.
-    hardware = plan_hardware(OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra/config.yaml").hardware))
+    hardware = plan_hardware(
+        load_config(OmegaConf.load(run_dir / ".hydra/config.yaml"), TrainConfig).hardware
+    )
     assert result_summary["hardware"] == hardware.record()
     assert 0 < result_summary["metrics"]["train/mfu"] <= 1
 
