@@ -55,6 +55,7 @@ class DataConfig:
     name: Literal["sample", "jsonl"]
     train: list[str] | str | None = None
     val: list[str] | str | None = None
+    columns: dict[str, str] | None = None  # field <- column renames, e.g. {messages: conversation}
     num_train: int = 6000
     num_val: int = 200
     format: str = "auto"

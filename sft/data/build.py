@@ -30,6 +30,7 @@ from sft.protocol.pipeline import (
     ConversationEncoder,
     read_conversations,
 )
+from sft.protocol.sources import resolve_source
 from sft.protocol.templates import ChatTemplate, check_template, load_template
 from sft.protocol.tokenizer import (
     check_template_tokens,
@@ -83,16 +84,17 @@ def data_files(data_cfg: Mapping[str, Any], cache_dir: Path, seed: int) -> tuple
     val = data_cfg.get("val") or []
     val = [val] if isinstance(val, str) else list(val)
     for path in train + val:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
+        resolve_source(path)  # raises SourceError (a FileNotFoundError) naming what is missing
     return train, val
 
 
-def rendered_texts(paths: list[str], fmt: str, encoder: ConversationEncoder) -> Iterator[str]:
+def rendered_texts(
+    paths: list[str], fmt: str, encoder: ConversationEncoder, columns: Mapping[str, str] | None = None
+) -> Iterator[str]:
     """Rendered conversations for tokenizer training, each with the system-prompt decision its store makes
     (indexed within its file); bad records are left to the real pass to report."""
     for path in paths:
-        for index, item in enumerate(read_conversations(path, fmt)):
+        for index, item in enumerate(read_conversations(path, fmt, columns)):
             if not isinstance(item, ProtocolError):
                 try:
                     yield encoder.prepare(item, index)[1].text
@@ -118,6 +120,7 @@ def build_tokenizer(
     train_files: list[str],
     fmt: str,
     cache_dir: Path,
+    columns: Mapping[str, str] | None = None,
 ) -> Tokenizer:
     """`file`: load it. `bpe`: train on the rendered training conversations, cached by content hash."""
     if tokenizer_cfg["name"] == "file":
@@ -130,8 +133,10 @@ def build_tokenizer(
             "template": template.fingerprint,
             "protocol": {key: getattr(protocol, key) for key in RENDERING_KEYS},
             "format": fmt,
+            "columns": dict(columns or {}),
         }
-        path = cache_dir / "tokenizers" / f"{cache_key(parts, train_files)}.json"
+        files = [file for name in train_files for file in resolve_source(name).files]
+        path = cache_dir / "tokenizers" / f"{cache_key(parts, files)}.json"
         if path.is_file():
             tokenizer = load_tokenizer(path)
         else:
@@ -139,7 +144,7 @@ def build_tokenizer(
                 None, template, dataclasses.replace(protocol, special_in_content="allow")
             )
             tokenizer = train_bpe(
-                rendered_texts(train_files, fmt, text_encoder),
+                rendered_texts(train_files, fmt, text_encoder, columns),
                 tokenizer_cfg["vocab_size"],
                 template.special_tokens,
             )
@@ -165,23 +170,30 @@ def _progress() -> Progress:
 
 
 def build_store(
-    path: str, encoder: ConversationEncoder, fmt: str, cache_dir: Path
+    path: str,
+    encoder: ConversationEncoder,
+    fmt: str,
+    cache_dir: Path,
+    columns: Mapping[str, str] | None = None,
 ) -> tuple[TokenStore, Accounting]:
-    """The store for one file, from the cache when its key matches, else encoded and written atomically."""
+    """The store for one data entry (a file, a Parquet folder, an hf:// name: sources.py), from the cache
+    when its key matches, else encoded and written atomically."""
+    source = resolve_source(path)
     parts = {
         "protocol_version": PROTOCOL_VERSION,
         "template": encoder.template.fingerprint,
         "tokenizer": tokenizer_fingerprint(encoder.tokenizer),
         "protocol": dataclasses.asdict(encoder.config),
         "format": fmt,
+        "columns": dict(columns or {}),
     }
-    key = cache_key(parts, [path])
+    key = cache_key(parts, source.files)
     store_dir = cache_dir / "stores" / key
     if is_complete(store_dir):
         store = TokenStore(store_dir)
         return store, Accounting.from_dict(store.manifest["accounting"])
     accounting = Accounting()
-    size = max(Path(path).stat().st_size, 1)
+    size = max(source.size_bytes, 1)
     started = time.perf_counter()
     tokens = 0
     with (
@@ -189,7 +201,7 @@ def build_store(
         StoreWriter(store_dir, vocab_size=encoder.tokenizer.get_vocab_size()) as writer,
     ):
         task = progress.add_task(f"preparing {Path(path).name}", total=size, rows=0, tokens_per_s=0.0)
-        for example in encoder.encode_file(path, fmt, accounting):
+        for example in encoder.encode_file(source, fmt, accounting, columns):
             writer.add(example.input_ids, example.labels)
             tokens += len(example.input_ids)
             if accounting.kept % 1000 == 0:
@@ -237,13 +249,14 @@ def _prepare_locked(
 ) -> PreparedData:
     data_cfg = cfg["data"]
     train_files, val_files = data_files(data_cfg, cache_dir, cfg["seed"])
-    tokenizer = build_tokenizer(cfg["tokenizer"], template, protocol, train_files, fmt, cache_dir)
+    columns = data_cfg.get("columns")
+    tokenizer = build_tokenizer(cfg["tokenizer"], template, protocol, train_files, fmt, cache_dir, columns)
     encoder = ConversationEncoder(tokenizer, template, protocol)
     accounting = Accounting()
     stores: dict[str, list[TokenStore]] = {"train": [], "val": []}
     for split, files in (("train", train_files), ("val", val_files)):
         for path in files:
-            store, file_accounting = build_store(path, encoder, fmt, cache_dir)
+            store, file_accounting = build_store(path, encoder, fmt, cache_dir, columns)
             stores[split].append(store)
             accounting.merge(file_accounting)
     return PreparedData(tokenizer, template, stores["train"], stores["val"], accounting)

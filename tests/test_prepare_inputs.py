@@ -1,0 +1,162 @@
+"""The same conversations as JSONL, Parquet, a save_to_disk folder and a cached hf:// name prepare to the same
+bytes; bad rows are located as file:row; renamed columns; the cache key follows the files' content."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import pytest
+
+from sft.data.build import export_jsonl, prepare
+from sft.protocol.pipeline import DataError
+from tests.conftest import make_tokenizer
+from tests.protocol.test_sources import arrow_table
+from tests.test_prepare_cli import A, B, run_prepare, write_jsonl
+
+pq = pytest.importorskip("pyarrow.parquet")
+datasets = pytest.importorskip("datasets")
+
+# Fields only some records have: Arrow gives the others nulls (train: null would be refused, tools: null
+# and system: null would render differently), so these prove the nulls are dropped.
+WITH_TOOLS = {
+    "messages": [
+        {"role": "user", "content": "Call it"},
+        {"role": "assistant", "content": "Not this", "train": False},
+        {"role": "user", "content": "Again"},
+        {"role": "assistant", "content": "Done"},
+    ],
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    "system": "Be brief.",
+}
+RECORDS = [*A, *B, WITH_TOOLS]
+
+
+def cache_hf_dataset(cache_root, repo_id: str, parquet: str, split: str = "train") -> None:
+    """Put a Parquet file into a datasets cache exactly where `load_dataset(repo_id)` leaves a Hub download
+    (`org___name/default/0.0.0/<commit>/name-split.arrow` + dataset_info.json), without any network."""
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    namespace, name = repo_id.split("/")
+    build_dir = os.path.join(str(cache_root), ".build")
+    builder = Parquet(
+        cache_dir=build_dir,
+        dataset_name=name,
+        config_name="default",
+        hash="0" * 40,
+        data_files={split: [parquet]},
+    )
+    builder.download_and_prepare()
+    [built] = glob.glob(os.path.join(build_dir, name, "*", "0.0.0", "0" * 40))
+    target = os.path.join(str(cache_root), f"{namespace}___{name}", "default", "0.0.0")
+    os.makedirs(target)
+    shutil.move(built, target)
+    shutil.rmtree(build_dir)
+
+
+@pytest.fixture
+def entries(tmp_path, monkeypatch):
+    """One set of conversations under every kind of data entry."""
+    make_tokenizer().save(str(tmp_path / "tok.json"))
+    parquet = str(tmp_path / "chats.parquet")
+    pq.write_table(arrow_table(RECORDS), parquet)
+    # Dataset.from_list would take the first record's keys as the columns: build from the unified table.
+    datasets.Dataset(datasets.table.InMemoryTable(arrow_table(RECORDS))).save_to_disk(str(tmp_path / "saved"))
+    hf_cache = tmp_path / "hf-cache"
+    cache_hf_dataset(hf_cache, "org/chats", parquet)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(hf_cache))
+    return {
+        "jsonl": write_jsonl(tmp_path / "chats.jsonl", RECORDS),
+        "parquet": parquet,
+        "saved": str(tmp_path / "saved"),
+        "hf": "hf://org/chats:train",
+        "tok": str(tmp_path / "tok.json"),
+        "cache": str(tmp_path / "cache"),
+        "hf_cache": str(hf_cache),
+    }
+
+
+def config(entries, train: list[str], **data) -> dict:
+    return {
+        "seed": 0,
+        "tokenizer": {"name": "file", "path": entries["tok"]},
+        "template": {"name": "chatml"},
+        "protocol": {"max_seq_len": 4096, "system_prompt": None},
+        "data": {"name": "jsonl", "train": train, "format": "auto", "cache_dir": entries["cache"], **data},
+    }
+
+
+def exported(entries, tmp_path, name: str) -> bytes:
+    out = tmp_path / f"{name}.out.jsonl"
+    prepared = prepare(config(entries, [entries[name]]))
+    assert prepared.accounting.kept == len(RECORDS), prepared.accounting.summary()
+    export_jsonl(prepared.train, out)
+    return out.read_bytes()
+
+
+def test_every_kind_of_entry_gives_byte_identical_examples(entries, tmp_path):
+    reference = exported(entries, tmp_path, "jsonl")
+    for name in ("parquet", "saved", "hf"):
+        assert exported(entries, tmp_path, name) == reference, name
+
+
+def test_a_bad_row_is_named_by_file_and_row_or_skipped_and_counted(entries, tmp_path):
+    bad = str(tmp_path / "bad.parquet")
+    rows = RECORDS[:2] + [{"messages": [{"role": "user", "content": "Only a question"}]}]
+    pq.write_table(arrow_table(rows), bad)
+    with pytest.raises(DataError, match=rf"{bad}:3: no_assistant_turn"):
+        prepare(config(entries, [bad]))
+    cfg = config(entries, [bad])
+    cfg["protocol"]["on_error"] = "skip"
+    accounting = prepare(cfg).accounting
+    assert (accounting.read, accounting.kept, dict(accounting.skipped)) == (3, 2, {"no_assistant_turn": 1})
+    assert accounting.where["no_assistant_turn"] == [f"{bad}:3"]
+
+
+def test_columns_map_a_differently_named_column_and_change_the_cache_key(entries, tmp_path):
+    renamed = str(tmp_path / "renamed.parquet")
+    pq.write_table(arrow_table([{"conversation": record["messages"]} for record in A[:1]]), renamed)
+    with pytest.raises(DataError, match="unknown_format"):
+        prepare(config(entries, [renamed]))
+    mapped = prepare(config(entries, [renamed], columns={"messages": "conversation"}))
+    plain = prepare(config(entries, [write_jsonl(tmp_path / "a0.jsonl", A[:1])]))
+    assert mapped.train[0][0][0].tolist() == plain.train[0][0][0].tolist()
+    assert mapped.train[0].store_dir != plain.train[0].store_dir
+
+
+def test_the_store_follows_the_parquet_files_content(entries, tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pq.write_table(arrow_table(RECORDS[:3]), str(folder / "0.parquet"))
+    first = prepare(config(entries, [str(folder)])).train[0]
+    assert len(first) == 3
+    pq.write_table(arrow_table(RECORDS[3:]), str(folder / "1.parquet"))
+    second = prepare(config(entries, [str(folder)])).train[0]
+    assert second.store_dir != first.store_dir and len(second) == len(RECORDS)
+
+
+@pytest.mark.slow
+def test_sft_prepare_reads_a_cached_hf_name_offline(entries, tmp_path):
+    reference = exported(entries, tmp_path, "jsonl")
+    os.environ["HF_DATASETS_CACHE"] = entries["hf_cache"]
+    try:
+        result = run_prepare(
+            tmp_path,
+            f"data.train=['{entries['hf']}']",
+            "tokenizer=file",
+            f"tokenizer.path={entries['tok']}",
+            "template=chatml",
+            "protocol.system_prompt=null",
+            f"data.cache_dir={entries['cache']}",
+            f"export={tmp_path / 'cli.jsonl'}",
+        )
+        missing = run_prepare(
+            tmp_path, "data.train=['hf://org/absent']", f"data.cache_dir={entries['cache']}"
+        )
+    finally:
+        del os.environ["HF_DATASETS_CACHE"]
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "cli.jsonl").read_bytes() == reference
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "datasets.load_dataset('org/absent', split='train')" in missing.stderr
