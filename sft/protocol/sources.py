@@ -29,6 +29,7 @@ from sft.protocol.records import RawRecord, iter_raw_records
 HF_PREFIX = "hf://"
 ROWS_PER_BATCH = 1024  # rows converted to Python at a time: bounded memory, little per-batch overhead
 _GLOB_CHARS = set("*?[")
+TABLE_SUFFIXES = (".parquet", ".arrow")
 
 
 class SourceError(FileNotFoundError):
@@ -48,19 +49,29 @@ class DataSource:
 
 
 def resolve_source(name: str) -> DataSource:
-    """The files behind one data entry; SourceError when there are none."""
+    """The files behind one data entry; SourceError when there are none or they cannot be read here."""
+    source = DataSource(name, tuple(_entry_files(name)))
+    if any(Path(file).suffix in TABLE_SUFFIXES for file in source.files):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise SourceError(f"{name}: reading Parquet / Arrow needs `pip install sft[data]`") from None
+    return source
+
+
+def _entry_files(name: str) -> list[str]:
     if name.startswith(HF_PREFIX):
-        return DataSource(name, tuple(_hf_cache_files(name)))
+        return _hf_cache_files(name)
     if _GLOB_CHARS & set(name):
         files = sorted(glob.glob(name, recursive=True))
         if not files:
             raise SourceError(f"data file not found: no file matches {name}")
-        return DataSource(name, tuple(files))
+        return files
     path = Path(name)
     if path.is_file():
-        return DataSource(name, (name,))
+        return [name]
     if path.is_dir():
-        return DataSource(name, tuple(_directory_files(path)))
+        return _directory_files(path)
     raise SourceError(f"data file not found: {name}")
 
 

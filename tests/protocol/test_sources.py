@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -129,3 +131,21 @@ def test_json_and_jsonl_entries_read_as_before(tmp_path):
     assert [record.data for record in read_records(str(path))] == ROWS
     with pytest.raises(SourceError, match="data file not found"):
         resolve_source(str(tmp_path / "missing.jsonl"))
+
+
+def test_jsonl_needs_neither_pyarrow_nor_datasets_and_parquet_says_what_to_install(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(json.dumps(ROWS[0]) + "\n", encoding="utf-8")
+    parquet = write_parquet(tmp_path / "d.parquet", ROWS)
+    check = (
+        "import sys; sys.modules['pyarrow'] = sys.modules['datasets'] = None\n"
+        "from sft.protocol.sources import SourceError, read_records\n"
+        f"assert len(list(read_records({str(jsonl)!r}))) == 1\n"
+        "try:\n"
+        f"    read_records({parquet!r}).__next__()\n"
+        "except SourceError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "needs `pip install sft[data]`" in result.stdout
