@@ -10,7 +10,6 @@ Examples run alone (right-padded), which gives the same per-token losses as the 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,14 @@ from sft.checkpoint import load_for_inference
 from sft.cli.chat import resolve_device
 from sft.data.build import protocol_config
 from sft.data.sample import generate_conversations
+from sft.eval_report import report_items, write_html, write_json
 from sft.evaluate import exact_match_counts, sample_eval_items
+from sft.generation_eval import evaluate_generations, generation_items
 from sft.loss import masked_token_loss_sum
 from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.pipeline import Accounting, ConversationEncoder, EncodedExample, read_conversations
 from sft.protocol.records import record_to_conversation
+from sft.protocol.sources import resolve_source
 
 
 def eval_conversations(data: dict[str, Any], seed: int):
@@ -39,9 +41,7 @@ def eval_conversations(data: dict[str, Any], seed: int):
             yield record_to_conversation(record, source="sample-val", line=line)
         return
     for path in [files] if isinstance(files, str) else files:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"data.val: no file at {path}")
-        yield from read_conversations(path, data.get("format", "auto"))
+        yield from read_conversations(resolve_source(path), data.get("format", "auto"), data.get("columns"))
 
 
 @torch.inference_mode()
@@ -91,6 +91,8 @@ def evaluate_checkpoint(config: dict[str, Any]) -> dict[str, Any]:
         "metrics": metrics,
         "accounting": accounting.to_dict(),
     }
+    if config["eval"]["generate"]:
+        report["items"] = generation_report(bundle, encoder, config, metrics)
     if not data["val"] and config["eval"]["exact_match"]:
         items = sample_eval_items(config["seed"], data["num_val"], config["eval"]["max_items"])
         correct, total = exact_match_counts(
@@ -99,6 +101,50 @@ def evaluate_checkpoint(config: dict[str, Any]) -> dict[str, Any]:
         metrics["eval/exact_match"] = correct / total
         report["exact_match_items"] = total
     return report
+
+
+def generation_report(bundle, encoder: ConversationEncoder, config: dict[str, Any], metrics: dict) -> list:
+    """Generate each trained assistant turn (up to eval.max_items), add the mean scores to `metrics`;
+    returns the report's items."""
+    conversations = eval_conversations(config["data"], config["seed"])
+    items = generation_items(conversations, encoder, config["eval"]["max_items"])
+    generator = torch.Generator().manual_seed(config["seed"])
+    generations, scores = evaluate_generations(
+        bundle.model, bundle.tokenizer, bundle.template.eot, items, config["eval"], generator
+    )
+    metrics.update(scores)
+    return report_items(items, [generations])
+
+
+def compare_checkpoints(config: dict[str, Any]) -> dict[str, Any]:
+    """Each checkpoint of `ckpt=[a.ckpt,b.ckpt]` on the same items; their generations side by side."""
+    reports = [evaluate_checkpoint({**config, "ckpt": ckpt}) for ckpt in config["ckpt"]]
+    return side_by_side(reports)
+
+
+def side_by_side(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report per checkpoint → {"checkpoints": summaries, "items": each with every generation}."""
+    item_lists = [report.pop("items", []) for report in reports]
+    keys = [[(item["where"], item["turn"]) for item in items] for items in item_lists]
+    if any(other != keys[0] for other in keys[1:]):
+        raise ValueError("the checkpoints' protocols give different items: compare checkpoints of one setup")
+    items = [
+        {**first, "generations": [items[index]["generations"][0] for items in item_lists]}
+        for index, first in enumerate(item_lists[0])
+    ]
+    return {"checkpoints": reports, "items": items}
+
+
+def print_comparison(comparison: dict[str, Any]) -> None:
+    summaries = comparison["checkpoints"]
+    names = [str(summary["ckpt"]) for summary in summaries]
+    print(f"{len(comparison['items'])} items, {len(names)} checkpoints on {summaries[0]['data']}")
+    print(f"  {'metric':28s} " + " ".join(f"{chr(ord('A') + i):>10s}" for i in range(len(names))))
+    for metric in sorted({name for summary in summaries for name in summary["metrics"]}):
+        values = [summary["metrics"].get(metric) for summary in summaries]
+        print(f"  {metric:28s} " + " ".join(f"{v:10.4f}" if v is not None else " " * 10 for v in values))
+    for index, name in enumerate(names):
+        print(f"  {chr(ord('A') + index)}: {name}")
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -113,11 +159,21 @@ def print_report(report: dict[str, Any]) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://sft.conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     config = OmegaConf.to_container(cfg, resolve=True)
-    report = evaluate_checkpoint(config)
-    print_report(report)
+    if isinstance(config["ckpt"], list):
+        report = compare_checkpoints(config)
+        page = report
+        print_comparison(report)
+    else:
+        report = evaluate_checkpoint(config)
+        page = side_by_side([dict(report)])
+        print_report(report)
     if config["out"]:
-        Path(config["out"]).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(report, config["out"])
         print(f"report: {config['out']}")
+    html = config.get("html") or (config["out"] and str(Path(config["out"]).with_suffix(".html")))
+    if html and config["eval"]["generate"]:
+        write_html(page, html)
+        print(f"page:   {html}")
 
 
 if __name__ == "__main__":
