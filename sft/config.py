@@ -125,8 +125,12 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     exact_match: bool = True
+    generate_every_n_steps: int = 0  # 0: off; else generate data.val's assistant turns and log gen/* scores
     max_items: int = 200
     max_new_tokens: int = 32
+    batch_size: int = 16  # prompts generated together
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
 
 
 @dataclass
