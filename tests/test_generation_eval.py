@@ -141,3 +141,14 @@ def test_two_checkpoints_side_by_side_on_the_same_items(held_out, tokenizer, tmp
     assert "3 items, 2 checkpoints" in printed and "gen/exact_match" in printed
     page = (tmp_path / "report.html").read_text()
     assert str(trained) in page and str(untrained) in page and "Hi there." in page
+
+
+def test_batched_generation_equals_one_by_one_with_a_transformers_model(tmp_path):
+    pytest.importorskip("transformers", minversion="4.56")
+    from sft.model.hf import build_hf_model
+    from tests.test_hf import hf_section, make_model_dir
+
+    model = build_hf_model(hf_section(make_model_dir(tmp_path / "tiny-llama"))).eval()
+    prompts = [[5, 17, 42], [9, 9, 1], [3, 4], [8, 8, 8]]
+    expected = [generate(model, prompt, 6, set()) for prompt in prompts]
+    assert generate_batch(model, prompts, 6, set(), batch_size=4) == expected
