@@ -56,6 +56,7 @@ class DataConfig:
     train: list[str] | str | None = None
     val: list[str] | str | None = None
     columns: dict[str, str] | None = None  # field <- column renames, e.g. {messages: conversation}
+    prepare_per_node: bool = True  # False: the ranks of all nodes share the entries (a shared data.cache_dir)
     num_train: int = 6000
     num_val: int = 200
     format: str = "auto"

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from tokenizers import Tokenizer
 
 from sft.data import sample
+from sft.data.ranks import PrepareRanks, artifact_lock, prepare_in_turn
 from sft.data.store import StoreWriter, TokenStore, cache_key, is_complete
 from sft.protocol.pipeline import (
     PROTOCOL_VERSION,
@@ -227,8 +228,11 @@ def prepare(cfg: Mapping[str, Any]) -> PreparedData:
     protocol = protocol_config(cfg["protocol"])
     template = load_template(cfg["template"])
     check_template(template)
+    ranks = PrepareRanks.from_environment(bool(data_cfg.get("prepare_per_node", True)))
+    if ranks.world_size > 1:  # every rank prepares its share at once (sft.data.ranks): no cache-wide lock
+        return _prepare_locked(cfg, cache_dir, fmt, protocol, template, ranks)
     with cache_lock(cache_dir):
-        return _prepare_locked(cfg, cache_dir, fmt, protocol, template)
+        return _prepare_locked(cfg, cache_dir, fmt, protocol, template, ranks)
 
 
 @contextmanager
@@ -245,21 +249,36 @@ def cache_lock(cache_dir: Path) -> Iterator[None]:
 
 
 def _prepare_locked(
-    cfg: Mapping[str, Any], cache_dir: Path, fmt: str, protocol: ProtocolConfig, template: ChatTemplate
+    cfg: Mapping[str, Any],
+    cache_dir: Path,
+    fmt: str,
+    protocol: ProtocolConfig,
+    template: ChatTemplate,
+    ranks: PrepareRanks,
 ) -> PreparedData:
     data_cfg = cfg["data"]
     train_files, val_files = data_files(data_cfg, cache_dir, cfg["seed"])
     columns = data_cfg.get("columns")
-    tokenizer = build_tokenizer(cfg["tokenizer"], template, protocol, train_files, fmt, cache_dir, columns)
+    with artifact_lock(cache_dir / "tokenizers" / "bpe"):  # trained once, by the first rank to get here
+        tokenizer = build_tokenizer(
+            cfg["tokenizer"], template, protocol, train_files, fmt, cache_dir, columns
+        )
     encoder = ConversationEncoder(tokenizer, template, protocol)
+    entries = train_files + val_files
+    built = prepare_in_turn(
+        entries,
+        [resolve_source(entry).size_bytes for entry in entries],
+        lambda entry: build_store(entry, encoder, fmt, cache_dir, columns),
+        ranks,
+        cache_dir / "locks",
+    )
     accounting = Accounting()
-    stores: dict[str, list[TokenStore]] = {"train": [], "val": []}
-    for split, files in (("train", train_files), ("val", val_files)):
-        for path in files:
-            store, file_accounting = build_store(path, encoder, fmt, cache_dir, columns)
-            stores[split].append(store)
-            accounting.merge(file_accounting)
-    return PreparedData(tokenizer, template, stores["train"], stores["val"], accounting)
+    for _, entry_accounting in built:
+        accounting.merge(entry_accounting)
+    stores = [store for store, _ in built]
+    return PreparedData(
+        tokenizer, template, stores[: len(train_files)], stores[len(train_files) :], accounting
+    )
 
 
 def export_jsonl(stores: list[TokenStore], path: str | os.PathLike) -> int:

@@ -16,15 +16,19 @@ default each node prepares every entry itself, split over its own ranks (Lightni
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 # (rank, world size) variables of the launchers, in order of preference: torchrun, then SLURM's srun.
 _GLOBAL = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"))
 _LOCAL = (("LOCAL_RANK", "LOCAL_WORLD_SIZE"), ("SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"))
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,13 +68,66 @@ def assign_entries(sizes: Sequence[int], world_size: int) -> list[int]:
     return owners
 
 
+class ArtifactLock:
+    """`<path>.lock` held exclusively: one process builds a given tokenizer or store at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.with_name(f".{path.name}.lock")
+        self._handle = None
+
+    def acquire(self) -> ArtifactLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "a")
+        fcntl.flock(self._handle, fcntl.LOCK_EX)
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
 @contextmanager
 def artifact_lock(path: Path) -> Iterator[None]:
-    """Hold `<path>.lock` exclusively: one process builds a given tokenizer or store at a time."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    lock = ArtifactLock(path).acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def entry_lock_path(lock_dir: Path, entry: str) -> Path:
+    return lock_dir / hashlib.sha256(entry.encode()).hexdigest()[:32]
+
+
+def prepare_in_turn(
+    entries: Sequence[str],
+    sizes: Sequence[int],
+    build: Callable[[str], T],
+    ranks: PrepareRanks,
+    lock_dir: Path,
+) -> list[T]:
+    """`build(entry)` of every entry, in order: first this rank's share, each under its entry's lock (all
+    taken up front, so that the other ranks wait for them rather than duplicate them), then every entry
+    under its lock again: a store another rank built is only opened; one whose builder failed is built
+    here and fails the same way. On one rank this is simply every entry in order."""
+    unique = dict(zip(entries, sizes, strict=True))  # an entry listed twice is built once, by one owner
+    owners = assign_entries(list(unique.values()), ranks.world_size)
+    built: dict[str, T] = {}
+    if ranks.world_size > 1:
+        mine = [entry for entry, owner in zip(unique, owners, strict=True) if owner == ranks.rank]
+        print(f"sft: {ranks.describe(len(mine), len(unique))}", file=sys.stderr)
+        locks = [ArtifactLock(entry_lock_path(lock_dir, entry)).acquire() for entry in mine]
         try:
-            yield
+            for entry, lock in zip(mine, locks, strict=True):
+                built[entry] = build(entry)
+                lock.release()
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            for lock in locks:
+                lock.release()
+    for entry in entries:
+        if entry not in built:
+            with artifact_lock(entry_lock_path(lock_dir, entry)):
+                built[entry] = build(entry)
+    return [built[entry] for entry in entries]

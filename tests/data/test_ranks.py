@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
-from sft.data.ranks import PrepareRanks, artifact_lock, assign_entries
+from sft.data.ranks import PrepareRanks, artifact_lock, assign_entries, prepare_in_turn
 
 
 @pytest.mark.parametrize(
@@ -64,3 +65,34 @@ def test_one_builder_per_artifact_and_different_artifacts_in_parallel(tmp_path):
         assert not finished["same"].wait(0.3)
     same.join(5)
     assert finished["same"].is_set()
+
+
+def test_each_entry_is_built_once_by_its_owner_and_every_rank_gets_all_in_order(tmp_path):
+    entries, sizes = ["a", "b", "c", "d", "a"], [5, 40, 10, 30, 5]
+    cache: dict[str, str] = {}
+    builders: list[tuple[int, str]] = []
+
+    def builder(rank):
+        def build(entry):
+            if entry not in cache:  # a cache miss: encode (slowly) and publish
+                builders.append((rank, entry))
+                time.sleep(0.05)
+                cache[entry] = entry.upper()
+            return cache[entry]
+
+        return build
+
+    results = {}
+
+    def run(rank):
+        results[rank] = prepare_in_turn(entries, sizes, builder(rank), PrepareRanks(rank, 2), tmp_path)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results[0] == results[1] == ["A", "B", "C", "D", "A"]
+    assert sorted(entry for _, entry in builders) == ["a", "b", "c", "d"]  # each once, "a" listed twice
+    owners = dict(zip("abcd", assign_entries(sizes[:4], 2), strict=True))
+    assert all(owners[entry] == rank for rank, entry in builders), (builders, owners)
