@@ -54,7 +54,10 @@ def token_f1(generated: str, reference: str) -> float:
 
 
 def tool_call(value: Any) -> dict[str, Any] | None:
-    """A call as {"name": str, "arguments": JSON value}, or None when `value` is not one."""
+    """A call as {"name": str, "arguments": JSON value}, or None when `value` is not one; a structured
+    call object (the protocol's ToolCall: `.name`, `.arguments`) reads as its two fields."""
+    if not isinstance(value, Mapping) and hasattr(value, "name") and hasattr(value, "arguments"):
+        value = {"name": value.name, "arguments": value.arguments}
     if (
         isinstance(value, Mapping)
         and value.get("type") == "function"

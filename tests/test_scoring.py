@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -53,6 +54,7 @@ def test_tool_call_reads_the_openai_shapes():
         tool_call({"type": "function", "function": {"name": "get", "arguments": {"city": "Oslo"}}}) == plain
     )
     assert tool_call({"name": "get"}) == {"name": "get", "arguments": {}}
+    assert tool_call(SimpleNamespace(name="get", arguments={"city": "Oslo"}, id="call_1")) == plain
     assert tool_call({"arguments": {}}) is None
     assert tool_call({"name": "get", "arguments": "{not json"}) is None
 
