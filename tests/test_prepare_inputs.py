@@ -160,3 +160,15 @@ def test_sft_prepare_reads_a_cached_hf_name_offline(entries, tmp_path):
     assert (tmp_path / "cli.jsonl").read_bytes() == reference
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert "datasets.load_dataset('org/absent', split='train')" in missing.stderr
+
+
+def test_a_bad_row_in_a_glob_of_files_is_named_by_its_file_from_the_cache_too(entries, tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pq.write_table(arrow_table(RECORDS[:2]), str(folder / "0.parquet"))
+    rows = RECORDS[2:4] + [{"messages": [{"role": "user", "content": "Only a question"}]}]
+    pq.write_table(arrow_table(rows), str(folder / "1.parquet"))
+    cfg = config(entries, [str(folder / "*.parquet")])
+    cfg["protocol"]["on_error"] = "skip"
+    for _ in range(2):  # encoded, then opened from the cache
+        assert prepare(cfg).accounting.where["no_assistant_turn"] == [f"{folder / '1.parquet'}:3"]

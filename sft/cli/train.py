@@ -20,10 +20,13 @@ from omegaconf import DictConfig
 
 from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback
 from sft.config import ConfigError, validate_config
+from sft.data.build import EmptyDataError
 from sft.data.datamodule import SFTDataModule
+from sft.data.store import StoreError
 from sft.evaluate import sample_eval_items
 from sft.loggers import finish_wandb
 from sft.module import SFTModule
+from sft.protocol.pipeline import DataError
 
 
 def build_logger(
@@ -111,10 +114,19 @@ def run_record(checkpoint_dir: Path) -> dict[str, Any]:
     }
 
 
+def with_absolute_path(model_config: dict[str, Any]) -> dict[str, Any]:
+    """`model.path` made absolute: the checkpoint keeps it to rebuild the base model, and sft-chat, sft-eval
+    and sft-export may run from any directory."""
+    if not model_config.get("path"):
+        return model_config
+    return {**model_config, "path": str(Path(model_config["path"]).resolve())}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Prepare data, build the model, fit, and write summary.json; returns the summary."""
     started = time.perf_counter()
     config = validate_config(cfg)  # a typo'd key or wrong type fails here, naming the key
+    config["model"] = with_absolute_path(config["model"])
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     L.seed_everything(config["seed"], workers=True)
 
@@ -203,8 +215,8 @@ def main(cfg: DictConfig) -> float | None:
     """Returns the final val/loss: the objective a Hydra sweeper (hydra/sweeper=optuna_lr) minimises."""
     try:
         return train(cfg)["metrics"].get("val/loss")
-    except ConfigError as error:
-        sys.exit(f"sft-train: {error}")  # the user's typo, not a crash: the message without a traceback
+    except (ConfigError, DataError, EmptyDataError, StoreError) as error:
+        sys.exit(f"sft-train: {error}")  # the user's config or data, not a crash: the message, no traceback
 
 
 if __name__ == "__main__":

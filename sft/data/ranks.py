@@ -20,7 +20,7 @@ import hashlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -106,12 +106,13 @@ def prepare_in_turn(
     sizes: Sequence[int],
     build: Callable[[str], T],
     ranks: PrepareRanks,
-    lock_dir: Path,
+    lock_dir: Path | None,
 ) -> list[T]:
     """`build(entry)` of every entry, in order: first this rank's share, each under its entry's lock (all
     taken up front, so that the other ranks wait for them rather than duplicate them), then every entry
     under its lock again: a store another rank built is only opened; one whose builder failed is built
-    here and fails the same way. On one rank this is simply every entry in order."""
+    here and fails the same way. On one rank this is simply every entry in order; `lock_dir` None (a
+    read-only cache, where nothing is built) takes no locks."""
     unique = dict(zip(entries, sizes, strict=True))  # an entry listed twice is built once, by one owner
     owners = assign_entries(list(unique.values()), ranks.world_size)
     built: dict[str, T] = {}
@@ -128,6 +129,6 @@ def prepare_in_turn(
                 lock.release()
     for entry in entries:
         if entry not in built:
-            with artifact_lock(entry_lock_path(lock_dir, entry)):
+            with artifact_lock(entry_lock_path(lock_dir, entry)) if lock_dir else nullcontext():
                 built[entry] = build(entry)
     return [built[entry] for entry in entries]

@@ -17,6 +17,7 @@ neither.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 from collections.abc import Iterator, Mapping
@@ -72,6 +73,8 @@ def _entry_files(name: str) -> list[str]:
         return [name]
     if path.is_dir():
         return _directory_files(path)
+    if path.exists():
+        raise ValueError(f"{name} is not a regular file")
     raise SourceError(f"data file not found: {name}")
 
 
@@ -86,7 +89,10 @@ def _directory_files(path: Path) -> list[str]:
         return [str(path / entry["filename"]) for entry in state["_data_files"]]
     files = sorted(str(file) for file in path.rglob("*.parquet"))
     if not files:
-        raise SourceError(f"{path} has no .parquet files and is no datasets.save_to_disk folder")
+        raise ValueError(
+            f"{path} is a directory, not a data file: list the files in it (e.g. [{path / 'part1.jsonl'}]), "
+            "or give a folder of .parquet files or a datasets.save_to_disk folder"
+        )
     return files
 
 
@@ -201,4 +207,4 @@ def _renamed(record: RawRecord, columns: Mapping[str, str]) -> RawRecord:
     for field, column in columns.items():
         if column in data:
             data[field] = data.pop(column)
-    return RawRecord(record.source, record.line, data=data)
+    return dataclasses.replace(record, data=data)

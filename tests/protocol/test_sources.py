@@ -73,7 +73,7 @@ def test_a_folder_or_glob_of_parquet_files_reads_them_in_sorted_order(tmp_path):
     with pytest.raises(SourceError, match="no file matches"):
         resolve_source(str(folder / "*.nothing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SourceError, match="no .parquet files"):
+    with pytest.raises(ValueError, match="is a directory, not a data file"):
         resolve_source(str(tmp_path / "empty"))
 
 
