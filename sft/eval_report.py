@@ -12,9 +12,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from html import escape
-from pathlib import Path
 from typing import Any
 
+from sft.atomic import atomic_file
 from sft.generation_eval import Generation, GenerationItem
 
 
@@ -35,7 +35,8 @@ def report_items(
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with atomic_file(path, encoding="utf-8") as handle:
+        handle.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
 _STYLE = """
@@ -93,4 +94,5 @@ def render_html(report: dict[str, Any]) -> str:
 
 
 def write_html(report: dict[str, Any], path: str | os.PathLike) -> None:
-    Path(path).write_text(render_html(report), encoding="utf-8")
+    with atomic_file(path, encoding="utf-8") as handle:
+        handle.write(render_html(report))

@@ -18,8 +18,7 @@ from sft.model.generate import generate
 from sft.protocol.pipeline import Accounting, ConversationEncoder, read_conversations
 from sft.protocol.templates import BUILTINS, render_chat_prompt
 from sft.protocol.types import ProtocolConfig
-from tests.model.test_generate import tiny_model
-from tests.test_chat import write_checkpoint
+from tests.helpers import tiny_decoder, write_checkpoint
 
 HELD_OUT = [
     {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there."}]},
@@ -66,7 +65,7 @@ def test_items_are_the_trained_turns_with_their_inference_prompts(held_out, toke
 
 
 def test_batched_generation_equals_one_by_one_generation():
-    model = tiny_model()
+    model = tiny_decoder()
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 64, (length,), generator=generator).tolist() for length in (3, 5, 5, 5, 2, 5)]
     stop_ids = {generate(model, prompts[1], 8, set())[3]}  # a token that one row reaches mid-way
@@ -146,9 +145,10 @@ def test_two_checkpoints_side_by_side_on_the_same_items(held_out, tokenizer, tmp
 def test_batched_generation_equals_one_by_one_with_a_transformers_model(tmp_path):
     pytest.importorskip("transformers", minversion="4.56")
     from sft.model.hf import build_hf_model
-    from tests.test_hf import hf_section, make_model_dir
+    from tests.helpers import make_model_dir
 
-    model = build_hf_model(hf_section(make_model_dir(tmp_path / "tiny-llama"))).eval()
+    section = {"name": "hf", "path": str(make_model_dir(tmp_path / "tiny-llama")), "dtype": None}
+    model = build_hf_model({**section, "attn_implementation": None, "lora": None}).eval()
     prompts = [[5, 17, 42], [9, 9, 1], [3, 4], [8, 8, 8]]
     expected = [generate(model, prompt, 6, set()) for prompt in prompts]
     assert generate_batch(model, prompts, 6, set(), batch_size=4) == expected

@@ -3,17 +3,11 @@ bytes; bad rows are located as file:row; renamed columns; the cache key follows 
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-
 import pytest
 
 from sft.data.build import export_jsonl, prepare
 from sft.protocol.pipeline import DataError
-from tests.conftest import make_tokenizer
-from tests.protocol.test_sources import arrow_table
-from tests.test_prepare_cli import A, B, run_prepare, write_jsonl
+from tests.helpers import A, B, arrow_table, cache_hf_dataset, make_tokenizer, write_jsonl
 
 pq = pytest.importorskip("pyarrow.parquet")
 datasets = pytest.importorskip("datasets")
@@ -31,28 +25,6 @@ WITH_TOOLS = {
     "system": "Be brief.",
 }
 RECORDS = [*A, *B, WITH_TOOLS]
-
-
-def cache_hf_dataset(cache_root, repo_id: str, parquet: str, split: str = "train") -> None:
-    """Put a Parquet file into a datasets cache exactly where `load_dataset(repo_id)` leaves a Hub download
-    (`org___name/default/0.0.0/<commit>/name-split.arrow` + dataset_info.json), without any network."""
-    from datasets.packaged_modules.parquet.parquet import Parquet
-
-    namespace, name = repo_id.split("/")
-    build_dir = os.path.join(str(cache_root), ".build")
-    builder = Parquet(
-        cache_dir=build_dir,
-        dataset_name=name,
-        config_name="default",
-        hash="0" * 40,
-        data_files={split: [parquet]},
-    )
-    builder.download_and_prepare()
-    [built] = glob.glob(os.path.join(build_dir, name, "*", "0.0.0", "0" * 40))
-    target = os.path.join(str(cache_root), f"{namespace}___{name}", "default", "0.0.0")
-    os.makedirs(target)
-    shutil.move(built, target)
-    shutil.rmtree(build_dir)
 
 
 @pytest.fixture
@@ -134,32 +106,6 @@ def test_the_store_follows_the_parquet_files_content(entries, tmp_path):
     pq.write_table(arrow_table(RECORDS[3:]), str(folder / "1.parquet"))
     second = prepare(config(entries, [str(folder)])).train[0]
     assert second.store_dir != first.store_dir and len(second) == len(RECORDS)
-
-
-@pytest.mark.slow
-def test_sft_prepare_reads_a_cached_hf_name_offline(entries, tmp_path):
-    reference = exported(entries, tmp_path, "jsonl")
-    os.environ["HF_DATASETS_CACHE"] = entries["hf_cache"]
-    try:
-        result = run_prepare(
-            tmp_path,
-            f"data.train=['{entries['hf']}']",
-            "tokenizer=file",
-            f"tokenizer.path={entries['tok']}",
-            "template=chatml",
-            "protocol.system_prompt=null",
-            f"data.cache_dir={entries['cache']}",
-            f"export={tmp_path / 'cli.jsonl'}",
-        )
-        missing = run_prepare(
-            tmp_path, "data.train=['hf://org/absent']", f"data.cache_dir={entries['cache']}"
-        )
-    finally:
-        del os.environ["HF_DATASETS_CACHE"]
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "cli.jsonl").read_bytes() == reference
-    assert missing.returncode == 1 and "Traceback" not in missing.stderr
-    assert "datasets.load_dataset('org/absent', split='train')" in missing.stderr
 
 
 def test_a_bad_row_in_a_glob_of_files_is_named_by_its_file_from_the_cache_too(entries, tmp_path):

@@ -11,6 +11,7 @@ Examples run alone (right-padded), which gives the same per-token losses as the 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sft.checkpoint import load_for_inference
+from sft.checkpoint import CheckpointError, load_for_inference
 from sft.cli.chat import resolve_device
 from sft.data.build import protocol_config
 from sft.data.sample import generate_conversations
@@ -159,14 +160,17 @@ def print_report(report: dict[str, Any]) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://sft.conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     config = OmegaConf.to_container(cfg, resolve=True)
-    if isinstance(config["ckpt"], list):
-        report = compare_checkpoints(config)
-        page = report
-        print_comparison(report)
-    else:
-        report = evaluate_checkpoint(config)
-        page = side_by_side([dict(report)])
-        print_report(report)
+    try:
+        if isinstance(config["ckpt"], list):
+            report = compare_checkpoints(config)
+            page = report
+            print_comparison(report)
+        else:
+            report = evaluate_checkpoint(config)
+            page = side_by_side([dict(report)])
+            print_report(report)
+    except CheckpointError as error:
+        sys.exit(f"sft-eval: {error}")
     if config["out"]:
         write_json(report, config["out"])
         print(f"report: {config['out']}")

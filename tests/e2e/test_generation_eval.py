@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.conftest import metric_rows, train
+from tests.helpers import metric_rows, train
 
 pytestmark = pytest.mark.slow
 

@@ -18,16 +18,12 @@ from sft.protocol.sources import (  # noqa: E402
     resolve_source,
     without_nulls,
 )
+from tests.helpers import arrow_table  # noqa: E402
 
 ROWS = [
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "train": False}]},
     {"messages": [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "B."}], "system": "S"},
 ]
-
-
-def arrow_table(rows: list[dict]):
-    """Rows under one schema unified over all of them (Table.from_pylist would take the first row's keys)."""
-    return pa.Table.from_struct_array(pa.array(rows))
 
 
 def write_parquet(path, rows, **kwargs) -> str:

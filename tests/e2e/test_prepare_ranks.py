@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_prepare_cli import A, B, write_jsonl
+from tests.helpers import A, B, write_jsonl
+
+pytestmark = pytest.mark.slow
 
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
 
@@ -39,7 +41,6 @@ def environment(**ranks: str) -> dict[str, str]:
     return {**env, **ranks}
 
 
-@pytest.mark.slow
 def test_two_ranks_prepare_disjoint_shares_into_the_stores_of_one_process(tmp_path):
     bad = {"messages": [{"role": "user", "content": "no answer"}]}
     files = [
