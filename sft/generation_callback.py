@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from sft.data.build import data_files, protocol_config
-from sft.generation_eval import GenerationItem, evaluate_generations, generation_items
+from sft.generation_eval import GenerationItem, GenerationSettings, evaluate_generations, generation_items
 from sft.protocol.pipeline import ConversationEncoder, read_conversations
 
 
@@ -24,6 +24,7 @@ class GenerationEvalCallback(L.Callback):
     def __init__(self, config: dict[str, Any]):
         self.config = config
         self.every_n_steps = config["eval"]["generate_every_n_steps"]
+        self.settings = GenerationSettings.from_section(config["eval"])
         self._items: list[GenerationItem] | None = None
         self._last_step = -1
 
@@ -43,7 +44,7 @@ class GenerationEvalCallback(L.Callback):
             return
         generator = torch.Generator().manual_seed(self.config["seed"])
         generations, metrics = evaluate_generations(
-            model, module.tokenizer, module.template.eot, items, self.config["eval"], generator
+            model, module.tokenizer, module.template.eot, items, self.settings, generator
         )
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

@@ -10,7 +10,7 @@ Lightning here.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -147,16 +147,33 @@ def _decode_equal_length(
     return new_ids
 
 
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How items are generated (the `eval` section's keys of the same names)."""
+
+    max_new_tokens: int = 32
+    batch_size: int = 16  # prompts decoded together (equal lengths share a batch)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+
+    @classmethod
+    def from_section(cls, section: Any) -> GenerationSettings:
+        """From the `eval` config section, a mapping or an object with these attributes."""
+        get = (
+            section.get if isinstance(section, dict) else lambda key, default: getattr(section, key, default)
+        )
+        return cls(*(get(f.name, f.default) for f in fields(cls)))
+
+
 def evaluate_generations(
     model: torch.nn.Module,
     tokenizer: Any,
     eot: str,
     items: Sequence[GenerationItem],
-    settings: dict[str, Any],
+    settings: GenerationSettings,
     generator: torch.Generator | None = None,
 ) -> tuple[list[Generation], dict[str, float]]:
-    """Generate every item and score it; returns the generations and the mean scores (`gen/...`).
-    `settings` is the `eval` config section (max_new_tokens, batch_size, temperature, top_p)."""
+    """Generate every item and score it; returns the generations and the mean scores (`gen/...`)."""
     stop_id = tokenizer.token_to_id(eot)
     was_training = model.training
     model.eval()
@@ -164,11 +181,11 @@ def evaluate_generations(
         new_ids = generate_batch(
             model,
             [item.prompt_ids for item in items],
-            settings["max_new_tokens"],
+            settings.max_new_tokens,
             {stop_id},
-            settings.get("batch_size", 16),
-            settings.get("temperature", 0.0),
-            settings.get("top_p", 1.0),
+            settings.batch_size,
+            settings.temperature,
+            settings.top_p,
             generator,
         )
     finally:

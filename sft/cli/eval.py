@@ -25,7 +25,7 @@ from sft.data.build import protocol_config
 from sft.data.sample import generate_conversations
 from sft.eval_report import report_items, write_html, write_json
 from sft.evaluate import exact_match_counts, sample_eval_items
-from sft.generation_eval import evaluate_generations, generation_items
+from sft.generation_eval import GenerationSettings, evaluate_generations, generation_items
 from sft.loss import masked_token_loss_sum
 from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.pipeline import Accounting, ConversationEncoder, EncodedExample, read_conversations
@@ -111,7 +111,12 @@ def generation_report(bundle, encoder: ConversationEncoder, config: dict[str, An
     items = generation_items(conversations, encoder, config["eval"]["max_items"])
     generator = torch.Generator().manual_seed(config["seed"])
     generations, scores = evaluate_generations(
-        bundle.model, bundle.tokenizer, bundle.template.eot, items, config["eval"], generator
+        bundle.model,
+        bundle.tokenizer,
+        bundle.template.eot,
+        items,
+        GenerationSettings.from_section(config["eval"]),
+        generator,
     )
     metrics.update(scores)
     return report_items(items, [generations])
