@@ -10,21 +10,24 @@ from __future__ import annotations
 import itertools
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 
-from sft.data.build import data_files, protocol_config
+from sft.data.build import data_files
 from sft.generation_eval import GenerationItem, GenerationSettings, evaluate_generations, generation_items
 from sft.protocol.pipeline import ConversationEncoder, read_conversations
 
+if TYPE_CHECKING:
+    from sft.config import TrainConfig
+
 
 class GenerationEvalCallback(L.Callback):
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: TrainConfig):
         self.config = config
-        self.every_n_steps = config["eval"]["generate_every_n_steps"]
-        self.settings = GenerationSettings.from_section(config["eval"])
+        self.every_n_steps = config.eval.generate_every_n_steps
+        self.settings = GenerationSettings.from_section(config.eval)
         self._items: list[GenerationItem] | None = None
         self._last_step = -1
 
@@ -42,7 +45,7 @@ class GenerationEvalCallback(L.Callback):
         items = self._load_items(module)
         if not items:
             return
-        generator = torch.Generator().manual_seed(self.config["seed"])
+        generator = torch.Generator().manual_seed(self.config.seed)
         generations, metrics = evaluate_generations(
             model, module.tokenizer, module.template.eot, items, self.settings, generator
         )
@@ -60,19 +63,17 @@ class GenerationEvalCallback(L.Callback):
     def _load_items(self, module: L.LightningModule) -> list[GenerationItem]:
         """data.val's items (the sample's held-out split with data=sample), read once."""
         if self._items is None:
-            data = self.config["data"]
-            _, val = data_files(data, Path(data["cache_dir"]), self.config["seed"])
+            data = self.config.data
+            _, val = data_files(data, Path(data.cache_dir), self.config.seed)
             if not val:
                 warnings.warn(
                     "eval.generate_every_n_steps needs data.val files: nothing to generate", stacklevel=2
                 )
             conversations = itertools.chain.from_iterable(
-                read_conversations(entry, data.get("format", "auto"), data.get("columns")) for entry in val
+                read_conversations(entry, data.format, data.columns) for entry in val
             )
-            encoder = ConversationEncoder(
-                module.tokenizer, module.template, protocol_config(self.config["protocol"])
-            )
-            self._items = generation_items(conversations, encoder, self.config["eval"]["max_items"])
+            encoder = ConversationEncoder(module.tokenizer, module.template, self.config.protocol)
+            self._items = generation_items(conversations, encoder, self.config.eval.max_items)
         return self._items
 
 
@@ -86,7 +87,7 @@ def single_process_model(module: L.LightningModule) -> torch.nn.Module:
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from sft.model.llama import build_model
+    from sft.model import build_model
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 from sft.generation_callback import single_process_model
+from sft.model import build_model
 from sft.model.generate import generate
-from sft.model.llama import build_model
 
 MODEL_CONFIG = {
     "vocab_size": 64,

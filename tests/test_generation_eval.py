@@ -144,11 +144,10 @@ def test_two_checkpoints_side_by_side_on_the_same_items(held_out, tokenizer, tmp
 
 def test_batched_generation_equals_one_by_one_with_a_transformers_model(tmp_path):
     pytest.importorskip("transformers", minversion="4.56")
-    from sft.model.hf import build_hf_model
+    from sft.model import build_model
     from tests.helpers import make_model_dir
 
-    section = {"name": "hf", "path": str(make_model_dir(tmp_path / "tiny-llama")), "dtype": None}
-    model = build_hf_model({**section, "attn_implementation": None, "lora": None}).eval()
+    model = build_model({"name": "hf", "path": str(make_model_dir(tmp_path / "tiny-llama"))}).eval()
     prompts = [[5, 17, 42], [9, 9, 1], [3, 4], [8, 8, 8]]
     expected = [generate(model, prompt, 6, set()) for prompt in prompts]
     assert generate_batch(model, prompts, 6, set(), batch_size=4) == expected

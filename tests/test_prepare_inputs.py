@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from sft.cli.schemas import PrepareConfig
+from sft.config import load_config
 from sft.data.build import export_jsonl, prepare
 from sft.protocol.pipeline import DataError
 from tests.helpers import A, B, arrow_table, cache_hf_dataset, make_tokenizer, write_jsonl
@@ -49,14 +51,15 @@ def entries(tmp_path, monkeypatch):
     }
 
 
-def config(entries, train: list[str], **data) -> dict:
-    return {
+def config(entries, train: list[str], on_error: str = "raise", **data) -> PrepareConfig:
+    values = {
         "seed": 0,
         "tokenizer": {"name": "file", "path": entries["tok"]},
         "template": {"name": "chatml"},
-        "protocol": {"max_seq_len": 4096, "system_prompt": None},
+        "protocol": {"max_seq_len": 4096, "system_prompt": None, "on_error": on_error},
         "data": {"name": "jsonl", "train": train, "format": "auto", "cache_dir": entries["cache"], **data},
     }
+    return load_config(values, PrepareConfig)
 
 
 def exported(entries, tmp_path, name: str) -> bytes:
@@ -79,8 +82,7 @@ def test_a_bad_row_is_named_by_file_and_row_or_skipped_and_counted(entries, tmp_
     pq.write_table(arrow_table(rows), bad)
     with pytest.raises(DataError, match=rf"{bad}:3: no_assistant_turn"):
         prepare(config(entries, [bad]))
-    cfg = config(entries, [bad])
-    cfg["protocol"]["on_error"] = "skip"
+    cfg = config(entries, [bad], on_error="skip")
     accounting = prepare(cfg).accounting
     assert (accounting.read, accounting.kept, dict(accounting.skipped)) == (3, 2, {"no_assistant_turn": 1})
     assert accounting.where["no_assistant_turn"] == [f"{bad}:3"]
@@ -114,7 +116,6 @@ def test_a_bad_row_in_a_glob_of_files_is_named_by_its_file_from_the_cache_too(en
     pq.write_table(arrow_table(RECORDS[:2]), str(folder / "0.parquet"))
     rows = RECORDS[2:4] + [{"messages": [{"role": "user", "content": "Only a question"}]}]
     pq.write_table(arrow_table(rows), str(folder / "1.parquet"))
-    cfg = config(entries, [str(folder / "*.parquet")])
-    cfg["protocol"]["on_error"] = "skip"
+    cfg = config(entries, [str(folder / "*.parquet")], on_error="skip")
     for _ in range(2):  # encoded, then opened from the cache
         assert prepare(cfg).accounting.where["no_assistant_turn"] == [f"{folder / '1.parquet'}:3"]

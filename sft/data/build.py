@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 
 from sft.atomic import atomic_file
 from sft.data import sample
+from sft.data.config import DataConfig
 from sft.data.ranks import PrepareRanks, artifact_lock, prepare_in_turn
 from sft.data.store import (
     StoreError,
@@ -44,6 +45,7 @@ from sft.protocol.pipeline import (
 from sft.protocol.sources import resolve_source
 from sft.protocol.templates import ChatTemplate, check_template, load_template
 from sft.protocol.tokenizer import (
+    TokenizerConfig,
     TokenizerFileError,
     check_template_tokens,
     load_tokenizer,
@@ -51,6 +53,9 @@ from sft.protocol.tokenizer import (
     train_bpe,
 )
 from sft.protocol.types import ProtocolConfig, ProtocolError
+
+if TYPE_CHECKING:
+    from sft.cli.schemas import PrepareConfig
 
 
 class EmptyDataError(ValueError):
@@ -68,10 +73,6 @@ class PreparedData:
     accounting: Accounting  # over all train and val files
 
 
-def protocol_config(section: Mapping[str, Any]) -> ProtocolConfig:
-    return ProtocolConfig(**{key: section[key] for key in section})
-
-
 def write_sample(directory: Path, count: int, seed: int, split: str, writable: bool = True) -> str:
     """The embedded default's conversations as a JSONL file (written once, atomically), so that they flow
     through exactly the same reader, cache and accounting as a user's files."""
@@ -86,20 +87,17 @@ def write_sample(directory: Path, count: int, seed: int, split: str, writable: b
 
 
 def data_files(
-    data_cfg: Mapping[str, Any], cache_dir: Path, seed: int, writable: bool = True
+    data: DataConfig, cache_dir: Path, seed: int, writable: bool = True
 ) -> tuple[list[str], list[str]]:
     """The train and val files; `data=sample` writes its generated conversations into the cache first."""
-    if data_cfg.get("name") == "sample":
+    if data.name == "sample":
         return (
-            [write_sample(cache_dir / "sample", data_cfg["num_train"], seed, "train", writable)],
-            [write_sample(cache_dir / "sample", data_cfg["num_val"], seed, "val", writable)],
+            [write_sample(cache_dir / "sample", data.num_train, seed, "train", writable)],
+            [write_sample(cache_dir / "sample", data.num_val, seed, "val", writable)],
         )
-    train = data_cfg.get("train")
-    if train in (None, "", "???") or train == []:
+    train, val = data.train_files, data.val_files
+    if not train:
         raise ValueError("data.train is not set: give a list of files, e.g. data.train=[a.jsonl,b.jsonl]")
-    train = [train] if isinstance(train, str) else list(train)
-    val = data_cfg.get("val") or []
-    val = [val] if isinstance(val, str) else list(val)
     for key, paths in (("data.train", train), ("data.val", val)):
         for path in paths:
             try:
@@ -135,7 +133,7 @@ RENDERING_KEYS = (
 
 
 def build_tokenizer(
-    tokenizer_cfg: Mapping[str, Any],
+    tokenizer_cfg: TokenizerConfig,
     template: ChatTemplate,
     protocol: ProtocolConfig,
     train_files: list[str],
@@ -146,12 +144,12 @@ def build_tokenizer(
 ) -> Tokenizer:
     """`file`: load it. `bpe`: train on the rendered training conversations, cached by content hash (a
     cached file that cannot be read, e.g. cut short, is trained again)."""
-    if tokenizer_cfg["name"] == "file":
-        tokenizer = load_tokenizer(tokenizer_cfg["path"])
-    elif tokenizer_cfg["name"] == "bpe":
+    if tokenizer_cfg.name == "file":
+        tokenizer = load_tokenizer(tokenizer_cfg.path)
+    elif tokenizer_cfg.name == "bpe":
         parts = {
             "kind": "bpe",
-            "vocab_size": tokenizer_cfg["vocab_size"],
+            "vocab_size": tokenizer_cfg.vocab_size,
             "special_tokens": template.special_tokens,
             "template": template.fingerprint,
             "protocol": {key: getattr(protocol, key) for key in RENDERING_KEYS},
@@ -174,13 +172,13 @@ def build_tokenizer(
             )
             tokenizer = train_bpe(
                 rendered_texts(train_files, fmt, text_encoder, columns),
-                tokenizer_cfg["vocab_size"],
+                tokenizer_cfg.vocab_size,
                 template.special_tokens,
             )
             with atomic_file(path, "w", encoding="utf-8") as handle:
                 handle.write(tokenizer.to_str(pretty=True))  # what Tokenizer.save writes
     else:
-        raise ValueError(f"tokenizer.name={tokenizer_cfg['name']!r}: expected 'bpe' or 'file'")
+        raise ValueError(f"tokenizer.name={tokenizer_cfg.name!r}: expected 'bpe' or 'file'")
     check_template_tokens(template, tokenizer)
     return tokenizer
 
@@ -262,22 +260,19 @@ def read_only_error(cache_dir: Path, missing: str) -> StoreError:
     )
 
 
-def prepare(cfg: Mapping[str, Any]) -> PreparedData:
-    """The whole preparation from a composed config (the `tokenizer`, `template`, `protocol`, `data`
-    sections and `seed`): check the template, build or load the tokenizer, then every store."""
-    data_cfg = cfg["data"]
-    cache_dir = Path(data_cfg["cache_dir"])
-    fmt = data_cfg.get("format", "auto")
-    protocol = protocol_config(cfg["protocol"])
-    template = load_template(cfg["template"])
+def prepare(cfg: PrepareConfig) -> PreparedData:
+    """The whole preparation from a typed config (its `tokenizer`, `template`, `protocol`, `data` sections
+    and `seed`): check the template, build or load the tokenizer, then every store."""
+    cache_dir = Path(cfg.data.cache_dir)
+    template = load_template(dataclasses.asdict(cfg.template))
     check_template(template)
-    ranks = PrepareRanks.from_environment(bool(data_cfg.get("prepare_per_node", True)))
+    ranks = PrepareRanks.from_environment(cfg.data.prepare_per_node)
     if ranks.world_size > 1:  # every rank prepares its share at once (sft.data.ranks): no cache-wide lock
-        return _prepare_locked(cfg, cache_dir, fmt, protocol, template, True, ranks)
+        return _prepare_locked(cfg, cache_dir, cfg.data.format, cfg.protocol, template, True, ranks)
     with cache_lock(cache_dir) as writable:
         if writable:  # under the lock nobody else is preparing: leftovers of killed preparers can go
             remove_abandoned_stores(cache_dir / "stores")
-        return _prepare_locked(cfg, cache_dir, fmt, protocol, template, writable, ranks)
+        return _prepare_locked(cfg, cache_dir, cfg.data.format, cfg.protocol, template, writable, ranks)
 
 
 @contextmanager
@@ -304,7 +299,7 @@ def cache_lock(cache_dir: Path) -> Iterator[bool]:
 
 
 def _prepare_locked(
-    cfg: Mapping[str, Any],
+    cfg: PrepareConfig,
     cache_dir: Path,
     fmt: str,
     protocol: ProtocolConfig,
@@ -312,12 +307,11 @@ def _prepare_locked(
     writable: bool,
     ranks: PrepareRanks,
 ) -> PreparedData:
-    data_cfg = cfg["data"]
-    columns = data_cfg.get("columns")
-    train_files, val_files = data_files(data_cfg, cache_dir, cfg["seed"], writable)
+    columns = cfg.data.columns
+    train_files, val_files = data_files(cfg.data, cache_dir, cfg.seed, writable)
     with artifact_lock(cache_dir / "tokenizers" / "bpe") if writable else nullcontext():
         tokenizer = build_tokenizer(
-            cfg["tokenizer"], template, protocol, train_files, fmt, cache_dir, writable, columns
+            cfg.tokenizer, template, protocol, train_files, fmt, cache_dir, writable, columns
         )
     encoder = ConversationEncoder(tokenizer, template, protocol)
     entries = train_files + val_files
