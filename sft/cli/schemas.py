@@ -91,16 +91,28 @@ class CheckpointConfig:
 
 @dataclass
 class SampleEvalConfig:
-    """Greedy exact match on held-out sample conversations (data=sample only)."""
+    """Greedy exact match on held-out sample conversations (data=sample only), and generation on data.val:
+    each trained assistant turn generated and scored (sft.generation_eval) by sft-eval, and every
+    `generate_every_n_steps` optimizer steps during training (0: never)."""
 
     exact_match: bool = True
     max_items: int = 200
     max_new_tokens: int = 32
+    generate: bool = True  # sft-eval: the gen/* scores, the report's items and the HTML page
+    generate_every_n_steps: int = 0
+    batch_size: int = 16  # prompts generated together (equal-length prompts share a batch)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        for key in ("max_items", "max_new_tokens"):
+        for key in ("max_items", "max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"eval.{key}={getattr(self, key)}: expected >= 1")
+        if self.generate_every_n_steps < 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"eval: expected generate_every_n_steps >= 0, temperature >= 0 and 0 < top_p <= 1, got "
+                f"{self.generate_every_n_steps}, {self.temperature}, {self.top_p}"
+            )
 
 
 @dataclass

@@ -147,6 +147,10 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
     if config.data.name == "sample" and config.eval.exact_match:
         items = sample_eval_items(config.seed, config.data.num_val, config.eval.max_items)
         callbacks.append(ExactMatchCallback(items, config.eval.max_new_tokens))
+    if config.eval.generate_every_n_steps:
+        from sft.generation_callback import GenerationEvalCallback
+
+        callbacks.append(GenerationEvalCallback(config))
     if config.logger.name == "wandb":
         from sft.wandb_generations import WandbExtras
 
