@@ -77,11 +77,14 @@ class Accounting:
     def relative_to(self, source: str) -> Accounting:
         """A copy whose places drop the file name `source` (":4", " record 3"): what a store keeps, since
         the store is shared by every file with the same bytes, whatever it is called."""
-        return self._replace_places(lambda place: place.removeprefix(source))
+        return self._replace_places(
+            lambda place: place[len(source) :] if _is_relative(place.removeprefix(source)) else place
+        )
 
     def located_in(self, source: str) -> Accounting:
-        """The inverse of `relative_to`: places under the name this run gave the file."""
-        return self._replace_places(lambda place: source + place)
+        """The inverse of `relative_to`: places under the name this run gave the file. A place in one of
+        an entry's several files (a Parquet folder, an hf:// split) keeps its file's path."""
+        return self._replace_places(lambda place: source + place if _is_relative(place) else place)
 
     def _replace_places(self, change) -> Accounting:
         copy = Accounting.from_dict(self.to_dict())
@@ -104,3 +107,7 @@ class Accounting:
             for reason, count in sorted(counter.items()):
                 lines.append(f"  {title} {count} {reason}: {', '.join(self.where.get(reason, []))}")
         return "\n".join(lines)
+
+
+def _is_relative(place: str) -> bool:
+    return place.startswith((":", " record"))

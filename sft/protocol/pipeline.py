@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,7 +20,8 @@ from tokenizers import Encoding, Tokenizer
 from sft.protocol.accounting import Accounting
 from sft.protocol.labels import IGNORE_INDEX, labels_from_encoding
 from sft.protocol.normalize import normalize_conversations
-from sft.protocol.records import BLANK_LINE, iter_raw_records, record_to_conversation
+from sft.protocol.records import BLANK_LINE, record_to_conversation
+from sft.protocol.sources import DataSource, read_records
 from sft.protocol.system import maybe_add_system_prompt
 from sft.protocol.templates import ChatTemplate
 from sft.protocol.types import (
@@ -352,8 +353,14 @@ class ConversationEncoder:
         if chunk:
             yield chunk
 
-    def encode_file(self, path: str, fmt: str, accounting: Accounting) -> Iterator[EncodedExample]:
-        yield from self.encode_conversations(read_conversations(path, fmt), accounting)
+    def encode_file(
+        self,
+        path: str | DataSource,
+        fmt: str,
+        accounting: Accounting,
+        columns: Mapping[str, str] | None = None,
+    ) -> Iterator[EncodedExample]:
+        yield from self.encode_conversations(read_conversations(path, fmt, columns), accounting)
 
 
 def _encodes_as_prefixes(encoding: Encoding, prefixes: list[Encoding]) -> bool:
@@ -362,9 +369,12 @@ def _encodes_as_prefixes(encoding: Encoding, prefixes: list[Encoding]) -> bool:
     return all(ids[: len(prefix.ids)] == prefix.ids for prefix in prefixes)
 
 
-def read_conversations(path: str, fmt: str = "auto") -> Iterator[Conversation | ProtocolError]:
-    """Each record of a file as a Conversation, or as the ProtocolError (with `.where`) that it raised."""
-    for raw in iter_raw_records(path):
+def read_conversations(
+    path: str | DataSource, fmt: str = "auto", columns: Mapping[str, str] | None = None
+) -> Iterator[Conversation | ProtocolError]:
+    """Each record of a data entry (sources.py) as a Conversation, or as the ProtocolError (with `.where`)
+    that it raised; `columns` renames fields first."""
+    for raw in read_records(path, columns):
         try:
             if raw.error is not None:
                 raise raw.error
