@@ -4,7 +4,7 @@ whose trained text would be wrong, before any data is read.
 
 A template may not render some kinds of message at all (Gemma 1/2 refuse a system role, Phi-3.5 drops tool
 messages, Llama 3 has no reasoning): conversations holding one are refused one by one while preparing
-(counted), so the probe drops that kind and tries again; `probe_report` says which kinds were dropped.
+(counted), so the probe drops that kind and tries again; `check_template` returns the kinds dropped.
 """
 
 from __future__ import annotations
