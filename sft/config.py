@@ -75,6 +75,7 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     grad_clip: float | None = None
+    loss_chunk_tokens: int = 1024  # sft.loss.DEFAULT_LOSS_CHUNK_TOKENS
 
 
 @dataclass

@@ -23,7 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from sft.loss import masked_token_loss_sum
+from sft.loss import DEFAULT_LOSS_CHUNK_TOKENS, batch_loss_sum
 from sft.model.llama import build_model
 from sft.protocol.templates import load_template, standalone_config
 
@@ -109,10 +109,10 @@ class SFTModule(L.LightningModule):
         if "rng" in saved:
             set_rng_state(saved["rng"])
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(
-            batch["input_ids"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids")
-        )
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss over the batch's trained tokens, their count): logits at trained positions only."""
+        chunk_tokens = self.optim_config.get("loss_chunk_tokens", DEFAULT_LOSS_CHUNK_TOKENS)
+        return batch_loss_sum(self.model, batch, chunk_tokens)
 
     # ---- training -------------------------------------------------------------------------------------
     def _reset_window(self) -> None:
@@ -124,7 +124,7 @@ class SFTModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self._step_started_at is None:
             self._step_started_at = time.perf_counter()
-        loss_sum, trained_tokens = masked_token_loss_sum(self(batch), batch["labels"])
+        loss_sum, trained_tokens = self.loss_sum(batch)
         self._window_loss_sum += loss_sum.detach().double()
         self._window_trained_tokens += trained_tokens
         self._window_tokens += int(batch["real_tokens"])
@@ -212,7 +212,7 @@ class SFTModule(L.LightningModule):
         self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, trained_tokens = masked_token_loss_sum(self(batch), batch["labels"])
+        loss_sum, trained_tokens = self.loss_sum(batch)
         self._val_loss_sum += loss_sum.double()
         self._val_tokens += trained_tokens
 

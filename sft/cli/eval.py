@@ -24,7 +24,7 @@ from sft.cli.chat import resolve_device
 from sft.data.build import protocol_config
 from sft.data.sample import generate_conversations
 from sft.evaluate import exact_match_counts, sample_eval_items
-from sft.loss import masked_token_loss_sum
+from sft.loss import batch_loss_sum
 from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.pipeline import Accounting, ConversationEncoder, EncodedExample, read_conversations
 from sft.protocol.records import record_to_conversation
@@ -61,7 +61,9 @@ def trained_token_loss(
             input_ids[row, : len(example.input_ids)] = torch.from_numpy(example.input_ids)
             labels[row, : len(example.labels)] = torch.from_numpy(example.labels)
         # Causal attention: right padding is never seen by the real tokens, and its labels are ignored.
-        batch_loss, batch_tokens = masked_token_loss_sum(model(input_ids.to(device)), labels.to(device))
+        batch_loss, batch_tokens = batch_loss_sum(
+            model, {"input_ids": input_ids.to(device), "labels": labels.to(device)}
+        )
         loss_sum += float(batch_loss)
         trained_tokens += int(batch_tokens)
     return loss_sum, trained_tokens
