@@ -102,3 +102,19 @@ def test_activation_checkpointing_keeps_the_loss_and_gradients(tmp_path, lora):
     (plain_loss, plain_grads), (loss, grads) = results
     torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
     assert_relative_close(grads, plain_grads, 1e-6)
+
+
+def test_flash_attention_gets_the_varlen_arguments_transformers_derives_from_positions(tmp_path):
+    """FlashAttention (GPU) isolates documents through `cu_seq_lens`: ours, from the document ids, are the
+    ones transformers would derive from per-document position_ids over the flattened batch."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    model = build_model(hf_section(make_model_dir(tmp_path, vocab_size=97)))
+    model.base_model.config._attn_implementation = "flash_attention_2"  # no kernel is called here
+    batch = packed_batch()
+    document_ids, position_ids = batch["document_ids"][:, :21], batch["position_ids"][:, :21]  # no padding
+    arguments = model.packing_arguments(document_ids)
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
+    assert arguments["cu_seq_lens_q"].tolist() == cu_q.tolist() == arguments["cu_seq_lens_k"].tolist()
+    assert arguments["max_length_q"] == int(max_q) == arguments["max_length_k"]
+    assert "attention_mask" not in arguments  # a mask would send transformers down its unpadding path
