@@ -212,6 +212,10 @@ def run_trl(model_dir: str, tokens: int) -> dict:
 
 
 def child(spec: dict) -> None:
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
     if spec["side"] == "trl":
         result = run_trl(spec["model_dir"], spec["tokens"])
     else:
@@ -230,6 +234,43 @@ def measure(spec: dict) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def attention_timings(tokens: int, document_counts: list[int], heads: int = 4, head_dim: int = 64) -> None:
+    """Forward + backward of one attention call on a packed row: the dense mask against per-document SDPA
+    (sft.model.attention), the largest difference between their outputs and gradients beside."""
+    import torch
+
+    from sft.model.attention import AttentionPlan, attend, causal_mask, document_offsets
+
+    print(
+        f"\n| documents in a {tokens:,}-token row | dense mask (s) | per-document (s) | speed-up | max diff |"
+    )
+    print("|---:|---:|---:|---:|---:|")
+    for count in document_counts:
+        document_ids = torch.arange(tokens)[None] * count // tokens  # `count` equal documents
+        plans = {
+            "dense": AttentionPlan(mask=causal_mask(tokens, 0, document_ids, torch.device("cpu"))),
+            "documents": AttentionPlan(document_offsets=document_offsets(document_ids).tolist()),
+        }
+        seconds, results = {}, {}
+        for name, plan in plans.items():
+            generator = torch.Generator().manual_seed(0)
+            q, k, v = (
+                torch.randn(1, heads, tokens, head_dim, generator=generator, requires_grad=True)
+                for _ in "qkv"
+            )
+            started = time.perf_counter()
+            output = attend(q, k, v, plan)
+            output.square().sum().backward()
+            seconds[name] = time.perf_counter() - started
+            results[name] = [output.detach(), q.grad, k.grad, v.grad]
+        difference = max(float((a - b).abs().max()) for a, b in zip(results["dense"], results["documents"]))
+        print(
+            f"| {count} | {seconds['dense']:.3f} | {seconds['documents']:.3f} | "
+            f"{seconds['dense'] / seconds['documents']:.1f}x | {difference:.1e} |",
+            flush=True,
+        )
+
+
 def label(result: dict) -> str:
     if result["side"] == "trl":
         return "TRL SFTTrainer (fused LM head, grad. checkpointing)"
@@ -244,10 +285,18 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--attention-only", action="store_true", help="only the attention timings")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a busy machine")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.attention_only:
+        return attention_timings(4096, [4, 16, 64])
     with tempfile.TemporaryDirectory() as directory:
         model_dir = str(build_model_dir(Path(directory)))
         print("| tokens/row | configuration | peak RSS (GB) | step (s) | tokens/s | loss |")
@@ -262,7 +311,7 @@ def main() -> None:
             if not args.skip_trl:
                 specs.append({"side": "trl"})
             for spec in specs:
-                result = measure({**spec, "tokens": tokens, "model_dir": model_dir})
+                result = measure({**spec, "tokens": tokens, "model_dir": model_dir, "threads": args.threads})
                 if "error" in result:
                     print(f"| {tokens:,} | {label(result)} | failed: {result['error']} | | | |", flush=True)
                     continue
@@ -271,6 +320,7 @@ def main() -> None:
                     f"{tokens / result['seconds']:,.0f} | {result['loss']:.6f} |",
                     flush=True,
                 )
+    attention_timings(4096, [4, 16, 64])
 
 
 if __name__ == "__main__":

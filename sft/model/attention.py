@@ -69,22 +69,18 @@ def attend_per_document(
     """Causal SDPA over each document's slice of q, k, v [B, heads, T, head_dim] (k/v with q's heads);
     `offsets` from `document_offsets`. The same outputs and gradients as the dense block-diagonal mask,
     without building it and without computing the blocks it masks out."""
-    seq_len = q.shape[2]
-    rows: list[list[Tensor]] = [[] for _ in range(q.shape[0])]
-    for start, end in zip(offsets[:-1], offsets[1:], strict=True):
-        row, first = divmod(start, seq_len)
-        last = first + end - start
-        rows[row].append(
-            F.scaled_dot_product_attention(
-                q[row : row + 1, :, first:last],
-                k[row : row + 1, :, first:last],
-                v[row : row + 1, :, first:last],
-                is_causal=True,
-                scale=scale,
-                dropout_p=dropout,
-            )
-        )
-    return torch.cat([torch.cat(pieces, dim=2) for pieces in rows], dim=0)
+    batch, heads, seq_len, head_dim = q.shape
+    lengths = [end - start for start, end in zip(offsets[:-1], offsets[1:], strict=True)]
+
+    def documents(x: Tensor) -> tuple[Tensor, ...]:
+        # split, not slicing: its backward writes every document's gradient into one buffer at once
+        return x.transpose(0, 1).reshape(heads, batch * seq_len, head_dim).split(lengths, dim=1)
+
+    pieces = [
+        F.scaled_dot_product_attention(q_doc, k_doc, v_doc, is_causal=True, scale=scale, dropout_p=dropout)
+        for q_doc, k_doc, v_doc in zip(documents(q), documents(k), documents(v), strict=True)
+    ]
+    return torch.cat(pieces, dim=1).view(heads, batch, seq_len, head_dim).transpose(0, 1)
 
 
 def document_block_mask(document_ids: Tensor):
