@@ -21,7 +21,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sft.checkpoint import InferenceBundle, load_for_inference
+from sft.checkpoint import CheckpointError, InferenceBundle, load_for_inference
 from sft.evaluate import generate_reply
 
 COMMANDS = "/reset starts a new conversation, /exit (or Ctrl-D) quits"
@@ -115,7 +115,10 @@ def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO = sys.stdou
 
 
 def chat(config: dict[str, Any]) -> None:
-    bundle = load_for_inference(config["ckpt"], device=resolve_device(config["device"]))
+    try:
+        bundle = load_for_inference(config["ckpt"], device=resolve_device(config["device"]))
+    except CheckpointError as error:
+        sys.exit(f"sft-chat: {error}")
     session = ChatSession(
         bundle,
         system=None if config["system"] is None else str(config["system"]),

@@ -11,7 +11,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -19,11 +18,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback
+from sft.checkpoint import CheckpointError, load_checkpoint
 from sft.config import ConfigError, validate_config
+from sft.data.build import EmptyDataError
 from sft.data.datamodule import SFTDataModule
+from sft.data.store import StoreError
 from sft.evaluate import sample_eval_items
-from sft.loggers import finish_wandb
 from sft.module import SFTModule
+from sft.protocol.pipeline import DataError
+from sft.wandb_logger import finish_wandb
 
 
 def build_logger(
@@ -31,7 +34,7 @@ def build_logger(
 ):
     name = logger_config["name"]
     if name == "csv":
-        from sft.loggers import ResumableCSVLogger
+        from sft.csv_logger import ResumableCSVLogger
 
         return ResumableCSVLogger(run_dir, resume_step)
     if name == "tensorboard":
@@ -39,7 +42,7 @@ def build_logger(
 
         return TensorBoardLogger(save_dir=run_dir, name="", version="")
     if name == "wandb":
-        from sft.loggers import wandb_logger
+        from sft.wandb_logger import wandb_logger
 
         return wandb_logger(logger_config, run_dir, config)
     raise ValueError(f"logger={name!r}: expected csv, tensorboard or wandb")
@@ -92,7 +95,7 @@ def checkpoint_step(path: str | None) -> int | None:
     """The optimizer step a checkpoint was saved at (memory-mapped: the weights are not read)."""
     if path is None or not Path(path).is_file():
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    return int(load_checkpoint(path, mmap=True)["global_step"])
 
 
 def run_record(checkpoint_dir: Path) -> dict[str, Any]:
@@ -101,7 +104,7 @@ def run_record(checkpoint_dir: Path) -> dict[str, Any]:
     last = checkpoint_dir / "last.ckpt"
     if not last.is_file():
         return {"checkpoint": None, "best_checkpoint": None, "steps": None, "skipped_steps": None}
-    saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    saved = load_checkpoint(last, mmap=True)
     best = sorted(checkpoint_dir.glob("best-step*.ckpt"))  # save_top_k=1: at most one
     return {
         "checkpoint": str(last),
@@ -111,10 +114,19 @@ def run_record(checkpoint_dir: Path) -> dict[str, Any]:
     }
 
 
+def with_absolute_path(model_config: dict[str, Any]) -> dict[str, Any]:
+    """`model.path` made absolute: the checkpoint keeps it to rebuild the base model, and sft-chat, sft-eval
+    and sft-export may run from any directory."""
+    if not model_config.get("path"):
+        return model_config
+    return {**model_config, "path": str(Path(model_config["path"]).resolve())}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Prepare data, build the model, fit, and write summary.json; returns the summary."""
     started = time.perf_counter()
     config = validate_config(cfg)  # a typo'd key or wrong type fails here, naming the key
+    config["model"] = with_absolute_path(config["model"])
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     L.seed_everything(config["seed"], workers=True)
 
@@ -148,7 +160,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         items = sample_eval_items(config["seed"], config["data"]["num_val"], config["eval"]["max_items"])
         callbacks.append(ExactMatchCallback(items, config["eval"]["max_new_tokens"]))
     if config["logger"]["name"] == "wandb":
-        from sft.loggers import WandbExtras
+        from sft.wandb_generations import WandbExtras
 
         callbacks.append(WandbExtras(config["logger"]["generations"], config["eval"]["max_new_tokens"]))
     ckpt_path = resume_from(config.get("ckpt_path"), run_dir)
@@ -199,8 +211,8 @@ def main(cfg: DictConfig) -> float | None:
     """Returns the final val/loss: the objective a Hydra sweeper (hydra/sweeper=optuna_lr) minimises."""
     try:
         return train(cfg)["metrics"].get("val/loss")
-    except ConfigError as error:
-        sys.exit(f"sft-train: {error}")  # the user's typo, not a crash: the message without a traceback
+    except (ConfigError, CheckpointError, DataError, EmptyDataError, StoreError) as error:
+        sys.exit(f"sft-train: {error}")  # the user's config, data or file, not a crash: no traceback
 
 
 if __name__ == "__main__":

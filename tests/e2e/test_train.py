@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tests.e2e.conftest import metric_rows, summary, train
+from tests.helpers import metric_rows, summary, train
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ main()
 
 @pytest.mark.parametrize("kill_at", [7, 24], ids=["first-epoch", "second-epoch"])
 def test_kill_and_resume_continues_with_identical_losses(tmp_path, cache_dir, monkeypatch, kill_at):
-    """Checkpoints every 11 steps; an epoch is ~20 steps, so killing at 24 resumes from step 22, in epoch 2."""
+    """Checkpoints every 11 steps; an epoch is ~20 steps: killing at 24 resumes from step 22, in epoch 2."""
     common = ["trainer.max_steps=28", "trainer.val_check_interval=14", "checkpoint.every_n_train_steps=11"]
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
     train(uninterrupted, cache_dir, *common)
