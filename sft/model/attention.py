@@ -12,14 +12,16 @@ document (DESIGN.md invariant 3). Three ways, chosen by `model.packed_attention`
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PACKED_ATTENTION_MODES = ("auto", "documents", "flex", "dense")
+PackedAttention = Literal["auto", "documents", "flex", "dense"]  # the `model.packed_attention` values
+PACKED_ATTENTION_MODES = typing.get_args(PackedAttention)
 
 
 @dataclass

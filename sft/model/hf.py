@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from sft.model.attention import (
     PACKED_ATTENTION_MODES,
+    PackedAttention,
     attend_per_document,
     causal_mask,
     document_block_mask,
@@ -67,7 +68,7 @@ class HFModelConfig:
     lora: dict[str, Any] | None = None  # LoraSettings' keys, or null for full fine-tuning
     vocab_size: int | None = None  # the tokenizer's, filled in by the trainer: checked, never used to resize
     activation_checkpointing: bool = False  # recompute each decoder layer in backward (non-reentrant)
-    packed_attention: str = "auto"  # auto | documents | flex | dense: how packed rows keep documents apart
+    packed_attention: PackedAttention = "auto"  # how packed rows keep documents apart (packed_mode)
 
 
 EXPLICIT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

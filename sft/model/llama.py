@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sft.model.attention import AttentionPlan, attend, plan_attention
+from sft.model.attention import AttentionPlan, PackedAttention, attend, plan_attention
 
 
 @dataclass
@@ -45,7 +45,7 @@ class LlamaConfig:
     initializer_range: float = 0.02
     # Training choices, not architecture (kept out of the exported config.json):
     activation_checkpointing: bool = False  # recompute each decoder layer in backward (less memory)
-    packed_attention: str = "auto"  # auto | documents | flex | dense (sft.model.attention)
+    packed_attention: PackedAttention = "auto"  # how packed rows keep documents apart (sft.model.attention)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
