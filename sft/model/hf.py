@@ -121,11 +121,13 @@ def sdpa_per_document(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+    window = kwargs.get("sliding_window")
+    longest = max(end - start for start, end in zip(document_offsets[:-1], document_offsets[1:]))
+    if kwargs.get("softcap") is not None or (window is not None and longest > window):
         raise HFModelError(
-            "this model's attention uses a sliding window or soft-capping, which per-document sdpa does not "
-            "apply; use model.attn_implementation=flex_attention (or flash_attention_2 on a GPU), or "
-            "data.packing=false"
+            "this model's attention soft-caps its scores, or slides a window shorter than a packed document, "
+            "which per-document sdpa does not apply; use model.attn_implementation=flash_attention_2 (GPU), "
+            "data.packing=false, or a protocol.max_seq_len within the window"
         )
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)

@@ -118,3 +118,14 @@ def test_flash_attention_gets_the_varlen_arguments_transformers_derives_from_pos
     assert arguments["cu_seq_lens_q"].tolist() == cu_q.tolist() == arguments["cu_seq_lens_k"].tolist()
     assert arguments["max_length_q"] == int(max_q) == arguments["max_length_k"]
     assert "attention_mask" not in arguments  # a mask would send transformers down its unpadding path
+
+
+def test_per_document_sdpa_refuses_a_sliding_window_shorter_than_a_document(tmp_path):
+    slides = dict(use_sliding_window=True, sliding_window=8, max_window_layers=0)  # every layer slides
+    config = transformers.Qwen2Config(vocab_size=97, **slides, **SMALL)
+    model = build_model(hf_section(save_random_model(tmp_path, config)))
+    short = {key: value[:, :21] for key, value in packed_batch().items()}  # documents of 7, 9 and 5 tokens
+    with pytest.raises(HFModelError, match="slides a window"):
+        batch_loss_sum(model, short)
+    first_document = {key: value[:1, :7] for key, value in packed_batch().items()}
+    assert torch.isfinite(batch_loss_sum(model, first_document)[0])  # within the window: exact, allowed
