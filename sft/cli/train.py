@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -9,30 +10,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback
 from sft.checkpoint import CheckpointError, load_checkpoint
-from sft.config import ConfigError, validate_config
-from sft.data.build import EmptyDataError
+from sft.cli.entry import run_cli
+from sft.cli.schemas import TrainConfig
+from sft.data.build import EmptyDataError, prepare
 from sft.data.datamodule import SFTDataModule
 from sft.data.store import StoreError
 from sft.evaluate import sample_eval_items
+from sft.hardware import HardwareError, hardware_callbacks, plan_hardware, trainer_kwargs
 from sft.module import SFTModule
 from sft.protocol.pipeline import DataError
+from sft.redaction import redact_secrets
 from sft.wandb_logger import finish_wandb
 
 
-def build_logger(
-    logger_config: dict[str, Any], run_dir: Path, config: dict[str, Any], resume_step: int | None
-):
-    name = logger_config["name"]
+def build_logger(config: TrainConfig, run_dir: Path, record: dict[str, Any], resume_step: int | None):
+    """`record`: the config as written (interpolations unresolved, secrets redacted) for W&B."""
+    name = config.logger.name
     if name == "csv":
         from sft.csv_logger import ResumableCSVLogger
 
@@ -41,20 +43,9 @@ def build_logger(
         from lightning.pytorch.loggers import TensorBoardLogger
 
         return TensorBoardLogger(save_dir=run_dir, name="", version="")
-    if name == "wandb":
-        from sft.wandb_logger import wandb_logger
+    from sft.wandb_logger import wandb_logger
 
-        return wandb_logger(logger_config, run_dir, config)
-    raise ValueError(f"logger={name!r}: expected csv, tensorboard or wandb")
-
-
-def trainer_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-    hardware = config["hardware"]
-    kwargs = {key: hardware[key] for key in ("accelerator", "devices", "num_nodes", "strategy", "precision")}
-    if isinstance(kwargs["strategy"], dict):  # a `_target_` mapping, e.g. conf/hardware/fsdp.yaml
-        kwargs["strategy"] = hydra.utils.instantiate(kwargs["strategy"], _convert_="all")
-    # The datamodule shards every epoch itself (disjoint, resumable); Lightning must not re-wrap its samplers.
-    return {**kwargs, "use_distributed_sampler": False, **config["trainer"]}
+    return wandb_logger(config.logger, run_dir, record, resumable=config.ckpt_path is not None)
 
 
 def cluster_plugins() -> list:
@@ -63,16 +54,6 @@ def cluster_plugins() -> list:
     if not SLURMEnvironment.detect():
         return []
     return [SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)]
-
-
-def sweep_safe(kwargs: dict[str, Any], multirun: bool) -> dict[str, Any]:
-    """Under `-m` off SLURM, `strategy=ddp` becomes `ddp_spawn`: Lightning's `ddp` re-launches the command
-    line for each extra process, and a re-launched `sft-train -m ...` (or submitit's local job) would run the
-    whole sweep again. On SLURM, SLURM starts one process per device and nothing is re-launched."""
-    if multirun and kwargs["strategy"] == "ddp" and not SLURMEnvironment.detect():
-        print("strategy=ddp inside a -m sweep: using ddp_spawn (ddp would re-run the sweep in each process)")
-        return {**kwargs, "strategy": "ddp_spawn"}
-    return kwargs
 
 
 def resume_from(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -114,31 +95,38 @@ def run_record(checkpoint_dir: Path) -> dict[str, Any]:
     }
 
 
-def with_absolute_path(model_config: dict[str, Any]) -> dict[str, Any]:
+def config_record(cfg: DictConfig) -> dict[str, Any]:
+    """The config as it may be written anywhere (W&B included): `${oc.env:...}` left unresolved, secret
+    keys and credential values redacted."""
+    return redact_secrets(OmegaConf.to_container(cfg, resolve=False))
+
+
+def with_absolute_path(model_config: Any) -> Any:
     """`model.path` made absolute: the checkpoint keeps it to rebuild the base model, and sft-chat, sft-eval
     and sft-export may run from any directory."""
-    if not model_config.get("path"):
-        return model_config
-    return {**model_config, "path": str(Path(model_config["path"]).resolve())}
+    path = getattr(model_config, "path", None)
+    return dataclasses.replace(model_config, path=str(Path(path).resolve())) if path else model_config
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Prepare data, build the model, fit, and write summary.json; returns the summary."""
     started = time.perf_counter()
-    config = validate_config(cfg)  # a typo'd key or wrong type fails here, naming the key
-    config["model"] = with_absolute_path(config["model"])
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    L.seed_everything(config["seed"], workers=True)
+    L.seed_everything(config.seed, workers=True)
 
-    datamodule = SFTDataModule(config)
-    tokenizer = datamodule.tokenizer  # prepared before the model: it fixes the vocabulary size
-    print(datamodule.prepared.accounting.summary())
-    datamodule.setup("fit")  # here too, not only in spawned ranks: the summary reports packing efficiency
-    model_config = {**config["model"], "vocab_size": tokenizer.get_vocab_size()}
-    module = SFTModule(model_config, config["optim"], peak_flops=config["hardware"].get("peak_flops", 0.0))
-    module.attach(tokenizer, config["template"])
+    prepared = prepare(config)  # before the model: the tokenizer fixes the vocabulary size
+    print(prepared.accounting.summary())
+    datamodule = SFTDataModule(config, prepared)
+    tokenizer = prepared.tokenizer
+    model_config = dataclasses.replace(
+        with_absolute_path(config.model), vocab_size=tokenizer.get_vocab_size()
+    )
+    hardware = plan_hardware(config.hardware)
+    print(hardware.describe())
+    module = SFTModule(model_config, config.optim, peak_flops=hardware.peak_flops or 0.0)
+    module.attach(tokenizer, dataclasses.asdict(config.template))
     tokenizer.save(str(run_dir / "tokenizer.json"))
-    (run_dir / "template.json").write_text(json.dumps(config["template"], indent=2))
+    (run_dir / "template.json").write_text(json.dumps(dataclasses.asdict(config.template), indent=2))
 
     checkpoint_dir = run_dir / "checkpoints"
     callbacks: list[L.Callback] = [
@@ -146,7 +134,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             dirpath=checkpoint_dir,
             save_top_k=0,
             save_last=True,
-            every_n_train_steps=config["checkpoint"]["every_n_train_steps"],
+            every_n_train_steps=config.checkpoint.every_n_train_steps,
         ),
         ModelCheckpoint(  # saved when a validation ends, so it is scored with its own val/loss
             dirpath=checkpoint_dir,
@@ -156,22 +144,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             save_top_k=1,
         ),
     ]
-    if config["data"]["name"] == "sample" and config["eval"]["exact_match"]:
-        items = sample_eval_items(config["seed"], config["data"]["num_val"], config["eval"]["max_items"])
-        callbacks.append(ExactMatchCallback(items, config["eval"]["max_new_tokens"]))
-    if config["logger"]["name"] == "wandb":
+    if config.data.name == "sample" and config.eval.exact_match:
+        items = sample_eval_items(config.seed, config.data.num_val, config.eval.max_items)
+        callbacks.append(ExactMatchCallback(items, config.eval.max_new_tokens))
+    if config.eval.generate_every_n_steps:
+        from sft.generation_callback import GenerationEvalCallback
+
+        callbacks.append(GenerationEvalCallback(config))
+    if config.logger.name == "wandb":
         from sft.wandb_generations import WandbExtras
 
-        callbacks.append(WandbExtras(config["logger"]["generations"], config["eval"]["max_new_tokens"]))
-    ckpt_path = resume_from(config.get("ckpt_path"), run_dir)
+        callbacks.append(WandbExtras(config.logger.generations, config.eval.max_new_tokens))
+    ckpt_path = resume_from(config.ckpt_path, run_dir)
     if ckpt_path == "last":
         ckpt_path = str(checkpoint_dir / "last.ckpt") if (checkpoint_dir / "last.ckpt").is_file() else None
     trainer = L.Trainer(
         default_root_dir=run_dir,
-        logger=build_logger(config["logger"], run_dir, config, checkpoint_step(ckpt_path)),
-        callbacks=callbacks,
+        logger=build_logger(config, run_dir, record or {}, checkpoint_step(ckpt_path)),
+        callbacks=[*callbacks, *hardware_callbacks(config.hardware)],
         plugins=[AtomicCheckpointIO(), *cluster_plugins()],
-        **sweep_safe(trainer_kwargs(config), multirun=HydraConfig.get().mode == RunMode.MULTIRUN),
+        **trainer_kwargs(config, hardware, multirun=HydraConfig.get().mode == RunMode.MULTIRUN),
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -181,13 +173,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "run_dir": str(run_dir),
         **run_record(checkpoint_dir),
-        "metrics_csv": str(run_dir / "metrics.csv") if config["logger"]["name"] == "csv" else None,
+        "metrics_csv": str(run_dir / "metrics.csv") if config.logger.name == "csv" else None,
         "metrics": final_metrics(trainer),
         "packing_efficiency": datamodule.packing_efficiency,
-        "data": datamodule.prepared.accounting.to_dict(),
+        "hardware": hardware.record(),
+        "data": prepared.accounting.to_dict(),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    if trainer.is_global_zero and config["model"].get("lora") and summary["checkpoint"]:
+    if trainer.is_global_zero and getattr(config.model, "lora", None) and summary["checkpoint"]:
         # The LoRA adapter on its own, from the last checkpoint (right under ddp_spawn too).
         from sft.checkpoint import load_for_inference
 
@@ -197,7 +190,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(
             f"run directory: {run_dir}\ncheckpoint:    {summary['checkpoint']}\n"
-            f"metrics:       {summary['metrics_csv'] or config['logger']['name']}\n"
+            f"metrics:       {summary['metrics_csv'] or config.logger.name}\n"
             f"summary:       {run_dir / 'summary.json'}"
         )
         for key, value in summary["metrics"].items():
@@ -206,13 +199,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="pkg://sft.conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def run(config: TrainConfig, cfg: DictConfig) -> float | None:
     """Returns the final val/loss: the objective a Hydra sweeper (hydra/sweeper=optuna_lr) minimises."""
     try:
-        return train(cfg)["metrics"].get("val/loss")
-    except (ConfigError, CheckpointError, DataError, EmptyDataError, StoreError) as error:
-        sys.exit(f"sft-train: {error}")  # the user's config, data or file, not a crash: no traceback
+        return train(config, config_record(cfg))["metrics"].get("val/loss")
+    except (CheckpointError, DataError, EmptyDataError, HardwareError, StoreError) as error:
+        sys.exit(f"sft-train: {error}")  # the user's data or file, not a crash: no traceback
+
+
+def main() -> float | None:
+    return run_cli("sft-train", "train", TrainConfig, run)
 
 
 if __name__ == "__main__":

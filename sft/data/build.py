@@ -15,10 +15,10 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,6 +26,8 @@ from tokenizers import Tokenizer
 
 from sft.atomic import atomic_file
 from sft.data import sample
+from sft.data.config import DataConfig
+from sft.data.ranks import PrepareRanks, artifact_lock, prepare_in_turn
 from sft.data.store import (
     StoreError,
     StoreWriter,
@@ -40,8 +42,10 @@ from sft.protocol.pipeline import (
     ConversationEncoder,
     read_conversations,
 )
+from sft.protocol.sources import resolve_source
 from sft.protocol.templates import ChatTemplate, check_template, load_template
 from sft.protocol.tokenizer import (
+    TokenizerConfig,
     TokenizerFileError,
     check_template_tokens,
     load_tokenizer,
@@ -49,6 +53,9 @@ from sft.protocol.tokenizer import (
     train_bpe,
 )
 from sft.protocol.types import ProtocolConfig, ProtocolError
+
+if TYPE_CHECKING:
+    from sft.cli.schemas import PrepareConfig
 
 
 class EmptyDataError(ValueError):
@@ -66,10 +73,6 @@ class PreparedData:
     accounting: Accounting  # over all train and val files
 
 
-def protocol_config(section: Mapping[str, Any]) -> ProtocolConfig:
-    return ProtocolConfig(**{key: section[key] for key in section})
-
-
 def write_sample(directory: Path, count: int, seed: int, split: str, writable: bool = True) -> str:
     """The embedded default's conversations as a JSONL file (written once, atomically), so that they flow
     through exactly the same reader, cache and accounting as a user's files."""
@@ -84,39 +87,33 @@ def write_sample(directory: Path, count: int, seed: int, split: str, writable: b
 
 
 def data_files(
-    data_cfg: Mapping[str, Any], cache_dir: Path, seed: int, writable: bool = True
+    data: DataConfig, cache_dir: Path, seed: int, writable: bool = True
 ) -> tuple[list[str], list[str]]:
     """The train and val files; `data=sample` writes its generated conversations into the cache first."""
-    if data_cfg.get("name") == "sample":
+    if data.name == "sample":
         return (
-            [write_sample(cache_dir / "sample", data_cfg["num_train"], seed, "train", writable)],
-            [write_sample(cache_dir / "sample", data_cfg["num_val"], seed, "val", writable)],
+            [write_sample(cache_dir / "sample", data.num_train, seed, "train", writable)],
+            [write_sample(cache_dir / "sample", data.num_val, seed, "val", writable)],
         )
-    train = data_cfg.get("train")
-    if train in (None, "", "???") or train == []:
+    train, val = data.train_files, data.val_files
+    if not train:
         raise ValueError("data.train is not set: give a list of files, e.g. data.train=[a.jsonl,b.jsonl]")
-    train = [train] if isinstance(train, str) else list(train)
-    val = data_cfg.get("val") or []
-    val = [val] if isinstance(val, str) else list(val)
     for key, paths in (("data.train", train), ("data.val", val)):
         for path in paths:
-            if Path(path).is_dir():
-                raise ValueError(
-                    f"{key}: {path} is a directory, not a data file; list the files in it, "
-                    f"e.g. {key}=[{Path(path) / 'part1.jsonl'}]"
-                )
-            if not Path(path).exists():
-                raise FileNotFoundError(f"{key}: data file not found: {path}")
-            if not Path(path).is_file():
-                raise ValueError(f"{key}: {path} is not a regular file")
+            try:
+                resolve_source(path)  # a file, a Parquet folder or glob, a save_to_disk folder, hf://
+            except (OSError, ValueError) as error:
+                raise type(error)(f"{key}: {error}") from None
     return train, val
 
 
-def rendered_texts(paths: list[str], fmt: str, encoder: ConversationEncoder) -> Iterator[str]:
+def rendered_texts(
+    paths: list[str], fmt: str, encoder: ConversationEncoder, columns: Mapping[str, str] | None = None
+) -> Iterator[str]:
     """Rendered conversations for tokenizer training, each with the system-prompt decision its store makes
     (indexed within its file); bad records are left to the real pass to report."""
     for path in paths:
-        for index, item in enumerate(read_conversations(path, fmt)):
+        for index, item in enumerate(read_conversations(path, fmt, columns)):
             if not isinstance(item, ProtocolError):
                 try:
                     yield encoder.prepare(item, index)[1].text
@@ -136,28 +133,31 @@ RENDERING_KEYS = (
 
 
 def build_tokenizer(
-    tokenizer_cfg: Mapping[str, Any],
+    tokenizer_cfg: TokenizerConfig,
     template: ChatTemplate,
     protocol: ProtocolConfig,
     train_files: list[str],
     fmt: str,
     cache_dir: Path,
     writable: bool = True,
+    columns: Mapping[str, str] | None = None,
 ) -> Tokenizer:
     """`file`: load it. `bpe`: train on the rendered training conversations, cached by content hash (a
     cached file that cannot be read, e.g. cut short, is trained again)."""
-    if tokenizer_cfg["name"] == "file":
-        tokenizer = load_tokenizer(tokenizer_cfg["path"])
-    elif tokenizer_cfg["name"] == "bpe":
+    if tokenizer_cfg.name == "file":
+        tokenizer = load_tokenizer(tokenizer_cfg.path)
+    elif tokenizer_cfg.name == "bpe":
         parts = {
             "kind": "bpe",
-            "vocab_size": tokenizer_cfg["vocab_size"],
+            "vocab_size": tokenizer_cfg.vocab_size,
             "special_tokens": template.special_tokens,
             "template": template.fingerprint,
             "protocol": {key: getattr(protocol, key) for key in RENDERING_KEYS},
             "format": fmt,
+            "columns": dict(columns or {}),
         }
-        path = cache_dir / "tokenizers" / f"{cache_key(parts, train_files)}.json"
+        files = [file for name in train_files for file in resolve_source(name).files]
+        path = cache_dir / "tokenizers" / f"{cache_key(parts, files)}.json"
         tokenizer = None
         if path.is_file():
             try:
@@ -171,14 +171,14 @@ def build_tokenizer(
                 None, template, dataclasses.replace(protocol, special_in_content="allow")
             )
             tokenizer = train_bpe(
-                rendered_texts(train_files, fmt, text_encoder),
-                tokenizer_cfg["vocab_size"],
+                rendered_texts(train_files, fmt, text_encoder, columns),
+                tokenizer_cfg.vocab_size,
                 template.special_tokens,
             )
             with atomic_file(path, "w", encoding="utf-8") as handle:
                 handle.write(tokenizer.to_str(pretty=True))  # what Tokenizer.save writes
     else:
-        raise ValueError(f"tokenizer.name={tokenizer_cfg['name']!r}: expected 'bpe' or 'file'")
+        raise ValueError(f"tokenizer.name={tokenizer_cfg.name!r}: expected 'bpe' or 'file'")
     check_template_tokens(template, tokenizer)
     return tokenizer
 
@@ -195,9 +195,15 @@ def _progress() -> Progress:
 
 
 def build_store(
-    path: str, encoder: ConversationEncoder, fmt: str, cache_dir: Path, writable: bool = True
+    path: str,
+    encoder: ConversationEncoder,
+    fmt: str,
+    cache_dir: Path,
+    writable: bool = True,
+    columns: Mapping[str, str] | None = None,
 ) -> tuple[TokenStore, Accounting]:
-    """The store for one file, from the cache when its key matches, else encoded and written atomically.
+    """The store for one data entry (a file, a Parquet folder or glob, an hf:// name: sft.protocol.sources),
+    from the cache when its key matches, else encoded and written atomically.
 
     The store's accounting keeps places relative to the file (":4", " record 3"): a store serves every
     file with the same bytes, so what it reports is named after the file as this run gives it."""
@@ -207,8 +213,10 @@ def build_store(
         "tokenizer": tokenizer_fingerprint(encoder.tokenizer),
         "protocol": dataclasses.asdict(encoder.config),
         "format": fmt,
+        "columns": dict(columns or {}),
     }
-    key = cache_key(parts, [path])
+    source = resolve_source(path)
+    key = cache_key(parts, source.files)
     store_dir = cache_dir / "stores" / key
     if is_complete(store_dir):
         store = TokenStore(store_dir, source=path)
@@ -216,7 +224,7 @@ def build_store(
     if not writable:
         raise read_only_error(cache_dir, f"a store for {path}")
     accounting = Accounting()
-    size = max(Path(path).stat().st_size, 1)
+    size = max(source.size_bytes, 1)
     started = time.perf_counter()
     tokens = 0
     with (
@@ -224,7 +232,7 @@ def build_store(
         StoreWriter(store_dir, vocab_size=encoder.tokenizer.get_vocab_size()) as writer,
     ):
         task = progress.add_task(f"preparing {Path(path).name}", total=size, rows=0, tokens_per_s=0.0)
-        for example in encoder.encode_file(path, fmt, accounting):
+        for example in encoder.encode_file(source, fmt, accounting, columns):
             writer.add(example.input_ids, example.labels)
             tokens += len(example.input_ids)
             if accounting.kept % 1000 == 0:
@@ -252,19 +260,19 @@ def read_only_error(cache_dir: Path, missing: str) -> StoreError:
     )
 
 
-def prepare(cfg: Mapping[str, Any]) -> PreparedData:
-    """The whole preparation from a composed config (the `tokenizer`, `template`, `protocol`, `data`
-    sections and `seed`): check the template, build or load the tokenizer, then every store."""
-    data_cfg = cfg["data"]
-    cache_dir = Path(data_cfg["cache_dir"])
-    fmt = data_cfg.get("format", "auto")
-    protocol = protocol_config(cfg["protocol"])
-    template = load_template(cfg["template"])
+def prepare(cfg: PrepareConfig) -> PreparedData:
+    """The whole preparation from a typed config (its `tokenizer`, `template`, `protocol`, `data` sections
+    and `seed`): check the template, build or load the tokenizer, then every store."""
+    cache_dir = Path(cfg.data.cache_dir)
+    template = load_template(dataclasses.asdict(cfg.template))
     check_template(template)
+    ranks = PrepareRanks.from_environment(cfg.data.prepare_per_node)
+    if ranks.world_size > 1:  # every rank prepares its share at once (sft.data.ranks): no cache-wide lock
+        return _prepare_locked(cfg, cache_dir, cfg.data.format, cfg.protocol, template, True, ranks)
     with cache_lock(cache_dir) as writable:
         if writable:  # under the lock nobody else is preparing: leftovers of killed preparers can go
             remove_abandoned_stores(cache_dir / "stores")
-        return _prepare_locked(cfg, cache_dir, fmt, protocol, template, writable)
+        return _prepare_locked(cfg, cache_dir, cfg.data.format, cfg.protocol, template, writable, ranks)
 
 
 @contextmanager
@@ -291,25 +299,36 @@ def cache_lock(cache_dir: Path) -> Iterator[bool]:
 
 
 def _prepare_locked(
-    cfg: Mapping[str, Any],
+    cfg: PrepareConfig,
     cache_dir: Path,
     fmt: str,
     protocol: ProtocolConfig,
     template: ChatTemplate,
     writable: bool,
+    ranks: PrepareRanks,
 ) -> PreparedData:
-    data_cfg = cfg["data"]
-    train_files, val_files = data_files(data_cfg, cache_dir, cfg["seed"], writable)
-    tokenizer = build_tokenizer(cfg["tokenizer"], template, protocol, train_files, fmt, cache_dir, writable)
+    columns = cfg.data.columns
+    train_files, val_files = data_files(cfg.data, cache_dir, cfg.seed, writable)
+    with artifact_lock(cache_dir / "tokenizers" / "bpe") if writable else nullcontext():
+        tokenizer = build_tokenizer(
+            cfg.tokenizer, template, protocol, train_files, fmt, cache_dir, writable, columns
+        )
     encoder = ConversationEncoder(tokenizer, template, protocol)
+    entries = train_files + val_files
+    built = prepare_in_turn(
+        entries,
+        [resolve_source(entry).size_bytes for entry in entries],
+        lambda entry: build_store(entry, encoder, fmt, cache_dir, writable, columns),
+        ranks,
+        cache_dir / "locks" if writable else None,
+    )
     accounting = Accounting()
-    stores: dict[str, list[TokenStore]] = {"train": [], "val": []}
-    for split, files in (("train", train_files), ("val", val_files)):
-        for path in files:
-            store, file_accounting = build_store(path, encoder, fmt, cache_dir, writable)
-            stores[split].append(store)
-            accounting.merge(file_accounting)
-    return PreparedData(tokenizer, template, stores["train"], stores["val"], accounting)
+    for _, entry_accounting in built:
+        accounting.merge(entry_accounting)
+    stores = [store for store, _ in built]
+    return PreparedData(
+        tokenizer, template, stores[: len(train_files)], stores[len(train_files) :], accounting
+    )
 
 
 def export_jsonl(stores: list[TokenStore], path: str | os.PathLike) -> int:

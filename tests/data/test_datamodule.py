@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 
+from sft.cli.schemas import PrepareConfig
+from sft.config import load_config
+from sft.data.build import prepare
 from sft.data.datamodule import SFTDataModule
 from sft.data.sampler import ResumableBatchSampler
 from sft.module import SFTModule
@@ -28,26 +32,29 @@ def write_conversations(path, count: int, tag: str) -> str:
     return str(path)
 
 
-def make_config(tmp_path, files, **data) -> dict:
-    return {
-        "seed": 7,
-        "tokenizer": {"name": "bpe", "vocab_size": 300, "path": None},
-        "template": {"name": "chatml"},
-        "protocol": {"max_seq_len": 256, "seed": 7},
-        "data": {
-            "name": "jsonl",
-            "train": files,
-            "val": None,
-            "format": "auto",
-            "mix": None,
-            "val_fraction": 0.0,
-            "batch_size": 3,
-            "packing": True,
-            "num_workers": 0,
-            "cache_dir": str(tmp_path / "cache"),
-            **data,
+def make_config(tmp_path, files, **data) -> PrepareConfig:
+    return load_config(
+        {
+            "seed": 7,
+            "tokenizer": {"name": "bpe", "vocab_size": 300, "path": None},
+            "template": {"name": "chatml"},
+            "protocol": {"max_seq_len": 256, "seed": 7},
+            "data": {
+                "name": "jsonl",
+                "train": files,
+                "val": None,
+                "format": "auto",
+                "mix": None,
+                "val_fraction": 0.0,
+                "batch_size": 3,
+                "packing": True,
+                "num_workers": 0,
+                "cache_dir": str(tmp_path / "cache"),
+                **data,
+            },
         },
-    }
+        PrepareConfig,
+    )
 
 
 @pytest.fixture
@@ -59,10 +66,7 @@ def two_files(tmp_path):
 
 
 def setup_module_for(config) -> SFTDataModule:
-    datamodule = SFTDataModule(config)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    return datamodule
+    return SFTDataModule(config, prepare(config))
 
 
 def examples_of(dataset) -> dict[int, tuple]:
@@ -102,7 +106,7 @@ def test_rank_shards_are_disjoint_and_cover_the_epoch(tmp_path, two_files, packi
     seen = Counter()
     for rank in range(world_size):
         sampler = ResumableBatchSampler(
-            datamodule._plan(dataset, world_size), seed=7, rank=rank, world_size=world_size, shuffle=False
+            datamodule._plan(dataset, world_size), seed=7, rank=rank, world_size=world_size
         )
         for batch in sampler:
             seen.update(batch)
@@ -159,6 +163,28 @@ def test_explicit_val_files_and_their_batches_cover_each_row_once(tmp_path, two_
     assert sorted(rows) == list(range(len(datamodule.val_dataset)))
 
 
+@pytest.mark.parametrize("world_size", [3, 6])
+def test_every_rank_runs_the_same_validation_batches_and_padding_trains_nothing(
+    tmp_path, two_files, world_size
+):
+    """A sharded model's forward is a collective: a rank with one batch fewer would hang the others."""
+    datamodule = setup_module_for(make_config(tmp_path, two_files[:1], val=two_files[1:], packing=False))
+    rows, trained = [], 0
+    batch_counts = set()
+    for rank in range(world_size):
+        datamodule.trainer = SimpleNamespace(global_rank=rank, world_size=world_size)
+        loader = datamodule.val_dataloader()
+        batches = list(loader)
+        batch_counts.add(len(batches))
+        rows += [row for batch in loader.batch_sampler for row in batch]
+        trained += sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in batches)
+    row_count = len(datamodule.val_dataset)
+    assert row_count % world_size and len(batch_counts) == 1  # uneven rows, yet even batches
+    assert sorted(row for row in rows if row < row_count) == list(range(row_count))
+    want = sum(int((datamodule.val_dataset[r]["labels"] != IGNORE_INDEX).sum()) for r in range(row_count))
+    assert trained == want  # the padding rows add no trained token: val loss is unchanged
+
+
 def test_collate_keeps_document_ids_only_where_a_row_holds_several_examples(tmp_path, two_files):
     packed = setup_module_for(make_config(tmp_path, two_files, packing=True))
     unpacked = setup_module_for(make_config(tmp_path, two_files, packing=False))
@@ -184,7 +210,6 @@ def examples_per_optimizer_step(datamodule, world_size: int, accumulation: int) 
                 seed=7,
                 rank=rank,
                 world_size=world_size,
-                shuffle=False,
             )
         )
         for rank in range(world_size)
@@ -217,11 +242,11 @@ def test_batch_size_accumulation_and_ranks_give_the_same_optimizer_steps(tmp_pat
 
 def first_step_loss(tmp_path, files, batch_size: int, accumulation: int) -> float:
     config = make_config(tmp_path, files, packing=False, batch_size=batch_size)
-    datamodule = setup_module_for(config)
+    prepared = prepare(config)
+    datamodule = SFTDataModule(config, prepared)
     torch.manual_seed(0)
     model = {
-        "name": "llama",
-        "vocab_size": datamodule.tokenizer.get_vocab_size(),
+        "vocab_size": prepared.tokenizer.get_vocab_size(),
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_hidden_layers": 1,

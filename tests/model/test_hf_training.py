@@ -12,8 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers", minversion="4.56")
 
 from sft.loss import batch_loss_sum, full_logits_loss_sum  # noqa: E402
+from sft.model import build_model  # noqa: E402
 from sft.model.hf import HFModelError  # noqa: E402
-from sft.model.llama import build_model  # noqa: E402
 from tests.model.test_loss import assert_relative_close, loss_and_grads, packed_batch  # noqa: E402
 from tests.test_hf import LORA, hf_section, make_model_dir  # noqa: E402
 
