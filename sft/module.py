@@ -32,7 +32,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from sft.hardware import fully_shard_model, is_sharded
-from sft.loss import masked_token_loss_sum
+from sft.loss import batch_loss_sum
 from sft.model import build_model, model_config_from_dict
 from sft.optim import OptimConfig, lr_at_step
 from sft.protocol.templates import load_template, standalone_config
@@ -137,10 +137,11 @@ class SFTModule(L.LightningModule):
         if self.device_mesh is not None and not is_sharded(self.model):
             fully_shard_model(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision))
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(
-            batch["input_ids"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids")
-        )
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss over the batch's trained tokens, their count): logits at trained positions only.
+        The model's forward runs (FSDP's hooks with it); its root stays unsharded until the backward, so the
+        loss can apply the output head afterwards."""
+        return batch_loss_sum(self.model, batch, self.optim_config.loss_chunk_tokens)
 
     # ---- training -------------------------------------------------------------------------------------
     def _reset_window(self) -> None:
@@ -152,7 +153,7 @@ class SFTModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self._logged_at is None:
             self._logged_at = time.perf_counter()
-        loss_sum, trained_tokens = masked_token_loss_sum(self(batch), batch["labels"])
+        loss_sum, trained_tokens = self.loss_sum(batch)
         self._window_loss_sum = self._window_loss_sum + loss_sum.detach().double()
         self._window_trained_tokens = self._window_trained_tokens + trained_tokens
         self._window_tokens = self._window_tokens + batch["real_tokens"].to(loss_sum.device)
@@ -250,7 +251,7 @@ class SFTModule(L.LightningModule):
         self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, trained_tokens = masked_token_loss_sum(self(batch), batch["labels"])
+        loss_sum, trained_tokens = self.loss_sum(batch)
         self._val_loss_sum += loss_sum.double()
         self._val_tokens += trained_tokens
 
