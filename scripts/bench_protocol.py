@@ -6,7 +6,8 @@
 On the same data and tokenizer (a byte-level BPE trained here on the real data), whole-process times:
   ours          ConversationEncoder over read_conversations: read, validate, render, encode, label
   transformers  apply_chat_template(tokenize=True, return_assistant_tokens_mask=True) per conversation,
-                chatml with {% generation %} tags, given the already-parsed messages (reading not timed)
+                builtin chatml as Jinja with {% generation %} tags (what sft-export ships: reasoning, tool
+                calls and tools too), given the already-parsed messages (reading not timed)
   bare          Tokenizer.encode_batch of the already-rendered texts (chunked as ours) and their ids
 Each is the best of --repeats runs. transformers runs on the first --hf-rows conversations only (a rate).
 Before timing, ours is checked against transformers token for token.
@@ -28,17 +29,13 @@ from tokenizers import Tokenizer
 
 from sft.protocol.labels import IGNORE_INDEX, labels_from_encoding
 from sft.protocol.pipeline import ENCODE_CHUNK, Accounting, ConversationEncoder, read_conversations
-from sft.protocol.templates import BUILTINS
+from sft.protocol.templates import BUILTINS, builtin_jinja_source
+from sft.protocol.templates.jinja import jinja_message
 from sft.protocol.tokenizer import train_bpe
 from sft.protocol.types import Conversation, ProtocolConfig
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data from the project
-CHATML_TAGGED = (
-    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}"
-    "{% if m.role == 'assistant' %}{% generation %}{{ m.content + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ m.content + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+CHATML_TAGGED = builtin_jinja_source(BUILTINS["chatml"])
 WORDS = (
     "the a of to and in is it you that he was for on are with as I his they be at one have this from "
     "or had by hot word but what some we can out other were all there when up use your how said an each "
@@ -103,15 +100,16 @@ def run_bare(tokenizer: Tokenizer, texts: list[str]) -> tuple[int, int]:
     return len(texts), tokens
 
 
-def hf_labels(hf_tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+def hf_labels(hf_tokenizer, conversation: tuple[list[dict], list | None]) -> tuple[np.ndarray, np.ndarray]:
+    messages, tools = conversation
     output = hf_tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     ids = np.asarray(output["input_ids"], dtype=np.int64)
     return ids, np.where(np.asarray(output["assistant_masks"], dtype=bool), ids, IGNORE_INDEX)
 
 
-def run_transformers(hf_tokenizer, conversations: list[list[dict]]) -> tuple[int, int]:
+def run_transformers(hf_tokenizer, conversations: list[tuple[list[dict], list | None]]) -> tuple[int, int]:
     tokens = sum(len(hf_labels(hf_tokenizer, messages)[0]) for messages in conversations)
     return len(conversations), tokens
 
@@ -124,8 +122,8 @@ def bench(name: str, path: str, tokenizer: Tokenizer, hf_tokenizer, args: argpar
         for index, item in enumerate(read_conversations(path))
         if isinstance(item, Conversation)
     ]
-    texts = [rendered.text for _, rendered in prepared]
-    messages = [[{"role": m.role, "content": m.content} for m in conv.messages] for conv, _ in prepared]
+    texts = [row.rendered.text for _, rows in prepared for row in rows]  # builtin chatml: one row each
+    messages = [([jinja_message(m) for m in conv.messages], conv.tools) for conv, _ in prepared]
 
     # Same ids and labels as transformers before anything is timed.
     ours = list(encoder.encode_file(path, "auto", Accounting()))
@@ -229,9 +227,10 @@ def main() -> None:
         training_encoder = ConversationEncoder(None, chatml, ProtocolConfig(special_in_content="allow"))
         first = next(iter(paths.values()))
         texts = [
-            training_encoder.prepare(item, 0)[1].text
+            row.rendered.text
             for item in read_conversations(first)
             if isinstance(item, Conversation)
+            for row in training_encoder.prepare(item, 0)[1]
         ]
         tokenizer = train_bpe(texts, args.vocab_size, chatml.special_tokens)
         hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=CHATML_TAGGED)

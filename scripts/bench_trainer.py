@@ -21,7 +21,6 @@ from sft.cli.schemas import TrainConfig
 from sft.config import load_config
 from sft.data.build import prepare
 from sft.data.datamodule import SFTDataModule
-from sft.loss import masked_token_loss_sum
 from sft.module import SFTModule
 
 
@@ -52,7 +51,7 @@ def plain_loop(config: TrainConfig, vocab_size: int, batches: list) -> float:
     for step, batch in enumerate(batches):
         if step == 1:
             started = time.perf_counter()
-        loss_sum, trained = masked_token_loss_sum(module(batch), batch["labels"])
+        loss_sum, trained = module.loss_sum(batch)
         (loss_sum / trained.clamp_min(1)).backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), optim.grad_clip)
         optimizer.step()
@@ -100,7 +99,7 @@ def main() -> None:
     tokens = sum(int(batch["real_tokens"]) for batch in batches[1:])
     model = new_module(config, vocab_size).model
     flops_per_token = model.flops_per_token(config.protocol.max_seq_len)
-    peak = config.hardware.peak_flops
+    peak = config.hardware.peak_flops["fp32"]  # both loops run in fp32
     print(
         f"model {type(config.model).__name__}: {model.num_parameters():,} parameters; {args.steps} steps of "
         f"{config.data.batch_size} rows x {config.protocol.max_seq_len} tokens; torch threads "

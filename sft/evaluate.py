@@ -6,7 +6,8 @@ until its end-of-turn token and the text must equal the reference answer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -19,28 +20,42 @@ from sft.protocol.types import Message
 EvalItem = tuple[list[dict], str]
 
 
-def prompt_ids(messages: Sequence[dict], tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
-    """The conversation so far plus the assistant header, tokenized exactly as in training."""
-    rendered = render_chat_prompt(
-        [Message(m["role"], m["content"]) for m in messages], template, add_generation_prompt=True
-    )
+def as_message(message: Mapping[str, Any]) -> Message:
+    """A chat message dict ({"role", "content", "reasoning"?}) as the protocol's Message."""
+    return Message(message["role"], message["content"], reasoning=message.get("reasoning"))
+
+
+def prompt_ids(
+    messages: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, template: ChatTemplate
+) -> list[int]:
+    """The conversation so far plus the generation prompt, tokenized exactly as in training; earlier turns
+    render as the template renders history (e.g. without reasoning where it strips it)."""
+    rendered = render_chat_prompt([as_message(m) for m in messages], template, add_generation_prompt=True)
     return tokenizer.encode(rendered.text, add_special_tokens=False).ids
+
+
+def split_reasoning(reply: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of a generated reply that thinks in <think>…</think> (Qwen, Nemotron, the
+    builtins), as those templates split a reply themselves; (None, reply) otherwise."""
+    if "</think>" not in reply:
+        return None, reply
+    thinking, answer = reply.split("</think>", 1)
+    return thinking.split("<think>")[-1].strip("\n"), answer.lstrip("\n")
 
 
 def generate_reply(
     model: torch.nn.Module,
-    messages: Sequence[dict],
+    messages: Sequence[Mapping[str, Any]],
     tokenizer: Tokenizer,
     template: ChatTemplate,
     max_new_tokens: int,
     **sampling,
 ) -> tuple[str, bool]:
-    """(reply text without the end-of-turn token, whether the model stopped by itself)."""
-    stop_id = tokenizer.token_to_id(template.eot)
-    new_ids = generate(
-        model, prompt_ids(messages, tokenizer, template), max_new_tokens, {stop_id}, **sampling
-    )
-    stopped = bool(new_ids) and new_ids[-1] == stop_id
+    """(reply text without the stop token, whether the model stopped by itself at one of the template's
+    generation-stop tokens)."""
+    stop_ids = {tokenizer.token_to_id(token) for token in template.stop_tokens}
+    new_ids = generate(model, prompt_ids(messages, tokenizer, template), max_new_tokens, stop_ids, **sampling)
+    stopped = bool(new_ids) and new_ids[-1] in stop_ids
     return tokenizer.decode(new_ids[:-1] if stopped else new_ids, skip_special_tokens=False), stopped
 
 

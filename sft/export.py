@@ -30,7 +30,14 @@ from tokenizers import Tokenizer
 from sft.atomic import atomic_directory
 from sft.checkpoint import InferenceBundle, load_for_inference
 from sft.model.hf import HFCausalLM
-from sft.protocol.templates import BuiltinTemplate, ChatTemplate, JinjaTemplate, probe_messages
+from sft.protocol.templates import (
+    BuiltinTemplate,
+    ChatTemplate,
+    JinjaTemplate,
+    builtin_jinja_source,
+    probe_conversation,
+)
+from sft.protocol.templates.builtin import jinja_literal
 from sft.protocol.types import TemplateError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,46 +48,6 @@ class ExportError(ValueError):
     """The checkpoint cannot be exported as asked; the message says what to change."""
 
 
-def _literal(text: str) -> str:
-    """A single-quoted Jinja string literal (escapes every Jinja engine understands: \\\\, \\', \\n)."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
-
-
-def builtin_jinja_source(template: BuiltinTemplate, generation_tags: bool = True) -> str:
-    """A Jinja chat template that renders exactly what the builtin renders, for any messages.
-
-    Only `{{ }}` expressions between tags, no literal whitespace: transformers' trim_blocks/lstrip_blocks
-    have nothing to act on, so the text does not depend on the engine's whitespace settings.
-    """
-    role = "message['role']"
-    for ours, theirs in template.role_names:  # e.g. llama3 writes a tool turn as ipython
-        role = f"({_literal(theirs)} if message['role'] == {_literal(ours)} else {role})"
-    header_start, header_end = template.header.split("{role}")
-    eot_end = template.assistant_footer.index(template.eot) + len(template.eot)
-    trained_footer, untrained_footer = (
-        template.assistant_footer[:eot_end],
-        template.assistant_footer[eot_end:],
-    )
-    opening, closing = ("{% generation %}", "{% endgeneration %}") if generation_tags else ("", "")
-    return "".join(
-        [
-            f"{{{{ {_literal(template.bos)} }}}}" if template.bos else "",
-            "{% for message in messages %}",
-            f"{{{{ {_literal(header_start)} + {role} + {_literal(header_end)} }}}}",
-            "{% if message['role'] == 'assistant' %}",
-            f"{opening}{{{{ message['content'] + {_literal(trained_footer)} }}}}{closing}",
-            f"{{{{ {_literal(untrained_footer)} }}}}" if untrained_footer else "",
-            "{% else %}",
-            f"{{{{ message['content'] + {_literal(template.footer)} }}}}",
-            "{% endif %}",
-            "{% endfor %}",
-            "{% if add_generation_prompt %}",
-            f"{{{{ {_literal(template.header.format(role='assistant'))} }}}}",
-            "{% endif %}",
-        ]
-    )
-
-
 def _jinja_value(value: Any) -> str:
     """A Python value as a Jinja literal, for template kwargs baked into the exported source."""
     if value is None or isinstance(value, bool):
@@ -88,11 +55,11 @@ def _jinja_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return _literal(value)
+        return jinja_literal(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_jinja_value(item) for item in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{_literal(str(k))}: {_jinja_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{jinja_literal(str(k))}: {_jinja_value(v)}" for k, v in value.items()) + "}"
     raise ExportError(f"template.kwargs value {value!r} cannot be written into a chat template")
 
 
@@ -120,32 +87,42 @@ def special_tokens(template: ChatTemplate) -> tuple[str | None, str]:
 
 
 def check_chat_template(source: str, template: ChatTemplate, bos: str | None, eos: str) -> None:
-    """Render the start-up probe conversation (and every generation prompt in it) with `source` the way
-    transformers will, and with the training template; raise ExportError unless the texts are identical
-    and, where `source` has generation tags, the trained spans too."""
-    exported = JinjaTemplate(source, eot=template.eot, bos_token=bos, eos_token=eos)
-    messages = probe_messages(template)
+    """Render the start-up probe conversation (with its tools, reasoning and tool call, and every generation
+    prompt in it) with `source` the way transformers will, and with the training template; raise
+    ExportError unless the texts are identical and the rows and trained spans too."""
+    date = template.date.isoformat() if isinstance(template, JinjaTemplate) else None
+    exported = JinjaTemplate(
+        source,
+        eot=list(template.eot_markers),
+        stop=list(template.stop_tokens),
+        bos_token=bos,
+        eos_token=eos,
+        **({"date": date} if date else {}),
+    )
+    messages, tools, _ = probe_conversation(template)
     cases = [(messages, False)] + [
         (messages[:index], True) for index, message in enumerate(messages) if message.role == "assistant"
     ]
-    for case, add_generation_prompt in cases:
-        try:
-            ours = template.render(case, add_generation_prompt=add_generation_prompt)
-            theirs = exported.render(case, add_generation_prompt=add_generation_prompt)
-        except TemplateError as error:
-            raise ExportError(
-                f"the exported chat template cannot render the probe conversation: {error}"
-            ) from error
-        if ours.text != theirs.text:
-            raise ExportError(
-                f"the exported chat template renders {theirs.text!r} where training rendered {ours.text!r}"
-                f" ({len(case)} messages, add_generation_prompt={add_generation_prompt})"
-            )
-        if exported.has_generation_tags and ours.assistant_spans != theirs.assistant_spans:
-            raise ExportError(
-                f"the exported chat template's {{% generation %}} spans {theirs.assistant_spans} differ from "
-                f"the trained spans {ours.assistant_spans}"
-            )
+    try:
+        for case, add_generation_prompt in cases:
+            ours = template.render_text(case, tools, add_generation_prompt)
+            theirs = exported.render_text(case, tools, add_generation_prompt)
+            if ours != theirs:
+                raise ExportError(
+                    f"the exported chat template renders {theirs!r} where training rendered {ours!r}"
+                    f" ({len(case)} messages, add_generation_prompt={add_generation_prompt})"
+                )
+        ours_rows, theirs_rows = template.render_rows(messages, tools), exported.render_rows(messages, tools)
+    except TemplateError as error:
+        raise ExportError(
+            f"the exported chat template cannot render the probe conversation: {error}"
+        ) from error
+    trained = [(row.text, row.assistant_spans) for row in ours_rows]
+    if trained != [(row.text, row.assistant_spans) for row in theirs_rows]:
+        raise ExportError(
+            f"the exported chat template trains {[(r.text, r.assistant_spans) for r in theirs_rows]} where "
+            f"training trained {trained}"
+        )
 
 
 def _token_id(tokenizer: Tokenizer, token: str | None) -> int | None:
@@ -174,7 +151,8 @@ def export_files(
     ids = {"bos_token_id": bos_id, "eos_token_id": eot_id, "pad_token_id": eot_id}
 
     model_config = bundle.model.config
-    stop_ids = eot_id if eos_id == eot_id else [eot_id, eos_id]
+    stop_ids = list(dict.fromkeys([_token_id(tokenizer, token) for token in template.stop_tokens] + [eos_id]))
+    stop_ids = stop_ids[0] if len(stop_ids) == 1 else stop_ids  # e.g. GPT-OSS: <|return|> and <|call|>
     # Greedy by default, as sft-chat and sft-eval decode (transformers' pipeline would otherwise sample).
     generation_config = {"eos_token_id": stop_ids, "pad_token_id": eot_id, "do_sample": False}
     if bos_id is not None:

@@ -29,8 +29,10 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
-from sft.loss import masked_token_loss_sum
+from sft.hardware import fully_shard_model, is_sharded
+from sft.loss import batch_loss_sum
 from sft.model import build_model, model_config_from_dict
 from sft.optim import OptimConfig, lr_at_step
 from sft.protocol.templates import load_template, standalone_config
@@ -129,10 +131,17 @@ class SFTModule(L.LightningModule):
         if "rng" in saved:
             set_rng_state(saved["rng"])
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(
-            batch["input_ids"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids")
-        )
+    def configure_model(self) -> None:
+        """Under `strategy: fsdp` (ModelParallelStrategy gives the module a device mesh): shard each decoder
+        layer, then the root. Lightning may call this again (e.g. validate after fit): shard once."""
+        if self.device_mesh is not None and not is_sharded(self.model):
+            fully_shard_model(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision))
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss over the batch's trained tokens, their count): logits at trained positions only.
+        The model's forward runs (FSDP's hooks with it); its root stays unsharded until the backward, so the
+        loss can apply the output head afterwards."""
+        return batch_loss_sum(self.model, batch, self.optim_config.loss_chunk_tokens)
 
     # ---- training -------------------------------------------------------------------------------------
     def _reset_window(self) -> None:
@@ -144,7 +153,7 @@ class SFTModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self._logged_at is None:
             self._logged_at = time.perf_counter()
-        loss_sum, trained_tokens = masked_token_loss_sum(self(batch), batch["labels"])
+        loss_sum, trained_tokens = self.loss_sum(batch)
         self._window_loss_sum = self._window_loss_sum + loss_sum.detach().double()
         self._window_trained_tokens = self._window_trained_tokens + trained_tokens
         self._window_tokens = self._window_tokens + batch["real_tokens"].to(loss_sum.device)
@@ -189,13 +198,15 @@ class SFTModule(L.LightningModule):
             self._log_interval(loss, grad_norm, optimizer)
 
     def _clip_gradients(self, parameters: list[torch.nn.Parameter]) -> torch.Tensor:
-        """Clip to `optim.grad_clip` by the global norm; under FSDP only the sharded root module sees every
-        rank's shards, so it computes the norm (each rank alone would clip by a different factor)."""
+        """Clip to `optim.grad_clip` by the global norm. Under FSDP each gradient is a DTensor shard: the
+        norm over the shards is partial, and `full_tensor()` sums it over the ranks, so every rank clips by
+        the same factor as one process would."""
         max_norm = self.optim_config.grad_clip or float("inf")
-        sharded_root = getattr(self.trainer.strategy, "model", None)
-        if hasattr(sharded_root, "clip_grad_norm_"):
-            return sharded_root.clip_grad_norm_(max_norm)
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, grad_norm)
+        return grad_norm
 
     def _stop_on_non_finite(self, loss: float, grad_norm: float) -> None:
         """Keep the last good weights (no update is applied) in a checkpoint, then stop with a clear error."""
@@ -240,7 +251,7 @@ class SFTModule(L.LightningModule):
         self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, trained_tokens = masked_token_loss_sum(self(batch), batch["labels"])
+        loss_sum, trained_tokens = self.loss_sum(batch)
         self._val_loss_sum += loss_sum.double()
         self._val_tokens += trained_tokens
 

@@ -17,6 +17,7 @@ class OptimConfig:
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1  # the cosine ends at min_lr_ratio * lr
     grad_clip: float | None = 1.0  # global norm; SFTModule clips (trainer.gradient_clip_val is refused)
+    loss_chunk_tokens: int = 1024  # trained positions per output-head chunk of the loss (sft.loss)
 
     def __post_init__(self) -> None:
         problems = []
@@ -34,6 +35,8 @@ class OptimConfig:
             problems.append(f"optim.min_lr_ratio={self.min_lr_ratio}: expected 0..1")
         if self.grad_clip is not None and not self.grad_clip > 0:
             problems.append(f"optim.grad_clip={self.grad_clip}: expected > 0, or null for no clipping")
+        if self.loss_chunk_tokens < 1:
+            problems.append(f"optim.loss_chunk_tokens={self.loss_chunk_tokens}: expected >= 1")
         if problems:
             raise ValueError("\n".join(problems))
 

@@ -53,18 +53,18 @@ class WandbExtras(L.Callback):
         if self._items is None:
             self._items = held_out_items(dataset, self.count)
         tokenizer = module.tokenizer
-        eot_id = tokenizer.token_to_id(module.template.eot)
+        stop_ids = {tokenizer.token_to_id(token) for token in module.template.stop_tokens}
         rows = []
         was_training = module.model.training
         module.model.eval()
         for prompt, reference in self._items:
-            generated = generate(module.model, prompt, self.max_new_tokens, {eot_id})
+            generated = generate(module.model, prompt, self.max_new_tokens, stop_ids)
             rows.append(
                 [
                     trainer.global_step,
                     tokenizer.decode(prompt, skip_special_tokens=False),
-                    tokenizer.decode([i for i in reference if i != eot_id], skip_special_tokens=False),
-                    tokenizer.decode([i for i in generated if i != eot_id], skip_special_tokens=False),
+                    tokenizer.decode([i for i in reference if i not in stop_ids], skip_special_tokens=False),
+                    tokenizer.decode([i for i in generated if i not in stop_ids], skip_special_tokens=False),
                 ]
             )
         module.model.train(was_training)

@@ -99,3 +99,36 @@ def test_history_renders_as_training_renders_the_conversation(tmp_path, tokenize
     # The prompt ends exactly where the last answer's trained tokens begin.
     assert example.labels[len(prompt) - 1] == IGNORE_INDEX
     assert example.labels[len(prompt)] != IGNORE_INDEX
+
+
+def test_a_reply_keeps_its_reasoning_apart_so_history_renders_as_the_template_renders_it(
+    monkeypatch, tokenizer
+):
+    """The reply is shown whole; the next turn renders it through the template, which keeps the reasoning
+    (builtin chatml) or drops it from history (a Qwen3-style template), as it did in training."""
+    import sft.cli.chat as chat_cli
+    from sft.checkpoint import InferenceBundle
+    from sft.evaluate import split_reasoning
+    from sft.protocol.templates import BUILTINS, JinjaTemplate
+
+    assert split_reasoning("<think>\nWhy.\n</think>\n\nBecause.") == ("Why.", "Because.")
+    assert split_reasoning("Why.\n</think>\n\nBecause.") == ("Why.", "Because.")  # <think> prefilled
+    assert split_reasoning("Because.") == (None, "Because.")
+    monkeypatch.setattr(
+        chat_cli, "generate_reply", lambda *args, **kwargs: ("<think>\nWhy.\n</think>\n\nBecause.", True)
+    )
+    strips_history = JinjaTemplate(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content and loop.last %}"
+        "<think>\n{{ m.reasoning_content }}\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        eot="<|im_end|>",
+    )
+    for template, kept in ((BUILTINS["chatml"], True), (strips_history, False)):
+        session = ChatSession(InferenceBundle(None, tokenizer, template, {}, {}))
+        assert session.respond("Why?") == ("<think>\nWhy.\n</think>\n\nBecause.", True)
+        assert session.history[-1] == {"role": "assistant", "content": "Because.", "reasoning": "Why."}
+        text = tokenizer.decode(
+            prompt_ids(session.messages + [{"role": "user", "content": "More?"}], tokenizer, template),
+            skip_special_tokens=False,
+        )
+        assert ("<think>\nWhy.\n</think>\n\nBecause." in text) == kept and "Because.<|im_end|>" in text

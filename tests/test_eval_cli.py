@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_module
 from sft.checkpoint import load_for_inference
 from sft.cli import eval as eval_cli
 from sft.config import load_config
-from sft.loss import masked_token_loss_sum
+from sft.loss import full_logits_loss_sum
 from sft.protocol.pipeline import Accounting, ConversationEncoder
 from tests.helpers import write_checkpoint
 
@@ -55,7 +55,7 @@ def test_loss_is_the_trained_token_mean_whatever_the_batching(checkpoint):
     with torch.no_grad():
         for example in examples:  # one at a time, no padding
             ids, labels = (torch.from_numpy(a)[None] for a in (example.input_ids, example.labels))
-            loss_sum, count = masked_token_loss_sum(bundle.model(ids), labels)
+            loss_sum, count = full_logits_loss_sum(bundle.model(ids), labels)
             total, tokens = total + float(loss_sum), tokens + int(count)
     for batch_size in (1, 4):
         loss_sum, trained_tokens = eval_cli.trained_token_loss(bundle.model, examples, batch_size)

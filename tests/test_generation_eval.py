@@ -13,7 +13,7 @@ import torch
 from sft.cli import eval as eval_cli
 from sft.eval_report import render_html
 from sft.generation_eval import generate_batch, generation_items
-from sft.loss import masked_token_loss_sum
+from sft.loss import full_logits_loss_sum
 from sft.model.generate import generate
 from sft.protocol.pipeline import Accounting, ConversationEncoder, read_conversations
 from sft.protocol.templates import BUILTINS, render_chat_prompt
@@ -109,7 +109,7 @@ def memorize(path: str, tokenizer, steps: int = 60):
         for _ in range(steps):
             for example in examples:
                 ids, labels = (torch.from_numpy(a)[None] for a in (example.input_ids, example.labels))
-                loss_sum, count = masked_token_loss_sum(model(ids), labels)
+                loss_sum, count = full_logits_loss_sum(model(ids), labels)
                 optimizer.zero_grad()
                 (loss_sum / count).backward()
                 optimizer.step()

@@ -38,10 +38,18 @@ def hf_section(model_dir: Path, **values) -> dict:
     }
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_packed_row_gives_each_example_its_logits_alone(model_dir, attn_implementation):
-    model = build_model(hf_section(model_dir, attn_implementation=attn_implementation)).eval()
-    assert isinstance(model, HFCausalLM) and model.attn_implementation == attn_implementation
+@pytest.mark.parametrize(
+    "attn_implementation, packed_attention, runs_as",
+    [("sdpa", "auto", "documents"), ("sdpa", "dense", "dense"), ("eager", "auto", "dense")],
+)
+def test_packed_row_gives_each_example_its_logits_alone(
+    model_dir, attn_implementation, packed_attention, runs_as
+):
+    section = hf_section(
+        model_dir, attn_implementation=attn_implementation, packed_attention=packed_attention
+    )
+    model = build_model(section).eval()
+    assert isinstance(model, HFCausalLM) and model.packed_attention == runs_as
     generator = torch.Generator().manual_seed(0)
     lengths = [5, 9, 3]
     examples = [torch.randint(0, 300, (length,), generator=generator) for length in lengths]
@@ -63,11 +71,18 @@ def test_packed_row_gives_each_example_its_logits_alone(model_dir, attn_implemen
     torch.testing.assert_close(continuing[: lengths[0]], alone[0], atol=1e-5, rtol=0)
 
 
-def test_packing_is_refused_where_documents_cannot_be_isolated(model_dir):
-    model = build_model(hf_section(model_dir, attn_implementation="flex_attention"))
-    ids = torch.zeros(1, 4, dtype=torch.long)
+@pytest.mark.parametrize(
+    "attn_implementation, packed_attention",
+    [("sdpa", "flex"), ("eager", "documents"), ("flex_attention", "dense")],
+)
+def test_packing_is_refused_where_documents_cannot_be_isolated(
+    model_dir, attn_implementation, packed_attention
+):
+    section = hf_section(
+        model_dir, attn_implementation=attn_implementation, packed_attention=packed_attention
+    )
     with pytest.raises(HFModelError, match="data.packing=false"):
-        model(ids, position_ids=torch.tensor([[0, 1, 0, 1]]), document_ids=torch.tensor([[0, 0, 1, 1]]))
+        build_model(section)
 
 
 def test_logits_match_transformers_and_kv_cache_generation_matches_full_forward(model_dir):

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sft.data.collate import collate_rows
-from sft.loss import masked_token_loss_sum
+from sft.loss import full_logits_loss_sum
 from sft.module import SFTModule
 from sft.protocol.labels import IGNORE_INDEX
 
@@ -23,7 +23,15 @@ MODEL = {
     "max_position_embeddings": 128,
     "tie_word_embeddings": True,
 }
-OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 1, "min_lr_ratio": 0.1, "grad_clip": 1e9}
+# Chunks of 3 trained positions: the reference below takes the full logits, so chunking is under test too.
+OPTIM = {
+    "lr": 1e-3,
+    "weight_decay": 0.1,
+    "warmup_steps": 1,
+    "min_lr_ratio": 0.1,
+    "grad_clip": 1e9,
+    "loss_chunk_tokens": 3,
+}
 
 
 def make_examples(count: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -83,7 +91,7 @@ def reference_gradients() -> dict[str, torch.Tensor]:
     total, count = 0.0, 0
     for example in make_examples():
         batch = collate_rows([example])
-        loss_sum, trained = masked_token_loss_sum(module(batch), batch["labels"])
+        loss_sum, trained = full_logits_loss_sum(module.model(batch["input_ids"]), batch["labels"])
         total, count = total + loss_sum, count + trained
     (total / count).backward()
     return {n: p.grad.clone() for n, p in module.named_parameters()}
@@ -109,7 +117,7 @@ def test_mean_of_micro_batch_means_would_differ():
     per_example, total, count = [], 0.0, 0
     for example in make_examples():
         batch = collate_rows([example])
-        loss_sum, trained = masked_token_loss_sum(module(batch), batch["labels"])
+        loss_sum, trained = module.loss_sum(batch)
         per_example.append(loss_sum / trained)
         total, count = total + loss_sum, count + trained
     assert abs(float(sum(per_example).detach() / 4 - total.detach() / count)) > 1e-3
@@ -120,7 +128,7 @@ def test_no_trained_token_gives_exact_zero_and_a_gradient_free_of_nan():
     example = make_examples(1)[0]
     example["labels"][:] = IGNORE_INDEX
     batch = collate_rows([example])
-    loss_sum, trained = masked_token_loss_sum(module(batch), batch["labels"])
+    loss_sum, trained = module.loss_sum(batch)
     assert trained == 0 and loss_sum.item() == 0.0
     loss_sum.backward()
     assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
@@ -152,16 +160,14 @@ def test_packed_row_gives_the_same_loss_and_gradient_as_its_examples_alone():
     }
     torch.manual_seed(0)
     module = SFTModule(MODEL, OPTIM)
-    packed_sum, packed_count = masked_token_loss_sum(
-        module(collate_rows([packed])), torch.as_tensor(packed["labels"])[None]
-    )
+    packed_sum, packed_count = module.loss_sum(collate_rows([packed]))
     packed_sum.backward()
     packed_grads = {n: p.grad.clone() for n, p in module.named_parameters()}
     module.zero_grad()
     alone_sum, alone_count = 0.0, 0
     for example in examples:
         batch = collate_rows([example])
-        loss_sum, trained = masked_token_loss_sum(module(batch), batch["labels"])
+        loss_sum, trained = module.loss_sum(batch)
         alone_sum, alone_count = alone_sum + loss_sum, alone_count + trained
     alone_sum.backward()
     assert packed_count == alone_count

@@ -5,9 +5,10 @@
 
 (Hydra reads an unquoted comma as a list: quote such values for Hydra inside the shell's quotes.)
 
-Each turn renders the whole conversation with the training template plus the assistant header, tokenized
-as one string exactly as in training, and decodes with the KV cache until the end-of-turn token (which is
-not printed).
+Each turn renders the whole conversation with the training template plus the generation prompt, tokenized
+as one string exactly as in training, and decodes with the KV cache until a generation-stop token (which
+is not printed). The reply is shown whole, reasoning included; the history keeps its reasoning apart, so
+later turns render it the way the template renders history (Qwen3 drops it, the builtins keep it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from sft.checkpoint import CheckpointError, InferenceBundle, load_for_inference
 from sft.cli.entry import run_cli
 from sft.config import register_defaults
-from sft.evaluate import generate_reply
+from sft.evaluate import generate_reply, split_reasoning
 
 COMMANDS = "/reset starts a new conversation, /exit (or Ctrl-D) quits"
 
@@ -44,7 +45,7 @@ class ChatSession:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    history: list[dict[str, str]] = field(default_factory=list)
+    history: list[dict[str, str]] = field(default_factory=list)  # role, content, reasoning?
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -72,7 +73,15 @@ class ChatSession:
             top_p=self.top_p,
             generator=self.generator,
         )
-        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
+        reasoning, answer = split_reasoning(reply)  # history renders the way the template renders it
+        self.history += [
+            {"role": "user", "content": user_text},
+            {
+                "role": "assistant",
+                "content": answer,
+                **({"reasoning": reasoning} if reasoning is not None else {}),
+            },
+        ]
         return reply, stopped
 
 

@@ -33,7 +33,7 @@ from sft.data.sample import generate_conversations
 from sft.eval_report import report_items, write_html, write_json
 from sft.evaluate import exact_match_counts, sample_eval_items
 from sft.generation_eval import GenerationSettings, evaluate_generations, generation_items
-from sft.loss import masked_token_loss_sum
+from sft.loss import batch_loss_sum
 from sft.protocol.pipeline import Accounting, ConversationEncoder, EncodedExample, read_conversations
 from sft.protocol.records import record_to_conversation
 from sft.protocol.sources import resolve_source
@@ -96,8 +96,9 @@ def trained_token_loss(
             [example_row(e.input_ids, e.labels) for e in ordered[start : start + batch_size]]
         )
         # Causal attention: right padding is never seen by the real tokens, and its labels are ignored.
-        logits = model(batch["input_ids"].to(device))
-        batch_loss, batch_tokens = masked_token_loss_sum(logits, batch["labels"].to(device))
+        batch_loss, batch_tokens = batch_loss_sum(
+            model, {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device)}
+        )
         loss_sum += float(batch_loss)
         trained_tokens += int(batch_tokens)
     return loss_sum, trained_tokens

@@ -74,6 +74,7 @@ def load_examples(tokenizer: Tokenizer, stores: Sequence[TokenStore], count: int
     }
     examples: list[Example] = []
     for store in stores:
+        split_rows = {row: (turn, of) for row, turn, of in store.manifest.get("split_rows", [])}
         for index in range(min(len(store), count - len(examples))):
             ids, labels = store[index]
             id_list = ids.tolist()
@@ -88,6 +89,9 @@ def load_examples(tokenizer: Tokenizer, stores: Sequence[TokenStore], count: int
                 f"example {index} of {store.source} · {len(tokens)} tokens, "
                 f"{int(np.count_nonzero(trained))} trained"
             )
+            if index in split_rows:
+                turn, of = split_rows[index]
+                title += f" · turn {turn} of {of} of a split conversation (each as inference renders it)"
             examples.append(Example(title, tokens))
     return examples
 

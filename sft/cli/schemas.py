@@ -30,15 +30,18 @@ class HardwareConfig:
     accelerator: str = "cpu"
     devices: int | str | list[int] = 1
     num_nodes: int = 1
-    strategy: str | dict[str, Any] = "auto"  # a Lightning strategy name, or a `_target_` mapping
-    precision: str | int = "32-true"
-    peak_flops: float = 0.0  # one device's peak, for train/mfu (0: not logged)
+    strategy: str = "auto"  # a Lightning strategy name, or fsdp (FSDP2, sft.hardware)
+    precision: str | int = "32-true"  # a Lightning precision, or auto (sft.hardware.resolve_precision)
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32 on GPUs
+    # One device's dense matmul FLOP/s per compute dtype (fp32, tf32, bf16, fp16), for train/mfu: the run's
+    # precision picks its figure (sft.hardware.compute_dtype); none for it, no MFU.
+    peak_flops: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1:
             raise ValueError(f"hardware.num_nodes={self.num_nodes}: expected >= 1")
-        if self.peak_flops < 0:
-            raise ValueError(f"hardware.peak_flops={self.peak_flops}: expected >= 0")
+        if negative := sorted(dtype for dtype, value in self.peak_flops.items() if value <= 0):
+            raise ValueError(f"hardware.peak_flops.{negative[0]}: expected > 0 (delete the key for no MFU)")
 
 
 @dataclass

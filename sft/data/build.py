@@ -54,6 +54,8 @@ from sft.protocol.tokenizer import (
 )
 from sft.protocol.types import ProtocolConfig, ProtocolError
 
+SPLIT_ROWS_SHOWN = 10_000  # split rows noted in the manifest (sft-inspect shows the first few)
+
 if TYPE_CHECKING:
     from sft.cli.schemas import PrepareConfig
 
@@ -116,7 +118,7 @@ def rendered_texts(
         for index, item in enumerate(read_conversations(path, fmt, columns)):
             if not isinstance(item, ProtocolError):
                 try:
-                    yield encoder.prepare(item, index)[1].text
+                    yield from (row.rendered.text for row in encoder.prepare(item, index)[1])
                 except ProtocolError:
                     pass
 
@@ -129,6 +131,7 @@ RENDERING_KEYS = (
     "merge_consecutive",
     "strip_content",
     "seed",
+    "turns",
 )
 
 
@@ -232,7 +235,10 @@ def build_store(
         StoreWriter(store_dir, vocab_size=encoder.tokenizer.get_vocab_size()) as writer,
     ):
         task = progress.add_task(f"preparing {Path(path).name}", total=size, rows=0, tokens_per_s=0.0)
-        for example in encoder.encode_file(source, fmt, accounting, columns):
+        split_rows = []  # [row, turn, of] for the first rows of split conversations, for sft-inspect
+        for row, example in enumerate(encoder.encode_file(source, fmt, accounting, columns)):
+            if example.split is not None and row < SPLIT_ROWS_SHOWN:
+                split_rows.append([row, *example.split])
             writer.add(example.input_ids, example.labels)
             tokens += len(example.input_ids)
             if accounting.kept % 1000 == 0:
@@ -242,6 +248,7 @@ def build_store(
             {
                 "cache_key": key,
                 "accounting": accounting.relative_to(str(path)).to_dict(),
+                "split_rows": split_rows,
                 "versions": {"protocol": PROTOCOL_VERSION, "parts": parts},
             }
         )

@@ -56,7 +56,8 @@ def generate(
     input_ids = torch.tensor([prompt_ids], device=device)  # the whole prompt first, then one token at a time
     new_ids: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(input_ids, kv_cache=kv_cache)[0, -1]
+        hidden = model(input_ids, kv_cache=kv_cache, return_hidden=True)
+        logits = model.output_logits(hidden[0, -1])  # the last position's only: no [prompt, vocab] logits
         next_id = sample_next_token(logits, temperature, top_p, generator)
         new_ids.append(next_id)
         if next_id in stop_ids:

@@ -7,8 +7,10 @@ Architectural choices (Llama 2/3's, so a checkpoint exports by renaming nothing)
 - grouped-query attention: each of `num_key_value_heads` k/v heads serves a group of consecutive query heads;
 - SwiGLU MLP: down_proj(silu(gate_proj(x)) * up_proj(x));
 - no biases; optional tied input/output embeddings;
-- `F.scaled_dot_product_attention` with `is_causal` on the plain path, and an explicit boolean mask for
-  packed rows (block-diagonal causal over `document_ids`) and for tokens appended to a non-empty KV cache.
+- `F.scaled_dot_product_attention` with `is_causal` on the plain path; packed rows (`document_ids`) attend
+  per document, through a flex block mask or a dense mask (sft.model.attention, `packed_attention`);
+- the forward returns the final hidden states when asked (`return_hidden`), so the loss applies the output
+  head to the trained positions only (sft.loss); optional per-layer activation checkpointing.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from sft.model.attention import AttentionPlan, PackedAttention, attend, plan_attention
 
 
 @dataclass
@@ -37,6 +42,9 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
+    # Training choices, not architecture (kept out of the exported config.json):
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward (less memory)
+    packed_attention: PackedAttention = "auto"  # how packed rows keep documents apart (sft.model.attention)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -62,10 +70,11 @@ class LlamaConfig:
         Token ids belong to the tokenizer: they are None here and the exporter fills them in, so that
         transformers' defaults (bos=1, eos=2) never stop generation on an arbitrary token.
         """
+        architecture = {k: v for k, v in dataclasses.asdict(self).items() if k not in TRAINING_CHOICES}
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
-            **dataclasses.asdict(self),
+            **architecture,
             "head_dim": self.head_dim,
             "hidden_act": "silu",
             "attention_bias": False,
@@ -77,6 +86,9 @@ class LlamaConfig:
             "eos_token_id": None,
             "pad_token_id": None,
         }
+
+
+TRAINING_CHOICES = ("activation_checkpointing", "packed_attention")
 
 
 class KVCache:
@@ -143,27 +155,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
-def attention_mask(
-    num_new: int, num_past: int, document_ids: Tensor | None, device: torch.device
-) -> Tensor | None:
-    """Boolean SDPA mask (True = attend), or None when `is_causal=True` alone is exact.
-
-    New token i sits at cache position num_past + i and sees every cached token and the new tokens up to
-    itself; with `document_ids` [B, T] only the earlier tokens of its own document. `is_causal` cannot serve
-    a non-empty cache: SDPA aligns its triangle to the top-left, hiding the cache from all but the first
-    new token. The diagonal is always allowed, so no row is empty (an empty row makes SDPA return NaN).
-    """
-    if document_ids is None and num_past == 0:
-        return None
-    query_positions = torch.arange(num_past, num_past + num_new, device=device)
-    key_positions = torch.arange(num_past + num_new, device=device)
-    mask = key_positions[None, :] <= query_positions[:, None]  # [T, past + T]
-    if document_ids is not None:
-        same_document = document_ids[:, :, None] == document_ids[:, None, :]  # [B, T, T]
-        mask = (mask & same_document)[:, None]  # [B, 1, T, T]: one mask for all heads
-    return mask
-
-
 def cache_and_positions(
     input_ids: Tensor, position_ids: Tensor | None, document_ids: Tensor | None, kv_cache: KVCache | None
 ) -> tuple[int, Tensor]:
@@ -195,7 +186,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None
+        self, x: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, kv_cache: KVCache | None
     ) -> Tensor:
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
@@ -204,10 +195,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:  # query head h reads k/v head h // groups, HF's repeat_kv layout
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = attend(q, k, v, plan)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -231,9 +219,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None
+        self, x: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, kv_cache: KVCache | None
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -256,11 +244,15 @@ class LlamaModel(nn.Module):
     ) -> Tensor:
         seq_len = input_ids.shape[1]
         num_past, position_ids = cache_and_positions(input_ids, position_ids, document_ids, kv_cache)
-        mask = attention_mask(seq_len, num_past, document_ids, input_ids.device)
+        plan = plan_attention(seq_len, num_past, document_ids, self.config.packed_attention, input_ids.device)
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        recompute = self.config.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, kv_cache)
+            if recompute:  # keep only the layer's input; its activations are recomputed in backward
+                x = checkpoint(layer, x, cos, sin, plan, kv_cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, plan, kv_cache)
         if kv_cache is not None:
             kv_cache.length += seq_len
         return self.norm(x)
@@ -293,8 +285,11 @@ class LlamaForCausalLM(nn.Module):
         position_ids: Tensor | None = None,
         document_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        return_hidden: bool = False,
     ) -> Tensor:
-        """Logits [B, T, vocab] in fp32 for `input_ids` [B, T].
+        """Logits [B, T, vocab] in fp32 for `input_ids` [B, T]; with `return_hidden` the final hidden states
+        [B, T, hidden] instead, for `output_logits` at the positions that need them (training calls the
+        forward, not a separate method, so that wrappers such as FSDP see it).
 
         position_ids [B, T]: default 0.. (after the cached tokens when `kv_cache` is given).
         document_ids [B, T]: a token attends only to earlier tokens with the same id, so a packed row gives
@@ -303,6 +298,10 @@ class LlamaForCausalLM(nn.Module):
         kv_cache: the new tokens attend to the cached ones, then are appended to the cache.
         """
         hidden = self.model(input_ids, position_ids, document_ids, kv_cache)
+        return hidden if return_hidden else self.output_logits(hidden)
+
+    def output_logits(self, hidden: Tensor) -> Tensor:
+        """fp32 logits [..., vocab] for final hidden states [..., hidden]."""
         return self.lm_head(hidden).float()
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

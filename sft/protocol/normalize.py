@@ -1,14 +1,24 @@
 """normalize_conversations: resolve role aliases and validate a conversation before it is rendered.
 
 Content is never altered (not even whitespace) unless `strip_content` is set; an empty string is an
-error, whitespace-only content is kept as written.
+error unless the message carries tool calls or reasoning, whitespace-only content is kept as written.
+Reasoning and tool calls belong to assistant messages; a tool result must follow an assistant message
+that made a call (and answer one of its calls when both carry ids).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from sft.protocol.types import ROLES, SURROGATE, Conversation, Message, ProtocolConfig, ProtocolError
+from sft.protocol.types import (
+    ROLES,
+    SURROGATE,
+    Conversation,
+    Message,
+    ProtocolConfig,
+    ProtocolError,
+    message_strings,
+)
 
 ROLE_ALIASES = {
     "system": "system",
@@ -52,9 +62,9 @@ def normalize_conversations(
                 "wrong_type",
                 f"message {number} content must be a string, got {type(message.content).__name__}",
             )
-        if SURROGATE.search(message.content):  # records from files are checked when read; these from memory
+        if any(SURROGATE.search(text) for text in message_strings(message)):  # files are checked when read
             raise ProtocolError(
-                "invalid_text", f"message {number} content holds a lone UTF-16 surrogate, which is not text"
+                "invalid_text", f"message {number} holds a lone UTF-16 surrogate, which is not text"
             )
         role = role_map.get(message.role)
         if role is None:
@@ -63,18 +73,27 @@ def normalize_conversations(
                 f"message {number} has role {message.role!r}, which is not one of {ROLES} or a "
                 f"known alias; map it with protocol.role_map={{{message.role!r}: <one of {ROLES}>}}",
             )
+        if role != "assistant" and (message.reasoning is not None or message.tool_calls):
+            what = "reasoning" if message.reasoning is not None else "tool calls"
+            raise ProtocolError(
+                "misplaced_field", f"message {number} ({role}) has {what}; only assistants may"
+            )
         content = message.content.strip() if config.strip_content else message.content
-        if not content:
+        if not content and not (message.tool_calls or message.reasoning):
             if config.strip_content:
                 continue  # dropped, as documented for strip_content
             raise ProtocolError("empty_content", f"message {number} ({role}) has empty content")
-        numbered.append((number, Message(role, content, message.train if role == "assistant" else True)))
+        train = message.train if role == "assistant" else True
+        numbered.append((number, dataclasses.replace(message, role=role, content=content, train=train)))
 
     if config.merge_consecutive:
         numbered = _merge_consecutive(numbered)
     _check_structure(numbered, requires_alternation)
     tools = list(conversation.tools) if conversation.tools is not None else None
-    return dataclasses.replace(conversation, messages=[message for _, message in numbered], tools=tools)
+    messages = [message for _, message in numbered]
+    return dataclasses.replace(
+        conversation, messages=messages, tools=tools, variables=dict(conversation.variables)
+    )
 
 
 def _role_map(config: ProtocolConfig) -> dict[str, str]:
@@ -86,12 +105,22 @@ def _role_map(config: ProtocolConfig) -> dict[str, str]:
 
 
 def _merge_consecutive(numbered: list[tuple[int, Message]]) -> list[tuple[int, Message]]:
+    """Tool results stay apart (each answers its own call); an assistant's calls and reasoning join."""
     merged: list[tuple[int, Message]] = []
     for number, message in numbered:
-        if merged and merged[-1][1].role == message.role:
+        if merged and merged[-1][1].role == message.role != "tool":
             first_number, previous = merged[-1]
-            content = previous.content + "\n" + message.content
-            merged[-1] = (first_number, Message(message.role, content, previous.train and message.train))
+            reasonings = [r for r in (previous.reasoning, message.reasoning) if r is not None]
+            merged[-1] = (
+                first_number,
+                dataclasses.replace(
+                    previous,
+                    content="\n".join(c for c in (previous.content, message.content) if c),
+                    train=previous.train and message.train,
+                    reasoning="\n".join(reasonings) if reasonings else None,
+                    tool_calls=previous.tool_calls + message.tool_calls,
+                ),
+            )
         else:
             merged.append((number, message))
     return merged
@@ -105,6 +134,7 @@ def _check_structure(numbered: list[tuple[int, Message]], requires_alternation: 
             )
     if not any(message.role == "assistant" for _, message in numbered):
         raise ProtocolError("no_assistant_turn", "no assistant message, so nothing to train on")
+    _check_tool_results(numbered)
     if not requires_alternation:
         return
     previous_role = None
@@ -120,3 +150,25 @@ def _check_structure(numbered: list[tuple[int, Message]], requires_alternation: 
                 "protocol.merge_consecutive=true merges repeated roles",
             )
         previous_role = message.role
+
+
+def _check_tool_results(numbered: list[tuple[int, Message]]) -> None:
+    """Each tool result follows (after other results) an assistant message; when that message made
+    structured calls with ids and the result names one, it must be one of them."""
+    caller: Message | None = None
+    for number, message in numbered:
+        if message.role == "assistant":
+            caller = message
+        elif message.role != "tool":
+            caller = None
+        elif caller is None:
+            raise ProtocolError(
+                "tool_without_call", f"message {number} is a tool result with no assistant call before it"
+            )
+        elif message.tool_call_id is not None and any(call.id for call in caller.tool_calls):
+            if message.tool_call_id not in {call.id for call in caller.tool_calls}:
+                raise ProtocolError(
+                    "tool_without_call",
+                    f"message {number} answers tool call {message.tool_call_id!r}, which the assistant "
+                    "message before it did not make",
+                )

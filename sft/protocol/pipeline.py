@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from sft.protocol.accounting import Accounting
 from sft.protocol.labels import IGNORE_INDEX, labels_from_encoding
 from sft.protocol.normalize import normalize_conversations
 from sft.protocol.records import BLANK_LINE, record_to_conversation
 from sft.protocol.sources import DataSource, read_records
 from sft.protocol.system import maybe_add_system_prompt
-from sft.protocol.templates import ChatTemplate, render_chat_prompt
+from sft.protocol.templates import ChatTemplate
 from sft.protocol.types import (
     Conversation,
     Message,
@@ -31,102 +31,15 @@ from sft.protocol.types import (
     ProtocolError,
     RenderedChat,
     TemplateError,
+    message_strings,
 )
 
 PROTOCOL_VERSION = 3  # bump when a change to this package changes the tokens or labels it produces
 ENCODE_CHUNK = 2048  # texts per encode_batch call: large enough for both cores, small enough to stay fast
-EXAMPLES_PER_REASON = 5  # locations remembered per skip/drop reason for the summary
 
 
 class DataError(ValueError):
     """Bad input under `protocol.on_error=raise`: the message names file:line and the reason."""
-
-
-@dataclass
-class Accounting:
-    """Every line read is kept, skipped (bad input or a blank line, with reason) or dropped (valid but
-    unusable). `noted` counts remarks on lines that do not change their outcome (duplicate JSON keys)."""
-
-    read: int = 0
-    kept: int = 0
-    truncated: int = 0  # kept, but cut to max_seq_len
-    skipped: Counter = field(default_factory=Counter)
-    dropped: Counter = field(default_factory=Counter)
-    where: dict[str, list[str]] = field(default_factory=dict)
-    noted: Counter = field(default_factory=Counter)
-
-    def note(self, kind: Counter, reason: str, where: str) -> None:
-        kind[reason] += 1
-        places = self.where.setdefault(reason, [])
-        if len(places) < EXAMPLES_PER_REASON:
-            places.append(where)
-
-    def merge(self, other: Accounting) -> None:
-        self.read += other.read
-        self.kept += other.kept
-        self.truncated += other.truncated
-        self.skipped.update(other.skipped)
-        self.dropped.update(other.dropped)
-        self.noted.update(other.noted)
-        for reason, places in other.where.items():
-            mine = self.where.setdefault(reason, [])
-            mine.extend(places[: EXAMPLES_PER_REASON - len(mine)])
-
-    def to_dict(self) -> dict:
-        return {
-            "read": self.read,
-            "kept": self.kept,
-            "truncated": self.truncated,
-            "skipped": dict(self.skipped),
-            "dropped": dict(self.dropped),
-            "noted": dict(self.noted),
-            "where": self.where,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Accounting:
-        return cls(
-            read=data["read"],
-            kept=data["kept"],
-            truncated=data["truncated"],
-            skipped=Counter(data["skipped"]),
-            dropped=Counter(data["dropped"]),
-            where={k: list(v) for k, v in data["where"].items()},
-            noted=Counter(data.get("noted", {})),
-        )
-
-    def relative_to(self, source: str) -> Accounting:
-        """A copy whose places drop the file name `source` (":4", " record 3"): what a store keeps, since
-        the store is shared by every file with the same bytes, whatever it is called."""
-        return self._replace_places(
-            lambda place: place[len(source) :] if _is_relative(place.removeprefix(source)) else place
-        )
-
-    def located_in(self, source: str) -> Accounting:
-        """The inverse of `relative_to`: places under the name this run gave the file. A place in one of
-        an entry's several files (a Parquet folder, an hf:// split) keeps its file's path."""
-        return self._replace_places(lambda place: source + place if _is_relative(place) else place)
-
-    def _replace_places(self, change) -> Accounting:
-        copy = Accounting.from_dict(self.to_dict())
-        copy.where = {reason: [change(place) for place in places] for reason, places in self.where.items()}
-        return copy
-
-    def summary(self) -> str:
-        """One line per outcome; the counts add up to `read`."""
-        lines = [
-            f"read {self.read} = kept {self.kept} + skipped {sum(self.skipped.values())} "
-            f"+ dropped {sum(self.dropped.values())}"
-            + (f" ({self.truncated} kept truncated)" if self.truncated else "")
-        ]
-        for title, counter in (("skipped", self.skipped), ("dropped", self.dropped), ("noted", self.noted)):
-            for reason, count in sorted(counter.items()):
-                lines.append(f"  {title} {count} {reason}: {', '.join(self.where.get(reason, []))}")
-        return "\n".join(lines)
-
-
-def _is_relative(place: str) -> bool:
-    return place.startswith((":", " record"))
 
 
 @dataclass(slots=True)
@@ -134,6 +47,7 @@ class EncodedExample:
     input_ids: np.ndarray  # int64
     labels: np.ndarray  # int64, IGNORE_INDEX where not trained
     where: str  # file:line
+    split: tuple[int, int] | None = None  # (turn, of) for a row of a conversation split into per-turn rows
 
 
 def apply_mask_strategy(messages: list[Message], mask: str) -> list[Message]:
@@ -158,6 +72,42 @@ def special_token_pattern(tokenizer: Tokenizer, control_tokens: Iterable[str] = 
     return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
 
 
+def data_strings(conversation: Conversation) -> Iterator[tuple[str, str]]:
+    """(where, text) for every string of a conversation that a template may render: each message's
+    content, reasoning and tool calls, the record's tools and template variables."""
+    for number, message in enumerate(conversation.messages, start=1):
+        for text in message_strings(message):
+            yield f"message {number} ({message.role})", text
+    for name, value in (("tools", conversation.tools), ("template variables", conversation.variables)):
+        for text in _strings(value):
+            yield f"the record's {name}", text
+
+
+def _strings(value: object) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
+
+
+def only_turn(messages: list[Message], k: int) -> list[Message]:
+    """messages[:k+1] with only turn k trained: the conversation of turn k's own row."""
+    return [m if i == k else dataclasses.replace(m, train=False) for i, m in enumerate(messages[: k + 1])]
+
+
+@dataclass(slots=True)
+class Row:
+    """One example of a conversation: what it renders (for truncation=turns) and the rendering."""
+
+    conversation: Conversation
+    rendered: RenderedChat
+
+
 class ConversationEncoder:
     """Turns conversations into examples under one tokenizer, template and protocol config."""
 
@@ -171,32 +121,57 @@ class ConversationEncoder:
             else None
         )
         self.requires_alternation = getattr(template, "requires_alternation", False)
+        prompts = [config.system_prompt] if isinstance(config.system_prompt, str) else config.system_prompt
+        for prompt in prompts or []:
+            found = self.special_pattern.search(prompt) if self.special_pattern else None
+            if found:
+                raise ValueError(
+                    f"protocol.system_prompt contains the control token {found.group()!r}, which would be "
+                    "tokenized as the real control token; remove it (or protocol.special_in_content=allow)"
+                )
 
     # ---- per conversation (pure Python) ------------------------------------------------------------------
-    def prepare(self, conversation: Conversation, index: int) -> tuple[Conversation, RenderedChat]:
+    def prepare(self, conversation: Conversation, index: int) -> tuple[Conversation, list[Row]]:
         """normalize → system prompt → mask strategy → render; raises ProtocolError on bad input."""
         conversation = normalize_conversations(
             conversation, self.config, requires_alternation=self.requires_alternation
         )
         if self.special_pattern is not None:
-            for number, message in enumerate(conversation.messages, start=1):
-                found = self.special_pattern.search(message.content)
+            for where, text in data_strings(conversation):
+                found = self.special_pattern.search(text)
                 if found:
                     raise ProtocolError(
                         "special_token_in_content",
-                        f"message {number} ({message.role}) contains the control token {found.group()!r}, "
-                        "which would be tokenized as the real control token; set "
-                        "protocol.special_in_content=allow to accept it",
+                        f"{where} contains the control token {found.group()!r}, which would be tokenized as "
+                        "the real control token; set protocol.special_in_content=allow to accept it",
                     )
         conversation = maybe_add_system_prompt(conversation, self.config, index)
         conversation.messages = apply_mask_strategy(conversation.messages, self.config.mask)
-        return conversation, self._render(conversation.messages, conversation.tools)
+        return conversation, self.rows(conversation)
 
-    def _render(self, messages: list[Message], tools: list | None) -> RenderedChat:
-        rendered = render_chat_prompt(messages, self.template, tools=tools)
+    def rows(self, conversation: Conversation, turns: str | None = None) -> list[Row]:
+        """The conversation's rows under protocol.turns (or `turns`): see ChatTemplate.render_rows."""
+        messages, tools, variables = conversation.messages, conversation.tools, conversation.variables
         if self.config.mask == "all_tokens":  # the ablation baseline: every token of the text is a target
-            return RenderedChat(rendered.text, [(0, len(rendered.text))])
-        return rendered
+            text = self.template.render_text(messages, tools, False, variables)
+            return [Row(conversation, RenderedChat(text, [(0, len(text))]))]
+        rendered = self.template.render_rows(messages, tools, variables, turns or self.config.turns)
+        if len(rendered) == 1:
+            return [Row(conversation, rendered[0])]
+        trained = [k for k, m in enumerate(messages) if m.role == "assistant" and m.train]
+        return [
+            Row(dataclasses.replace(conversation, messages=only_turn(messages, k)), row)
+            for k, row in zip(trained, rendered, strict=True)
+        ]
+
+    def _render(
+        self, messages: list[Message], tools: list | None, variables: dict | None = None
+    ) -> RenderedChat:
+        """One row for `messages` (truncation=turns re-renders a row after dropping its oldest exchanges)."""
+        if self.config.mask == "all_tokens":
+            text = self.template.render_text(messages, tools, False, variables)
+            return RenderedChat(text, [(0, len(text))])
+        return self.template.render(messages, tools, False, variables)
 
     def _apply_length_policy(
         self, conversation: Conversation, rendered: RenderedChat, encoding: Encoding, accounting: Accounting
@@ -246,7 +221,7 @@ class ConversationEncoder:
         def fits(dropped: int) -> bool:
             if dropped not in attempts:
                 kept = messages[:head] + messages[exchange_starts[dropped - 1] :]
-                rendered = self._render(kept, conversation.tools)
+                rendered = self._render(kept, conversation.tools, conversation.variables)
                 attempts[dropped] = (rendered, self.tokenizer.encode(rendered.text, add_special_tokens=False))
             return len(attempts[dropped][1]) <= self.config.max_seq_len
 
@@ -284,22 +259,73 @@ class ConversationEncoder:
             if in_flight is not None:
                 yield from self._examples(*in_flight, accounting)
 
-    def _encode_texts(self, chunk: list[tuple[Conversation, RenderedChat]]) -> list[Encoding]:
-        return self.tokenizer.encode_batch([rendered.text for _, rendered in chunk], add_special_tokens=False)
+    def _encode_texts(self, chunk: list[tuple[Conversation, list[Row]]]) -> list[Encoding]:
+        """Every row's text, then the prefixes at each row's boundaries, in one batch."""
+        rows = [row.rendered for _, item_rows in chunk for row in item_rows]
+        prefixes = [rendered.text[:end] for rendered in rows for end in rendered.boundaries]
+        return self.tokenizer.encode_batch([r.text for r in rows] + prefixes, add_special_tokens=False)
 
     def _examples(
-        self, chunk: list[tuple[Conversation, RenderedChat]], encodings: Future, accounting: Accounting
+        self, chunk: list[tuple[Conversation, list[Row]]], encodings: Future, accounting: Accounting
     ) -> Iterator[EncodedExample]:
-        for (conversation, rendered), encoding in zip(chunk, encodings.result(), strict=True):
-            example = self._apply_length_policy(conversation, rendered, encoding, accounting)
-            if example is not None:
-                yield example
+        encoded = iter(encodings.result())
+        row_encodings = [[next(encoded) for _ in rows] for _, rows in chunk]
+        for (conversation, rows), encodings_of_rows in zip(chunk, row_encodings, strict=True):
+            prefixes = [[next(encoded) for _ in row.rendered.boundaries] for row in rows]
+            if not all(map(_encodes_as_prefixes, encodings_of_rows, prefixes)):
+                rows = self._split_at_token_boundaries(conversation)
+                encodings_of_rows = self.tokenizer.encode_batch(
+                    [row.rendered.text for row in rows], add_special_tokens=False
+                )
+            yield from self._conversation_examples(rows, encodings_of_rows, accounting)
+
+    def _split_at_token_boundaries(self, conversation: Conversation) -> list[Row]:
+        """The tokenizer merges across where a turn or its generation prompt ends, so inside one row the
+        turn's tokens are not those of inference: split (turns=auto) or refuse (turns=whole)."""
+        if self.config.turns == "whole":
+            raise TemplateError(
+                f"{conversation.where}: the tokenizer merges text across the end of a generation prompt or a "
+                "turn, so one row would not train the tokens of inference; protocol.turns=auto splits such "
+                "conversations into one row per turn"
+            )
+        return self.rows(conversation, "per_turn")
+
+    def _conversation_examples(
+        self, rows: list[Row], encodings: list[Encoding], accounting: Accounting
+    ) -> Iterator[EncodedExample]:
+        """The examples of one conversation's rows; it is kept when one of them is, else dropped with the
+        reason of its first row."""
+        if len(rows) == 1:
+            example = self._apply_length_policy(
+                rows[0].conversation, rows[0].rendered, encodings[0], accounting
+            )
+            accounting.rows += example is not None
+            yield from [example] if example is not None else []
+            return
+        outcomes = [Accounting() for _ in rows]
+        examples = [
+            self._apply_length_policy(row.conversation, row.rendered, encoding, outcome)
+            for row, encoding, outcome in zip(rows, encodings, outcomes, strict=True)
+        ]
+        kept = [example for example in examples if example is not None]
+        for turn, example in enumerate(kept, start=1):
+            example.split = (turn, len(kept))
+        if kept:
+            accounting.kept += 1
+            accounting.truncated += any(outcome.truncated for outcome in outcomes)
+            accounting.rows += len(kept)
+            accounting.split += 1
+            accounting.split_rows += len(kept)
+        else:
+            reason = next(iter(outcomes[0].dropped))
+            accounting.note(accounting.dropped, reason, rows[0].conversation.where)
+        yield from kept
 
     def _prepared_chunks(
         self, conversations: Iterable[Conversation | ProtocolError], accounting: Accounting
-    ) -> Iterator[list[tuple[Conversation, RenderedChat]]]:
+    ) -> Iterator[list[tuple[Conversation, list[Row]]]]:
         """Rendered conversations in chunks of ENCODE_CHUNK; bad input raised or skipped and counted."""
-        chunk: list[tuple[Conversation, RenderedChat]] = []
+        chunk: list[tuple[Conversation, list[Row]]] = []
         for index, item in enumerate(conversations):
             accounting.read += 1
             where = getattr(item, "where", "?")
@@ -335,6 +361,12 @@ class ConversationEncoder:
         columns: Mapping[str, str] | None = None,
     ) -> Iterator[EncodedExample]:
         yield from self.encode_conversations(read_conversations(path, fmt, columns), accounting)
+
+
+def _encodes_as_prefixes(encoding: Encoding, prefixes: list[Encoding]) -> bool:
+    """Each prefix text, encoded alone (as inference encodes a prompt), gives the row's first tokens."""
+    ids = encoding.ids
+    return all(ids[: len(prefix.ids)] == prefix.ids for prefix in prefixes)
 
 
 def read_conversations(

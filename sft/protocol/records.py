@@ -6,13 +6,21 @@ the caller prefixes the record's file:line (`RawRecord.where`, `Conversation.whe
 written; aliases are resolved and conversations validated in `normalize_conversations`.
 
 Record formats (detected per record, or forced with `fmt`):
-- messages: `{"messages" | "conversations": [{"role", "content"}, ...]}`; content is a string or a list
-  of parts `{"type": "text" | "reasoning" | "tool_call", "text" | "value": str}`.
-- sharegpt: `{"conversations": [{"from", "value"}, ...]}`.
+- messages: `{"messages" | "conversations": [{"role", "content"}, ...]}` in the schema of today's APIs:
+  content is a string, null (beside tool calls or reasoning) or a list of parts
+  `{"type": "text" | "reasoning" | "tool_call", "text" | "value": str}`; an assistant message may carry
+  `reasoning_content` (or `reasoning`, `thinking`) and `tool_calls`
+  (`[{"type": "function", "id"?, "function": {"name", "arguments"}}]`, arguments an object or a JSON
+  string of one; stored as an object); a tool message `tool_call_id` and `name`. A `tool_call` part holds
+  `{"name", "arguments"}` JSON, as LLaMA-Factory writes it.
+- sharegpt: `{"conversations": [{"from", "value"}, ...]}`; `function_call` turns hold `{"name",
+  "arguments"}` JSON (or a list of them) and become an assistant message with those calls;
+  `observation` turns become tool results.
 Both read the same way: either message spelling, and a top-level `"system"` string as a first message.
 - alpaca: `{"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}`.
 - prompt_completion: `{"prompt", "completion"}`, each a string or a list of messages.
-Any record may carry `tools` (a list, or a JSON string of one). A message with `"train": false` or
+Any record may carry `tools` (a list, or a JSON string of one), and template variables: `enable_thinking`,
+`reasoning_effort`, and any others in `chat_template_kwargs`. A message with `"train": false` or
 `"weight": 0` is excluded from the loss.
 """
 
@@ -25,18 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sft.protocol.messages import parse_messages, require, wrong_type
 from sft.protocol.types import SURROGATE, Conversation, Message, ProtocolError, location
 
 BLANK_LINE = "blank_line"  # the reason a blank line is skipped (counted, never an error)
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
-
-# How each content part type is rendered into the message's text (prefix, suffix).
-_PART_AFFIXES = {
-    "text": ("", ""),
-    "reasoning": ("<think>\n", "\n</think>\n\n"),
-    "tool_call": ("<tool_call>\n", "\n</tool_call>"),
-}
+TEMPLATE_VARIABLES = ("enable_thinking", "reasoning_effort")  # record keys passed to the template
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,39 +260,56 @@ def record_to_conversation(
         )
     messages = _PARSERS[record_format](data)
     tools = _parse_tools(data.get("tools"))
-    return Conversation(messages, source, line, tools, in_array=in_array, duplicate_keys=duplicate_keys)
+    return Conversation(
+        messages,
+        source,
+        line,
+        tools,
+        in_array=in_array,
+        duplicate_keys=duplicate_keys,
+        variables=_variables(data),
+    )
+
+
+def _variables(data: dict[str, Any]) -> dict[str, Any]:
+    """Per-record template variables: `chat_template_kwargs` (vLLM's name) and the keys of
+    TEMPLATE_VARIABLES given at the top level."""
+    variables = data.get("chat_template_kwargs") or {}
+    if not isinstance(variables, dict):
+        raise wrong_type("'chat_template_kwargs'", "an object", variables)
+    return {**variables, **{key: data[key] for key in TEMPLATE_VARIABLES if data.get(key) is not None}}
 
 
 def _parse_chat(data: dict[str, Any]) -> list[Message]:
     """messages and sharegpt: a message list under "messages" or "conversations", each message
     {"role", "content"} or {"from", "value"}; a top-level "system" string becomes the first message."""
     key = "messages" if "messages" in data else "conversations"
-    turns = _require(data, key, list)
-    return _system_message(data) + _parse_messages(turns, key)
+    turns = require(data, key, list)
+    return _system_message(data) + parse_messages(turns, key)
 
 
 def _parse_alpaca(data: dict[str, Any]) -> list[Message]:
-    instruction = _require(data, "instruction", str)
+    instruction = require(data, "instruction", str)
     extra_input = data.get("input")
     if extra_input is not None and not isinstance(extra_input, str):
-        raise _wrong_type("'input'", "a string", extra_input)
+        raise wrong_type("'input'", "a string", extra_input)
     prompt = instruction + "\n\n" + extra_input if extra_input else instruction
     messages = _system_message(data)
     history = data.get("history") or []
     if not isinstance(history, list):
-        raise _wrong_type("'history'", "a list of [user, assistant] pairs", history)
+        raise wrong_type("'history'", "a list of [user, assistant] pairs", history)
     for number, pair in enumerate(history, start=1):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(text, str) for text in pair)):
-            raise _wrong_type(f"'history' item {number}", "a [user, assistant] pair of strings", pair)
+            raise wrong_type(f"'history' item {number}", "a [user, assistant] pair of strings", pair)
         messages += [Message("user", pair[0]), Message("assistant", pair[1])]
-    return messages + [Message("user", prompt), Message("assistant", _require(data, "output", str))]
+    return messages + [Message("user", prompt), Message("assistant", require(data, "output", str))]
 
 
 def _parse_prompt_completion(data: dict[str, Any]) -> list[Message]:
     messages = []
     for key, role in (("prompt", "user"), ("completion", "assistant")):
-        value = _require(data, key, (str, list))
-        messages += [Message(role, value)] if isinstance(value, str) else _parse_messages(value, key)
+        value = require(data, key, (str, list))
+        messages += [Message(role, value)] if isinstance(value, str) else parse_messages(value, key)
     return messages
 
 
@@ -301,65 +321,11 @@ _PARSERS = {
 }
 
 
-def _parse_messages(turns: list[Any], key: str) -> list[Message]:
-    return [_parse_message(turn, f"'{key}' item {number}") for number, turn in enumerate(turns, start=1)]
-
-
-def _parse_message(turn: Any, name: str) -> Message:
-    if not isinstance(turn, dict):
-        raise _wrong_type(name, "an object", turn)
-    if "tool_calls" in turn:  # OpenAI's message-level calls: refuse rather than silently drop them
-        raise ProtocolError(
-            "unsupported_field",
-            f"{name} has 'tool_calls'; write each call as a content part "
-            '{"type": "tool_call", "value": "..."} instead',
-        )
-    role_key, content_key = ("role", "content") if "role" in turn else ("from", "value")
-    role = _require(turn, role_key, str, name)
-    content = _content_text(_require(turn, content_key, (str, list), name), name)
-    return Message(role, content, train=_is_trained(turn, name))
-
-
-def _content_text(content: str | list[Any], name: str) -> str:
-    """A message's text: a string as is, or its parts joined in order (tool calls one per line)."""
-    if isinstance(content, str):
-        return content
-    pieces = []
-    previous_type = None
-    for number, part in enumerate(content, start=1):
-        part_name = f"{name} content part {number}"
-        if not isinstance(part, dict):
-            raise _wrong_type(part_name, "an object", part)
-        part_type = part.get("type")
-        if part_type not in _PART_AFFIXES:
-            raise ProtocolError(
-                "unknown_content_part",
-                f"{part_name} has type {part_type!r}; known part types: {sorted(_PART_AFFIXES)}",
-            )
-        value = _require(part, "text" if "text" in part else "value", str, part_name)
-        if part_type == previous_type == "tool_call":
-            pieces.append("\n")
-        prefix, suffix = _PART_AFFIXES[part_type]
-        pieces.append(prefix + value + suffix)
-        previous_type = part_type
-    return "".join(pieces)
-
-
-def _is_trained(turn: dict[str, Any], name: str) -> bool:
-    train = turn.get("train", True)
-    if not isinstance(train, bool):
-        raise _wrong_type(f"{name} 'train'", "true or false", train)
-    weight = turn.get("weight", 1)
-    if weight not in (0, 1):
-        raise ProtocolError("invalid_weight", f"{name} has weight {weight!r}; only 0 and 1 are supported")
-    return train and weight == 1
-
-
 def _system_message(data: dict[str, Any]) -> list[Message]:
     """A top-level "system" string as a leading message; absent, null or "" means none."""
     system = data.get("system")
     if system is not None and not isinstance(system, str):
-        raise _wrong_type("'system'", "a string", system)
+        raise wrong_type("'system'", "a string", system)
     return [Message("system", system)] if system else []
 
 
@@ -377,17 +343,3 @@ def _parse_tools(tools: Any) -> list[Any] | None:
     if not (isinstance(tools, list) and all(isinstance(tool, dict) for tool in tools)):
         raise ProtocolError("invalid_tools", "'tools' must be a list of objects (or a JSON string of one)")
     return tools
-
-
-def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], name: str = "record") -> Any:
-    if key not in data:
-        raise ProtocolError("missing_field", f"{name} has no {key!r} (keys: {sorted(data)[:20]})")
-    value = data[key]
-    if not isinstance(value, kind):
-        expected = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
-        raise _wrong_type(f"{name} {key!r}", expected, value)
-    return value
-
-
-def _wrong_type(name: str, expected: str, value: Any) -> ProtocolError:
-    return ProtocolError("wrong_type", f"{name} must be {expected}, got {type(value).__name__}")

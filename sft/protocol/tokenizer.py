@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from sft.protocol.labels import trained_token_mask
-from sft.protocol.templates import ChatTemplate, probe_messages
+from sft.protocol.templates import ChatTemplate, probe_conversation
 from sft.protocol.types import TemplateError
 
 
@@ -112,17 +112,19 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
 def check_template_tokens(template: ChatTemplate, tokenizer: Tokenizer) -> None:
     """The token-level half of the start-up probe: the template's control tokens are single ids, and on
     the probe conversation the tokens trained for each assistant message lie inside its span and end
-    with the end-of-turn id. A tokenizer that merges text across a span boundary would train header text
+    with an end-of-turn id. A tokenizer that merges text across a span boundary would train header text
     (or leave content untrained); this says so before any data is read."""
     check_special_tokens(tokenizer, template.special_tokens, template.name)
-    messages = probe_messages(template)
-    rendered = template.render(messages)
-    text = rendered.text
-    encoding = tokenizer.encode(text, add_special_tokens=False)
-    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
-    eot_id = tokenizer.token_to_id(template.eot)
+    messages, tools, _ = probe_conversation(template)
+    eot_ids = {tokenizer.token_to_id(marker) for marker in template.eot_markers}
     trained_messages = [i for i, m in enumerate(messages) if m.role == "assistant" and m.train]
-    for index, (start, end) in zip(trained_messages, rendered.assistant_spans, strict=True):
+    spans = [
+        (row.text, span) for row in template.render_rows(messages, tools) for span in row.assistant_spans
+    ]
+    encodings: dict[str, Encoding] = {}
+    for index, (text, (start, end)) in zip(trained_messages, spans, strict=True):
+        encoding = encodings.setdefault(text, tokenizer.encode(text, add_special_tokens=False))
+        offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
         tokens = np.flatnonzero(trained_token_mask(offsets, [(start, end)]))
         outside = [token for token in tokens if offsets[token, 0] < start or offsets[token, 1] > end]
         problem = None
@@ -134,9 +136,9 @@ def check_template_tokens(template: ChatTemplate, tokenizer: Tokenizer) -> None:
                 f"token {encoding.tokens[outside[0]]!r} covers {text[token_start:token_end]!r}, across the "
                 f"boundary of the trained span {text[start:end]!r}: the tokenizer merges text across it"
             )
-        elif encoding.ids[tokens[-1]] != eot_id:
+        elif encoding.ids[tokens[-1]] not in eot_ids:
             last = encoding.tokens[tokens[-1]]
-            problem = f"its last trained token is {last!r}, not the end-of-turn {template.eot!r}"
+            problem = f"its last trained token is {last!r}, not an end-of-turn marker {template.eot_markers}"
         if problem:
             raise TemplateError(
                 f"template {template.name!r} with this tokenizer trains the wrong tokens for probe message "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,10 +31,31 @@ class TemplateError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One function call of an assistant message (OpenAI's `tool_calls` item)."""
+
+    name: str
+    arguments: dict[str, Any]  # an object, as transformers' templates expect (never a JSON string)
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     role: str  # one of ROLES after normalization
     content: str
     train: bool = True  # False excludes this (assistant) message from the loss
+    reasoning: str | None = None  # an assistant's reasoning (`reasoning_content`, `thinking`)
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's function calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None  # a tool message: the function that produced it
+
+
+def message_strings(message: Message) -> list[str]:
+    """Every string of a message that a template may print (for the control-token checks)."""
+    strings = [message.content, message.reasoning or "", message.tool_call_id or "", message.name or ""]
+    for call in message.tool_calls:
+        strings += [call.name, json.dumps(call.arguments, ensure_ascii=False), call.id or ""]
+    return strings
 
 
 @dataclass(slots=True)
@@ -43,9 +65,10 @@ class Conversation:
     messages: list[Message]
     source: str = "<memory>"  # file name
     line: int = 0  # 1-based line (JSONL) or element index + 1 (JSON array, then `in_array`)
-    tools: list[Any] | None = None  # reaches Jinja templates as `tools`
+    tools: list[Any] | None = None  # reaches templates as `tools`
     in_array: bool = False
     duplicate_keys: tuple[str, ...] = ()  # keys the record's JSON gave twice (the last value was kept)
+    variables: dict[str, Any] = field(default_factory=dict)  # per-record template variables
 
     @property
     def where(self) -> str:
@@ -58,6 +81,9 @@ class RenderedChat:
 
     text: str
     assistant_spans: list[tuple[int, int]]  # sorted, disjoint; one per trained assistant message
+    # Character positions where the text as rendered at inference ends (generation prompts, final turns):
+    # their encodings must be prefixes of the row's encoding, or the row is split (see protocol.turns).
+    boundaries: tuple[int, ...] = field(default=(), compare=False)
 
 
 @dataclass
@@ -68,7 +94,9 @@ class TemplateConfig:
     name: str = "chatml"  # chatml | llama3 | microlm | jinja
     path: str | None = None
     source: str | None = None
-    eot: str | None = None  # end-of-turn marker; defaults to eos_token
+    eot: str | list[str] | None = None  # an end-of-turn marker or several (GPT-OSS); defaults to eos_token
+    stop: list[str] = field(default_factory=list)  # tokens generation stops at; default: every eot marker
+    date: str | None = None  # what strftime_now prints; default: sft.protocol.templates.jinja.DEFAULT_DATE
     bos_token: str | None = None  # default: from the path's tokenizer_config.json
     eos_token: str | None = None
     special_tokens: list[str] = field(default_factory=list)  # extra control tokens that must be single ids
@@ -89,6 +117,8 @@ class ProtocolConfig:
     special_in_content: Literal["reject", "allow"] = "reject"
     max_seq_len: int = 512
     truncation: Literal["right", "drop", "turns"] = "right"
+    # auto: one row when every trained turn renders as at inference, else one per trained turn
+    turns: Literal["auto", "whole", "per_turn"] = "auto"
     on_error: Literal["raise", "skip"] = "raise"
     seed: int = 0
 
@@ -97,6 +127,7 @@ class ProtocolConfig:
             "mask": ("all_assistant", "last_turn", "all_tokens"),
             "special_in_content": ("reject", "allow"),
             "truncation": ("right", "drop", "turns"),
+            "turns": ("auto", "whole", "per_turn"),
             "on_error": ("raise", "skip"),
         }
         for key, allowed in choices.items():

@@ -121,3 +121,14 @@ def test_inspect_embedded_sample(tmp_path):
     )
     assert json.loads((tmp_path / "val.json").read_text())["examples"] == 5
     assert sorted(os.listdir(tmp_path)) == ["cache", "train.json", "val.json"]
+
+
+def test_inspect_shows_the_rows_of_a_split_conversation(tmp_path):
+    write_jsonl(tmp_path / "chats.jsonl", CONVERSATIONS)
+    view = run_inspect(
+        tmp_path, "data=jsonl", f"data.train=[{tmp_path / 'chats.jsonl'}]", "tokenizer=bpe",
+        "tokenizer.vocab_size=300", "protocol.turns=per_turn", "n=10",
+    )  # fmt: skip
+    assert view.count("of a split conversation") == 2 and "split 1 conversations into 2 rows" in view
+    assert "turn 1 of 2 of a split conversation" in view and "turn 2 of 2 of a split conversation" in view
+    assert trained_runs(view)[-2:] == ["Blue.<|im_end|>", "Green.<|im_end|>"]

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sft.protocol.normalize import ROLE_ALIASES, normalize_conversations
-from sft.protocol.types import Conversation, Message, ProtocolConfig, ProtocolError
+from sft.protocol.types import Conversation, Message, ProtocolConfig, ProtocolError, ToolCall
 
 
 def conversation(*turns, tools=None) -> Conversation:
@@ -29,8 +29,12 @@ def normalize_error(conv, config=None, **kwargs) -> ProtocolError:
 
 @pytest.mark.parametrize(("alias", "role"), sorted(ROLE_ALIASES.items()))
 def test_role_aliases(alias, role):
-    turns = [(alias, "x")] + ([("assistant", "a")] if role != "assistant" else [])
-    assert roles(normalize_conversations(conversation(*turns), ProtocolConfig()))[0] == role
+    turns = (
+        [("assistant", "a")] * (role == "tool")
+        + [(alias, "x")]
+        + [("assistant", "a")] * (role != "assistant")
+    )
+    assert roles(normalize_conversations(conversation(*turns), ProtocolConfig()))[role == "tool"] == role
 
 
 def test_sharegpt_tool_call_roles():
@@ -103,7 +107,6 @@ def test_two_system_messages():
     [
         [("assistant", "a"), ("user", "q")],
         [("system", "s"), ("user", "q"), ("user", "q"), ("assistant", "a")],
-        [("user", "q"), ("tool", "r"), ("assistant", "a")],
         [("user", "q"), ("assistant", "a"), ("tool", "r"), ("user", "q")],
     ],
 )
@@ -169,3 +172,49 @@ def test_content_passes_through_unchanged(contents, whitespace):
     turns.append(Message("user", whitespace))  # whitespace-only content is kept as written
     result = normalize_conversations(Conversation(turns), ProtocolConfig())
     assert [message.content for message in result.messages] == [message.content for message in turns]
+
+
+def test_tool_results_need_an_assistant_call_before_them():
+    assert normalize_error(conversation(("user", "q"), ("tool", "r"), ("assistant", "a"))).reason == (
+        "tool_without_call"
+    )
+    call = ToolCall("f", {}, id="c1")
+    calling = Message("assistant", "", tool_calls=(call,))
+    fine = Conversation(
+        [Message("user", "q"), calling, Message("tool", "r", tool_call_id="c1"), Message("assistant", "a")]
+    )
+    assert roles(normalize_conversations(fine, ProtocolConfig())) == [
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+    ]
+    wrong_id = Conversation(
+        [Message("user", "q"), calling, Message("tool", "r", tool_call_id="c9"), Message("assistant", "a")]
+    )
+    error = normalize_error(wrong_id)
+    assert error.reason == "tool_without_call" and "'c9'" in str(error) and "message 3" in str(error)
+
+
+def test_reasoning_and_calls_belong_to_assistants_and_allow_empty_content():
+    misplaced = Conversation([Message("user", "q", reasoning="r"), Message("assistant", "a")])
+    assert normalize_error(misplaced).reason == "misplaced_field"
+    only_reasoning = Conversation([Message("user", "q"), Message("assistant", "", reasoning="r")])
+    assert normalize_conversations(only_reasoning, ProtocolConfig()).messages[1].reasoning == "r"
+
+
+def test_merge_consecutive_joins_an_assistants_calls_and_keeps_tool_results_apart():
+    calls = [ToolCall("f", {"a": 1}), ToolCall("g", {})]
+    conv = Conversation(
+        [
+            Message("user", "q"),
+            Message("assistant", "", reasoning="r1", tool_calls=(calls[0],)),
+            Message("assistant", "", tool_calls=(calls[1],)),
+            Message("tool", "x"),
+            Message("tool", "y"),
+            Message("assistant", "a"),
+        ]
+    )
+    merged = normalize_conversations(conv, ProtocolConfig(merge_consecutive=True))
+    assert roles(merged) == ["user", "assistant", "tool", "tool", "assistant"]
+    assert merged.messages[1].tool_calls == tuple(calls) and merged.messages[1].reasoning == "r1"

@@ -13,7 +13,7 @@ from sft.protocol.records import (
     iter_raw_records,
     record_to_conversation,
 )
-from sft.protocol.types import ProtocolError
+from sft.protocol.types import ProtocolError, ToolCall
 
 
 def roles_and_contents(conversation):
@@ -52,13 +52,86 @@ def test_reasoning_and_tool_call_parts():
         {"type": "reasoning", "value": "think"},
         {"type": "text", "value": "Calling."},
         {"type": "tool_call", "value": '{"name": "f"}'},
-        {"type": "tool_call", "value": '{"name": "g"}'},
+        {"type": "tool_call", "value": '{"name": "g", "arguments": {"x": 1}}'},
     ]
     record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]}
-    assert record_to_conversation(record).messages[1].content == (
-        '<think>\nthink\n</think>\n\nCalling.<tool_call>\n{"name": "f"}\n</tool_call>\n'
-        '<tool_call>\n{"name": "g"}\n</tool_call>'
+    message = record_to_conversation(record).messages[1]
+    assert (message.content, message.reasoning) == ("Calling.", "think")
+    assert message.tool_calls == (ToolCall("f", {}), ToolCall("g", {"x": 1}))
+
+
+def test_the_schema_of_todays_apis():
+    record = {
+        "messages": [
+            {"role": "user", "content": "Weather in Bern?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "reasoning_content": "Call the tool.",
+                "tool_calls": [
+                    {
+                        "type": "function",
+                        "id": "c1",
+                        "function": {"name": "weather", "arguments": '{"city": "Bern"}'},
+                    },
+                    {"type": "function", "function": {"name": "time", "arguments": {"tz": "CET"}}},
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "name": "weather", "content": "21 C"},
+            {"role": "assistant", "thinking": "Answer.", "content": "21 °C."},
+            {"role": "assistant", "reasoning": "Alias.", "content": "x"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "weather"}}],
+        "enable_thinking": False,
+        "chat_template_kwargs": {"reasoning_effort": "low"},
+    }
+    conversation = record_to_conversation(record)
+    calling, result, answer, aliased = conversation.messages[1:]
+    assert (calling.content, calling.reasoning) == ("", "Call the tool.")
+    assert calling.tool_calls == (
+        ToolCall("weather", {"city": "Bern"}, "c1"),
+        ToolCall("time", {"tz": "CET"}),
     )
+    assert (result.role, result.tool_call_id, result.name) == ("tool", "c1", "weather")
+    assert (answer.reasoning, aliased.reasoning) == ("Answer.", "Alias.")
+    assert conversation.variables == {"enable_thinking": False, "reasoning_effort": "low"}
+
+
+def test_sharegpt_function_call_and_observation_turns():
+    record = {
+        "conversations": [
+            {"from": "human", "value": "Invoice?"},
+            {"from": "function_call", "value": '{"name": "invoice", "arguments": {"items": [1, 2]}}'},
+            {"from": "observation", "value": '{"id": "INV1"}'},
+            {"from": "gpt", "value": "Done."},
+        ],
+        "tools": '[{"name": "invoice"}]',
+    }
+    conversation = record_to_conversation(record)
+    call = conversation.messages[1]
+    assert (call.role, call.content, call.tool_calls) == (
+        "assistant",
+        "",
+        (ToolCall("invoice", {"items": [1, 2]}),),
+    )
+    assert [m.role for m in conversation.messages] == ["human", "assistant", "observation", "gpt"]
+    assert conversation.tools == [{"name": "invoice"}]
+
+
+@pytest.mark.parametrize(
+    ("message", "found"),
+    [
+        ({"tool_calls": [{"function": {"name": "f", "arguments": "{not json"}}]}, "arguments are not JSON"),
+        ({"tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}, "must be a JSON object"),
+        ({"tool_calls": [{"type": "function", "function": {"arguments": "{}"}}]}, "has no function name"),
+        ({"tool_calls": {"name": "f"}}, "must be a list"),
+        ({"content": [{"type": "tool_call", "value": "f(x)"}]}, "is not JSON of a call"),
+    ],
+)
+def test_bad_tool_calls_are_per_record_errors(message, found):
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", **message}]}
+    error = parse_error(record)
+    assert error.reason in ("invalid_tool_call", "wrong_type") and found in str(error)
 
 
 def test_sharegpt_with_top_level_system_and_raw_roles():
@@ -66,7 +139,7 @@ def test_sharegpt_with_top_level_system_and_raw_roles():
         "system": "Be brief.",
         "conversations": [
             {"from": "human", "value": "q"},
-            {"from": "function_call", "value": "{}"},
+            {"from": "function_call", "value": '{"name": "f"}'},
             {"from": "observation", "value": "r"},
             {"from": "gpt", "value": "a"},
         ],
@@ -75,7 +148,7 @@ def test_sharegpt_with_top_level_system_and_raw_roles():
     assert roles_and_contents(record_to_conversation(record)) == [
         ("system", "Be brief."),
         ("human", "q"),
-        ("function_call", "{}"),
+        ("assistant", ""),  # the call, as a structured tool call
         ("observation", "r"),
         ("gpt", "a"),
     ]
@@ -233,12 +306,6 @@ def test_unknown_content_part():
     error = parse_error(record)
     assert error.reason == "unknown_content_part"
     assert "'image_url'" in str(error) and "tool_call" in str(error)
-
-
-def test_openai_tool_calls_are_refused_not_dropped():
-    record = {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}]}
-    error = parse_error(record)
-    assert error.reason == "unsupported_field" and "tool_calls" in str(error)
 
 
 def test_invalid_weight():

@@ -14,8 +14,10 @@ from sft.protocol.templates import (
     JinjaTemplate,
     check_template,
     load_template,
+    probe_conversation,
     probe_messages,
     render_chat_prompt,
+    standalone_config,
 )
 from sft.protocol.types import Message, ProtocolError, TemplateError
 
@@ -268,7 +270,8 @@ def test_qwen25_style_jinja_injects_a_default_system_prompt_and_passes_the_probe
     template = load_template({"name": "jinja", "source": QWEN25_JINJA, "eot": "<|im_end|>"})
     check_template(template)
     assert template.supports_tool_role and not template.requires_alternation
-    assert "tool" in {m.role for m in probe_messages(template)}
+    # The copy here has no tool-call branch and no reasoning: conversations with them are refused one by one.
+    assert check_template(template) == ["reasoning", "tool"]
     rendered = template.render(CONVERSATION[1:3])
     assert rendered.text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
     assert span_texts(rendered) == ["Hello!<|im_end|>"]
@@ -298,7 +301,7 @@ def test_not_prefix_stable_raises_naming_the_message():
         Message("assistant", "a2"),
     ]
     assert span_texts(template.render(messages)) == ["a1<|im_end|>", "a2<|im_end|>"]  # stable without tools
-    with pytest.raises(TemplateError, match=r"not prefix-stable at message 1 .*'\[TOOLS\]"):
+    with pytest.raises(TemplateError, match=r"not prefix-stable at message 2 .*'\[TOOLS\]"):
         template.render(messages, tools=[{"name": "search"}])
     assert span_texts(template.render(messages[:2], tools=[{"name": "search"}])) == ["a1<|im_end|>"]
 
@@ -333,9 +336,10 @@ def test_template_errors_at_load():
     nested = "{% generation %}{% generation %}x{% endgeneration %}{% endgeneration %}"
     with pytest.raises(TemplateError, match="nests"):
         JinjaTemplate(nested, eot="x").render([])
+    # Tags only on the final turn are enough: the spans are what each turn adds as the final turn.
     last_turn_only = CHATML_TAGGED.replace("m.role == 'assistant'", "m.role == 'assistant' and loop.last")
-    with pytest.raises(TemplateError, match="1 {% generation %} blocks for 2 assistant"):
-        JinjaTemplate(last_turn_only, eot="<|im_end|>").render(NO_TOOL)
+    rendered = JinjaTemplate(last_turn_only, eot="<|im_end|>").render(NO_TOOL)
+    assert span_texts(rendered) == ["Hello!<|im_end|>", "Let me check.<|im_end|>"]
 
 
 # ---- the start-up probe --------------------------------------------------------------------------------
@@ -347,10 +351,20 @@ def probe_error(source: str, eot: str = "<|im_end|>") -> str:
     return str(error.value)
 
 
-def test_probe_catches_a_dropped_system_prompt():
+def test_a_template_that_drops_the_system_prompt_refuses_conversations_with_one():
     source = CHATML_TAGGED.replace("{% for m in messages %}", "{% for m in messages if m.role != 'system' %}")
-    assert "message 0 (system, content 'probe-system-7f3a'): missing" in probe_error(source)
-    assert "message 0 (system" in probe_error(without_tags(source))
+    for template in (
+        JinjaTemplate(source, eot="<|im_end|>"),
+        JinjaTemplate(without_tags(source), eot="<|im_end|>"),
+    ):
+        assert check_template(template) == ["reasoning", "tool", "system"]
+        with pytest.raises(ProtocolError, match=r"does not render message 1 \(system\)'s content") as error:
+            template.render_rows(NO_TOOL)
+        assert error.value.reason == "template_drops_message"
+        assert span_texts(template.render_rows(NO_TOOL[1:])[0]) == [
+            "Hello!<|im_end|>",
+            "Let me check.<|im_end|>",
+        ]
 
 
 def test_probe_catches_duplicated_content():
@@ -360,27 +374,39 @@ def test_probe_catches_duplicated_content():
     assert "message 1 (user, content 'probe-user-1-2b9c'): rendered 2 times" in probe_error(source)
 
 
-def test_probe_catches_merged_turns():
-    # A tool result is folded into the assistant turn that called it, before that turn's end-of-turn.
+def test_a_turn_left_open_for_its_tool_result_is_trained_as_inference_closes_it():
+    # A tool result is folded into the assistant turn that called it, before that turn's end-of-turn: as
+    # the final turn the call is closed by <|im_end|>, so that turn gets a row of its own.
     source = without_tags(CHATML_TAGGED).replace(
         "{{ m.content + '<|im_end|>' }}{% else %}",
-        "{{ m.content }}{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>{% endif %}"
+        "{{ m.content }}{% for c in m.tool_calls or [] %}{{ c.function.name }}{% endfor %}"
+        "{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>{% endif %}"
         "{% elif m.role == 'tool' %}{{ m.content + '<|im_end|>' }}{% else %}",
     )
-    error = probe_error(source)
-    assert "message 6 (assistant, content 'probe-assistant-3-d852')" in error
-    assert "['probe-assistant-3-d852', 'probe-tool-1-8b3e'], not exactly its own" in error
+    template = JinjaTemplate(source, eot="<|im_end|>")
+    assert check_template(template) == ["reasoning"]
+    messages, tools, _ = probe_conversation(template)
+    rows = template.render_rows(messages, tools)
+    assert [span_texts(row) for row in rows] == [
+        ["probe-assistant-1-5e1d<|im_end|>"],
+        ["probe_lookup_5a4c<|im_end|>"],
+        ["probe-assistant-3-d852<|im_end|>"],
+    ]
+    assert rows[1].text.endswith("<|im_start|>assistant\nprobe_lookup_5a4c<|im_end|>\n")
 
 
-def test_probe_catches_a_generation_tag_around_the_header():
+def test_a_generation_tag_around_more_than_the_target_trains_the_target():
+    # As TRL's *_training.jinja do: the header (or a prefilled <think>) and the newline after the marker
+    # inside the tags. Inference gives the model the header, so only the reply through the marker trains.
     source = (
         "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}"
-        "{{ '<|im_start|>assistant\\n' + m.content + '<|im_end|>' }}{% endgeneration %}"
-        "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>' }}{% endif %}{{ '\\n' }}"
+        "{{ '<|im_start|>assistant\\n' + m.content + '<|im_end|>\\n' }}{% endgeneration %}"
+        "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
-    error = probe_error(source)
-    assert "message 2 (assistant" in error and "but the generation prompt ends at char" in error
+    template = JinjaTemplate(source, eot="<|im_end|>")
+    check_template(template)
+    assert span_texts(template.render(NO_TOOL)) == ["Hello!<|im_end|>", "Let me check.<|im_end|>"]
 
 
 def test_probe_catches_a_generation_tag_without_the_eot():
@@ -388,29 +414,36 @@ def test_probe_catches_a_generation_tag_without_the_eot():
         "{% generation %}{{ m.content + '<|im_end|>' }}{% endgeneration %}",
         "{% generation %}{{ m.content }}{% endgeneration %}<|im_end|>",
     )
-    assert "does not end with the end-of-turn '<|im_end|>'" in probe_error(source)
+    assert "no {% generation %} block covers what the model generates" in probe_error(source)
 
 
 def test_probe_catches_a_wrong_eot():
-    assert "no end-of-turn '<|eot_id|>'" in probe_error(without_tags(CHATML_TAGGED), eot="<|eot_id|>")
+    error = probe_error(without_tags(CHATML_TAGGED), eot="<|eot_id|>")
+    assert "assistant message 3: no end-of-turn marker follows it" in error
 
 
-def test_inference_refuses_an_assistant_turn_without_its_own_eot():
+def test_turns_closed_only_as_the_final_turn_are_trained_in_rows_of_their_own():
     only_last_closed = (
         "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% else %}<end>{% endif %}"
     )
     template = JinjaTemplate(only_last_closed, eot="<end>")
     assert span_texts(template.render(NO_TOOL[:3])) == ["Hello!<end>"]
-    with pytest.raises(TemplateError, match="assistant message 2: no end-of-turn '<end>' closes it before"):
+    with pytest.raises(TemplateError, match="not prefix-stable at message 3"):
         template.render(NO_TOOL)
+    rows = template.render_rows(NO_TOOL)
+    assert [span_texts(row) for row in rows] == [["Hello!<end>"], ["Let me check.<end>"]]
+    assert (
+        rows[1].text
+        == "<system>Be brief.<user>Hi<assistant>Hello!<user>Weather?<assistant>Let me check.<end>"
+    )
 
 
 def test_probe_catches_prefix_instability():
     source = without_tags(CHATML_TAGGED).replace(
         "m.role + '\\n'", "m.role + ('*' if loop.last else '') + '\\n'"
     )
-    assert "not prefix-stable" in probe_error(source)
+    assert "assistant message 3 has no inference-exact target" in probe_error(source)
 
 
 # ---- loading -------------------------------------------------------------------------------------------
@@ -503,3 +536,21 @@ def test_chatml_spans_are_exactly_assistant_content_plus_eot(turns):
         for m in messages
     )
     assert outside == expected
+
+
+def test_eot_may_be_a_list_and_stop_tokens_are_their_own_setting():
+    source = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+        "{% if m.role == 'assistant' %}{{ '<|return|>' if loop.last else '<|end|>' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    config = {"name": "jinja", "source": source, "eot": ["<|return|>", "<|end|>"], "stop": ["<|return|>"]}
+    template = load_template(config)
+    assert template.eot_markers == ("<|return|>", "<|end|>") and template.stop_tokens == ("<|return|>",)
+    assert template.eot == "<|return|>" and {"<|return|>", "<|end|>"} <= set(template.special_tokens)
+    check_template(template)
+    rows = template.render_rows(NO_TOOL)  # <|end|> in history, <|return|> as the final turn: split
+    assert [span_texts(row) for row in rows] == [["Hello!<|return|>"], ["Let me check.<|return|>"]]
+    rebuilt = load_template(standalone_config(template))
+    assert rebuilt.fingerprint == template.fingerprint and rebuilt.stop_tokens == ("<|return|>",)
+    assert load_template({**config, "stop": []}).stop_tokens == ("<|return|>", "<|end|>")

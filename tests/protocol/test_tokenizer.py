@@ -82,14 +82,13 @@ def test_token_check_refuses_a_tokenizer_without_a_control_token():
 
 def test_token_check_refuses_a_token_across_a_span_boundary():
     tokenizer = make_tokenizer()
-    tokenizer.add_tokens(
-        [AddedToken("assistant\nprobe")]
-    )  # swallows the header's end and the content's start
+    # swallows the header's end and the start of the reply (its reasoning block)
+    tokenizer.add_tokens([AddedToken("assistant\n<th")])
     with pytest.raises(TemplateError) as raised:
         check_template_tokens(BUILTINS["chatml"], tokenizer)
     message = str(raised.value)
     assert "probe message 2" in message and "probe-assistant-1-5e1d" in message
-    assert "'assistant\\nprobe'" in message and "across the boundary" in message
+    assert "'assistant\\n<th'" in message and "across the boundary" in message
 
 
 def test_token_check_refuses_an_end_of_turn_merged_with_what_follows():

@@ -1,0 +1,96 @@
+"""What splitting costs: tokens computed per trained token when conversations become one row per turn.
+
+    .venv/bin/python scripts/split_row_cost.py [FILE ...] [--template qwen3] [--vocab-size 8192]
+
+A template that renders history differently from a final turn (Qwen3 drops earlier reasoning) trains
+each turn in a row of its own, which repeats the history. This prepares the files (default: the shared
+reasoning and tool-call demo sets) with a stock template from the `trl` wheel and reports tokens computed
+per trained token three ways: one row per conversation (what a prefix-stable template gives, shown for
+scale; not exact for this template), the split rows as stored, and the split rows with their shared
+prefixes counted once (a token-level prefix tree of each conversation's rows, which packing can exploit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import re
+from pathlib import Path
+
+import numpy as np
+
+from sft.data.prefix_tree import tokens_computed
+from sft.protocol.labels import IGNORE_INDEX
+from sft.protocol.pipeline import Accounting, ConversationEncoder, read_conversations
+from sft.protocol.templates import JinjaTemplate
+from sft.protocol.tokenizer import train_bpe
+from sft.protocol.types import Conversation, ProtocolConfig
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CONTROL = re.compile(r"<\|[A-Za-z_]+\|>")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("files", nargs="*", default=[str(SHARED / "reason_tool_use_demo_50.jsonl")])
+    parser.add_argument("--template", default="qwen3", help="a stock template of the trl wheel")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    args = parser.parse_args()
+
+    source = (
+        Path(str(importlib.resources.files("trl"))) / "chat_templates" / f"{args.template}.jinja"
+    ).read_text()
+    template = JinjaTemplate(source, eot="<|im_end|>", origin=args.template)
+    template.special_tokens = sorted(set(template.special_tokens) | set(CONTROL.findall(source)))
+    config = ProtocolConfig(max_seq_len=1 << 30, on_error="skip")
+    conversations = [
+        c for path in args.files for c in read_conversations(path) if isinstance(c, Conversation)
+    ]
+    untokenized = ConversationEncoder(
+        None, template, ProtocolConfig(max_seq_len=1 << 30, special_in_content="allow")
+    )
+    texts = [
+        row.rendered.text for index, c in enumerate(conversations) for row in untokenized.prepare(c, index)[1]
+    ]
+    tokenizer = train_bpe(texts, args.vocab_size, template.special_tokens)
+
+    encoder = ConversationEncoder(tokenizer, template, config)
+    accounting = Accounting()
+    examples = list(encoder.encode_conversations(conversations, accounting))
+    trained = sum(int(np.count_nonzero(e.labels != IGNORE_INDEX)) for e in examples)
+    stored = sum(len(e.input_ids) for e in examples)
+    by_conversation: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for example, conversation in zip(examples, _conversation_of(examples), strict=True):
+        by_conversation.setdefault(conversation, []).append((example.input_ids, example.labels))
+    shared = sum(tokens_computed(rows)[1] for rows in by_conversation.values())
+    normalized = [encoder.prepare(c, index)[0] for index, c in enumerate(conversations)]
+    one_row = sum(
+        len(tokenizer.encode(template.render_text(c.messages, c.tools), add_special_tokens=False).ids)
+        for c in normalized
+    )
+    print(accounting.summary())
+    print(f"template {args.template}; {len(conversations)} conversations; {trained:,} trained tokens")
+    print("| rows | tokens computed | per trained token |")
+    print("|---|---:|---:|")
+    for name, tokens in (
+        ("one row per conversation (for scale)", one_row),
+        ("one row per trained turn (stored)", stored),
+        ("per-turn rows, shared prefixes once", shared),
+    ):
+        print(f"| {name} | {tokens:,} | {tokens / trained:.2f} |")
+
+
+def _conversation_of(examples) -> list[str]:
+    """Each example's conversation: rows of one conversation are consecutive, numbered (turn, of)."""
+    names, count = [], 0
+    for example in examples:
+        if example.split is None or example.split[0] == 1:
+            count += 1
+        names.append(f"{example.where}#{count}")
+    return names
+
+
+if __name__ == "__main__":
+    main()
