@@ -56,3 +56,13 @@ class ExactMatchCallback(L.Callback):
             torch.tensor([correct, total], dtype=torch.float64, device=module.device), reduce_op="sum"
         )
         module.log("eval/exact_match", float(counts[0] / counts[1]), rank_zero_only=True)
+
+
+class ValidateAtEnd(L.Callback):
+    """Validation also runs after the last optimizer step, so every run with validation data ends with a
+    `val/loss` and a best checkpoint, whatever `trainer.val_check_interval` is. Lightning validates when
+    `should_stop` is set at a batch's end; at `max_steps` that is where the run stops anyway."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True

@@ -18,12 +18,13 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback
+from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback, ValidateAtEnd
 from sft.config import ConfigError, validate_config
 from sft.data.datamodule import SFTDataModule
 from sft.evaluate import sample_eval_items
 from sft.loggers import finish_wandb
 from sft.module import SFTModule
+from sft.schedule import command_line_keys, fit_schedule
 
 
 def build_logger(
@@ -111,11 +112,33 @@ def run_record(checkpoint_dir: Path) -> dict[str, Any]:
     }
 
 
+def fit_to_run(config: dict[str, Any]) -> None:
+    """Scale the default warmup and validation interval to the run's length (printed), or refuse."""
+    hydra_config = HydraConfig.get()
+    trainer = config["trainer"]
+    fitted = fit_schedule(
+        trainer.get("max_steps", -1),
+        trainer.get("accumulate_grad_batches", 1),
+        config["optim"]["warmup_steps"],
+        trainer.get("val_check_interval"),
+        explicit=command_line_keys(list(hydra_config.overrides.task)),
+        swept=set(hydra_config.sweeper.get("params") or {}),
+    )
+    config["optim"]["warmup_steps"] = fitted.warmup_steps
+    if "val_check_interval" in trainer:
+        trainer["val_check_interval"] = fitted.val_check_interval
+    for note in fitted.notes:
+        print(f"note: {note}")
+    for warning in fitted.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Prepare data, build the model, fit, and write summary.json; returns the summary."""
     started = time.perf_counter()
     config = validate_config(cfg)  # a typo'd key or wrong type fails here, naming the key
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    fit_to_run(config)
     L.seed_everything(config["seed"], workers=True)
 
     datamodule = SFTDataModule(config)
@@ -143,6 +166,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             monitor="val/loss",
             save_top_k=1,
         ),
+        ValidateAtEnd(),
     ]
     if config["data"]["name"] == "sample" and config["eval"]["exact_match"]:
         items = sample_eval_items(config["seed"], config["data"]["num_val"], config["eval"]["max_items"])

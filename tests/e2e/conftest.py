@@ -18,7 +18,6 @@ SMALL = [
     "eval.max_new_tokens=8",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
-    "optim.warmup_steps=2",
 ]
 
 

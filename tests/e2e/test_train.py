@@ -32,6 +32,18 @@ def test_a_run_writes_checkpoint_metrics_and_summary(tmp_path, cache_dir):
     assert result_summary["data"]["read"] == result_summary["data"]["kept"] == 256
 
 
+def test_a_30_step_run_with_the_default_schedule_validates_and_keeps_a_best_checkpoint(tmp_path, cache_dir):
+    """The defaults (warmup 30, validation every 350) are written for 700 steps: scaled to this run."""
+    run_dir = tmp_path / "run"
+    result = train(run_dir, cache_dir, "trainer.max_steps=30", "eval.exact_match=false")
+    assert "note: optim.warmup_steps: 30 -> 3" in result.stdout
+    assert "note: trainer.val_check_interval: 350 -> 15 batches" in result.stdout
+    assert set(metric_rows(run_dir, "val/loss")) == {14, 29}
+    assert summary(run_dir)["best_checkpoint"].endswith("best-step30.ckpt")
+    lr = metric_rows(run_dir, "train/lr")
+    assert lr[2] == max(lr.values()) and lr[29] < lr[2]  # warmed up, then decayed
+
+
 def test_two_cpu_processes_match_one_process_over_the_same_global_batch(tmp_path, cache_dir):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     common = ["trainer.max_steps=2", "trainer.val_check_interval=2", "eval.exact_match=false"]
@@ -64,7 +76,7 @@ main()
 
 @pytest.mark.parametrize("kill_at", [7, 24], ids=["first-epoch", "second-epoch"])
 def test_kill_and_resume_continues_with_identical_losses(tmp_path, cache_dir, monkeypatch, kill_at):
-    """Checkpoints every 11 steps; an epoch is ~20 steps, so killing at 24 resumes from step 22, in epoch 2."""
+    """Checkpoints every 11 steps; an epoch is ~20 steps: killing at 24 resumes from step 22, in epoch 2."""
     common = ["trainer.max_steps=28", "trainer.val_check_interval=14", "checkpoint.every_n_train_steps=11"]
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
     train(uninterrupted, cache_dir, *common)
