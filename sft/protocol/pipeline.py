@@ -32,7 +32,7 @@ from sft.protocol.types import (
     TemplateError,
 )
 
-PROTOCOL_VERSION = 2  # bump when a change to this package changes the tokens or labels it produces
+PROTOCOL_VERSION = 3  # bump when a change to this package changes the tokens or labels it produces
 ENCODE_CHUNK = 2048  # texts per encode_batch call: large enough for both cores, small enough to stay fast
 EXAMPLES_PER_REASON = 5  # locations remembered per skip/drop reason for the summary
 
@@ -48,6 +48,8 @@ class Accounting:
     read: int = 0
     kept: int = 0
     truncated: int = 0  # kept, but cut to max_seq_len
+    truncated_tokens: int = 0  # tokens those kept examples lost
+    longest: int = 0  # tokens of the longest example before any cut: the max_seq_len that keeps all whole
     skipped: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
     where: dict[str, list[str]] = field(default_factory=dict)
@@ -62,6 +64,8 @@ class Accounting:
         self.read += other.read
         self.kept += other.kept
         self.truncated += other.truncated
+        self.truncated_tokens += other.truncated_tokens
+        self.longest = max(self.longest, other.longest)
         self.skipped.update(other.skipped)
         self.dropped.update(other.dropped)
         for reason, places in other.where.items():
@@ -73,6 +77,8 @@ class Accounting:
             "read": self.read,
             "kept": self.kept,
             "truncated": self.truncated,
+            "truncated_tokens": self.truncated_tokens,
+            "longest": self.longest,
             "skipped": dict(self.skipped),
             "dropped": dict(self.dropped),
             "where": self.where,
@@ -84,6 +90,8 @@ class Accounting:
             read=data["read"],
             kept=data["kept"],
             truncated=data["truncated"],
+            truncated_tokens=data.get("truncated_tokens", 0),
+            longest=data.get("longest", 0),
             skipped=Counter(data["skipped"]),
             dropped=Counter(data["dropped"]),
             where={k: list(v) for k, v in data["where"].items()},
@@ -94,8 +102,13 @@ class Accounting:
         lines = [
             f"read {self.read} = kept {self.kept} + skipped {sum(self.skipped.values())} "
             f"+ dropped {sum(self.dropped.values())}"
-            + (f" ({self.truncated} kept truncated)" if self.truncated else "")
         ]
+        if self.truncated:
+            lines.append(
+                f"  truncated {self.truncated} kept to protocol.max_seq_len: {self.truncated_tokens:,} "
+                f"tokens cut (the longest example has {self.longest:,}; protocol.max_seq_len={self.longest} "
+                "keeps every example whole)"
+            )
         for title, counter in (("skipped", self.skipped), ("dropped", self.dropped)):
             for reason, count in sorted(counter.items()):
                 lines.append(f"  {title} {count} {reason}: {', '.join(self.where.get(reason, []))}")
@@ -176,7 +189,9 @@ class ConversationEncoder:
     ) -> EncodedExample | None:
         """The example as encoded, cut or shortened to max_seq_len, or None (counted) when it is dropped."""
         ids, labels = labels_from_encoding(encoding, rendered.assistant_spans)
-        truncated = len(ids) > self.config.max_seq_len
+        full_length = len(ids)
+        accounting.longest = max(accounting.longest, full_length)
+        truncated = full_length > self.config.max_seq_len
         if truncated:
             if self.config.truncation == "drop":
                 accounting.note(accounting.dropped, "too_long", conversation.where)
@@ -189,11 +204,13 @@ class ConversationEncoder:
                 ids, labels = shortened
             else:
                 ids, labels = ids[: self.config.max_seq_len], labels[: self.config.max_seq_len]
-        if not np.any(labels != IGNORE_INDEX):
-            accounting.note(accounting.dropped, "no_trained_tokens", conversation.where)
+        if not np.any(labels != IGNORE_INDEX):  # every trained token lay beyond max_seq_len, or never was
+            reason = "truncated_to_nothing" if truncated else "no_trained_tokens"
+            accounting.note(accounting.dropped, reason, conversation.where)
             return None
         accounting.kept += 1
         accounting.truncated += truncated
+        accounting.truncated_tokens += full_length - len(ids)
         return EncodedExample(ids, labels, conversation.where)
 
     def _drop_oldest_turns(self, conversation: Conversation) -> tuple[np.ndarray, np.ndarray] | None:
