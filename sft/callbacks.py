@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from sft.checkpoint import load_checkpoint
@@ -66,3 +67,16 @@ class ValidateAtEnd(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt` every `every_n_train_steps` optimizer steps and always at the end of training. Lightning's
+    `save_last` skips the final step when the interval does not divide `max_steps`, which left `last.ckpt`
+    behind the run's final weights and its final `val/loss`."""
+
+    def __init__(self, dirpath: Path, every_n_train_steps: int | None):
+        super().__init__(dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -58,8 +58,8 @@ def fit_schedule(
         fitted.warmup_steps = max_steps // WARMUP_SHARE
         fitted.notes.append(
             f"optim.warmup_steps: {warmup_steps} -> {fitted.warmup_steps} "
-            f"({'drawn by the sweeper' if warmup_given else 'the default'}, scaled to "
-            f"1/{WARMUP_SHARE} of trainer.max_steps={max_steps}; set it to choose)"
+            f"({'drawn by the sweeper' if warmup_given else 'not given on the command line'}: scaled to "
+            f"1/{WARMUP_SHARE} of trainer.max_steps={max_steps}; give it to choose)"
         )
     run_batches = max_steps * accumulate_grad_batches
     if isinstance(val_check_interval, int) and val_check_interval > run_batches:
@@ -73,7 +73,7 @@ def fit_schedule(
             fitted.val_check_interval = max(1, run_batches // 2)
             fitted.notes.append(
                 f"trainer.val_check_interval: {val_check_interval} -> {fitted.val_check_interval} batches "
-                f"(the default, scaled to half of this {run_batches}-batch run; validation also runs at "
-                "the end; set it to choose)"
+                f"(not given on the command line: scaled to half of this {run_batches}-batch run; "
+                "validation also runs at the end; give it to choose)"
             )
     return fitted

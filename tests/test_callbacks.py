@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from sft.callbacks import AtomicCheckpointIO, ValidateAtEnd
+from sft.callbacks import AtomicCheckpointIO, LastCheckpoint, ValidateAtEnd
 from sft.data.datamodule import collate_rows
 from sft.module import SFTModule
 from tests.test_module import MODEL, OPTIM, make_examples
@@ -70,3 +70,18 @@ def test_a_run_shorter_than_its_validation_interval_still_ends_validated(tmp_pat
     assert trainer.global_step == 3
     assert "val/loss" in trainer.callback_metrics
     assert best.best_model_path.endswith("best-step3.ckpt")
+
+
+def test_last_checkpoint_holds_the_final_step_when_the_interval_does_not_divide_the_run(tmp_path):
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[LastCheckpoint(tmp_path, every_n_train_steps=2)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = DataLoader(make_examples(), batch_size=2, collate_fn=collate_rows)
+    trainer.fit(SFTModule(MODEL, OPTIM), train_dataloaders=loader)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -18,8 +18,9 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback, ValidateAtEnd
+from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback, LastCheckpoint, ValidateAtEnd
 from sft.config import ConfigError, validate_config
+from sft.console import ProgressLog, RunLog, StepProgressBar, model_line, quiet_lightning
 from sft.data.datamodule import SFTDataModule
 from sft.evaluate import sample_eval_items
 from sft.loggers import finish_wandb
@@ -112,7 +113,7 @@ def run_record(checkpoint_dir: Path) -> dict[str, Any]:
     }
 
 
-def fit_to_run(config: dict[str, Any]) -> None:
+def fit_to_run(config: dict[str, Any], log: RunLog) -> None:
     """Scale the default warmup and validation interval to the run's length (printed), or refuse."""
     hydra_config = HydraConfig.get()
     trainer = config["trainer"]
@@ -128,9 +129,9 @@ def fit_to_run(config: dict[str, Any]) -> None:
     if "val_check_interval" in trainer:
         trainer["val_check_interval"] = fitted.val_check_interval
     for note in fitted.notes:
-        print(f"note: {note}")
+        log.record(f"note: {note}")
     for warning in fitted.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        log.record(f"warning: {warning}", stream=sys.stderr)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -138,27 +139,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     config = validate_config(cfg)  # a typo'd key or wrong type fails here, naming the key
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    fit_to_run(config)
+    log = RunLog(run_dir / "train.log")
+    fit_to_run(config, log)
     L.seed_everything(config["seed"], workers=True)
 
     datamodule = SFTDataModule(config)
     tokenizer = datamodule.tokenizer  # prepared before the model: it fixes the vocabulary size
-    print(datamodule.prepared.accounting.summary())
+    log.record(datamodule.prepared.accounting.summary())
     datamodule.setup("fit")  # here too, not only in spawned ranks: the summary reports packing efficiency
     model_config = {**config["model"], "vocab_size": tokenizer.get_vocab_size()}
     module = SFTModule(model_config, config["optim"], peak_flops=config["hardware"].get("peak_flops", 0.0))
     module.attach(tokenizer, config["template"])
+    log.record(model_line(module))
     tokenizer.save(str(run_dir / "tokenizer.json"))
     (run_dir / "template.json").write_text(json.dumps(config["template"], indent=2))
 
     checkpoint_dir = run_dir / "checkpoints"
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(  # last.ckpt, the resume point, every N optimizer steps and at the end
-            dirpath=checkpoint_dir,
-            save_top_k=0,
-            save_last=True,
-            every_n_train_steps=config["checkpoint"]["every_n_train_steps"],
-        ),
+        LastCheckpoint(checkpoint_dir, config["checkpoint"]["every_n_train_steps"]),  # the resume point
         ModelCheckpoint(  # saved when a validation ends, so it is scored with its own val/loss
             dirpath=checkpoint_dir,
             filename="best-step{step}",
@@ -167,7 +165,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             save_top_k=1,
         ),
         ValidateAtEnd(),
+        ProgressLog(log, config["trainer"].get("log_every_n_steps", 50)),
     ]
+    if config["trainer"].get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar(config["trainer"].get("log_every_n_steps", 50)))
     if config["data"]["name"] == "sample" and config["eval"]["exact_match"]:
         items = sample_eval_items(config["seed"], config["data"]["num_val"], config["eval"]["max_items"])
         callbacks.append(ExactMatchCallback(items, config["eval"]["max_new_tokens"]))
@@ -178,17 +179,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resume_from(config.get("ckpt_path"), run_dir)
     if ckpt_path == "last":
         ckpt_path = str(checkpoint_dir / "last.ckpt") if (checkpoint_dir / "last.ckpt").is_file() else None
-    trainer = L.Trainer(
-        default_root_dir=run_dir,
-        logger=build_logger(config["logger"], run_dir, config, checkpoint_step(ckpt_path)),
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
-        **sweep_safe(trainer_kwargs(config), multirun=HydraConfig.get().mode == RunMode.MULTIRUN),
-    )
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    finally:
-        finish_wandb(failed=sys.exc_info()[0] is not None)  # -m jobs share a process: never leave a run open
+    with quiet_lightning(resuming=ckpt_path is not None):
+        trainer = L.Trainer(
+            default_root_dir=run_dir,
+            logger=build_logger(config["logger"], run_dir, config, checkpoint_step(ckpt_path)),
+            callbacks=callbacks,
+            plugins=[AtomicCheckpointIO(), *cluster_plugins()],
+            **sweep_safe(trainer_kwargs(config), multirun=HydraConfig.get().mode == RunMode.MULTIRUN),
+        )
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        finally:
+            finish_wandb(failed=sys.exc_info()[0] is not None)  # -m jobs share a process: end their runs
 
     summary = {
         "run_dir": str(run_dir),
@@ -207,14 +209,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["adapter"] = str(adapter)
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(
-            f"run directory: {run_dir}\ncheckpoint:    {summary['checkpoint']}\n"
-            f"metrics:       {summary['metrics_csv'] or config['logger']['name']}\n"
-            f"summary:       {run_dir / 'summary.json'}"
-        )
-        for key, value in summary["metrics"].items():
-            print(f"  {key:28s} {value:.4f}")
-        print(f"  {'seconds':28s} {summary['seconds']}")
+        lines = [
+            f"run directory: {run_dir}",
+            f"checkpoint:    {summary['checkpoint']}",
+            f"metrics:       {summary['metrics_csv'] or config['logger']['name']}",
+            f"summary:       {run_dir / 'summary.json'}",
+            *(f"  {key:28s} {value:.4f}" for key, value in summary["metrics"].items()),
+            f"  {'seconds':28s} {summary['seconds']}",
+        ]
+        log.record("\n".join(lines))
     return summary
 
 
