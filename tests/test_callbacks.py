@@ -5,16 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader
 
 from sft.callbacks import AtomicCheckpointIO, LastCheckpoint, ValidateAtEnd
-from sft.data.datamodule import collate_rows
-from sft.module import SFTModule
-from tests.test_module import MODEL, OPTIM, make_examples
+from tests.test_module import fit_tiny
 
 
 class ExplodesWhilePickled:
@@ -50,38 +46,23 @@ def test_chat_eval_and_export_do_not_import_lightning():
 def test_a_run_shorter_than_its_validation_interval_still_ends_validated(tmp_path, interval):
     """3 steps, validation every 10 (never reached) or every 2: validation runs at step 3 either way, so
     the run has a final val/loss and a best checkpoint scored with it."""
-    torch.manual_seed(0)
     best = ModelCheckpoint(
         dirpath=tmp_path, filename="best-step{step}", auto_insert_metric_name=False, monitor="val/loss"
     )
-    trainer = L.Trainer(
+    trainer = fit_tiny(
+        [best, ValidateAtEnd()],
+        validate=True,
         max_steps=3,
         val_check_interval=interval,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
-        accelerator="cpu",
-        logger=False,
-        callbacks=[best, ValidateAtEnd()],
         enable_progress_bar=False,
-        enable_model_summary=False,
     )
-    loader = DataLoader(make_examples(), batch_size=2, collate_fn=collate_rows)
-    trainer.fit(SFTModule(MODEL, OPTIM), train_dataloaders=loader, val_dataloaders=loader)
     assert trainer.global_step == 3
     assert "val/loss" in trainer.callback_metrics
     assert best.best_model_path.endswith("best-step3.ckpt")
 
 
 def test_last_checkpoint_holds_the_final_step_when_the_interval_does_not_divide_the_run(tmp_path):
-    torch.manual_seed(0)
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        callbacks=[LastCheckpoint(tmp_path, every_n_train_steps=2)],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    loader = DataLoader(make_examples(), batch_size=2, collate_fn=collate_rows)
-    trainer.fit(SFTModule(MODEL, OPTIM), train_dataloaders=loader)
+    fit_tiny([LastCheckpoint(tmp_path, every_n_train_steps=2)], max_steps=3, enable_progress_bar=False)
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -6,29 +6,14 @@ import io
 import re
 
 import lightning as L
-import torch
 from rich.console import Console
-from torch.utils.data import DataLoader
 
 from sft.console import ProgressLog, RunLog, StepProgressBar
-from sft.data.datamodule import collate_rows
-from sft.module import SFTModule
-from tests.test_module import MODEL, OPTIM, make_examples
+from tests.test_module import fit_tiny
 
 
-def fit(callbacks: list[L.Callback], max_steps: int = 5, every: int = 2) -> None:
-    torch.manual_seed(0)
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        log_every_n_steps=every,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
-    loader = DataLoader(make_examples(), batch_size=2, collate_fn=collate_rows)
-    trainer.fit(SFTModule(MODEL, OPTIM), train_dataloaders=loader)
+def fit(callbacks: list[L.Callback], max_steps: int = 5) -> None:
+    fit_tiny(callbacks, max_steps=max_steps, log_every_n_steps=2, enable_checkpointing=False)
 
 
 def test_the_bar_shows_steps_loss_throughput_and_eta_refreshed_only_at_logging_steps(monkeypatch):

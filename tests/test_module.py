@@ -48,6 +48,17 @@ def make_examples(count: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
     return rows
 
 
+def fit_tiny(callbacks: list[L.Callback], validate: bool = False, **trainer_kwargs) -> L.Trainer:
+    """SFTModule on the four example rows (batches of 2), with the given callbacks; the trainer after fit."""
+    torch.manual_seed(0)
+    settings = {"accelerator": "cpu", "logger": False, "enable_model_summary": False, **trainer_kwargs}
+    trainer = L.Trainer(callbacks=callbacks, **settings)
+    loader = DataLoader(make_examples(), batch_size=2, collate_fn=collate_rows)
+    val_loader = loader if validate else None
+    trainer.fit(SFTModule(MODEL, OPTIM), train_dataloaders=loader, val_dataloaders=val_loader)
+    return trainer
+
+
 class GradientCapture(SFTModule):
     """Keeps the gradients as the optimizer will see them (after normalisation)."""
 
