@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sft.checkpoint import load_for_inference
+from sft.cli import chat as chat_cli
 from sft.cli.chat import ChatSession, run_repl
 from sft.evaluate import prompt_ids
 from sft.model.generate import generate
@@ -153,3 +154,25 @@ def test_history_renders_as_training_renders_the_conversation(tmp_path, tokenize
     # The prompt ends exactly where the last answer's trained tokens begin.
     assert example.labels[len(prompt) - 1] == IGNORE_INDEX
     assert example.labels[len(prompt)] != IGNORE_INDEX
+
+
+def chat_config(checkpoint, **settings) -> dict:
+    defaults = {"device": "cpu", "system": None, "temperature": 0.0, "top_p": 1.0, "seed": 0, "prompt": None}
+    return {**defaults, "ckpt": str(checkpoint), "max_new_tokens": 20, **settings}
+
+
+def test_one_shot_flags_a_reply_cut_at_max_new_tokens(steered, capsys):
+    checkpoint, reply_ids = steered
+    chat_cli.chat(chat_config(checkpoint, system=SYSTEM, prompt=QUESTION, max_new_tokens=len(reply_ids)))
+    assert capsys.readouterr().err == f"(cut at max_new_tokens={len(reply_ids)})\n"
+    chat_cli.chat(chat_config(checkpoint, system=SYSTEM, prompt=QUESTION))
+    assert capsys.readouterr().err == ""
+
+
+def test_the_system_prompt_defaults_to_the_one_training_always_added(steered, tokenizer, tmp_path, capsys):
+    checkpoint, reply_ids = steered
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["sft"]["protocol"] = {"system_prompt": SYSTEM, "system_prompt_prob": 1.0}
+    torch.save(saved, tmp_path / "with_protocol.ckpt")
+    chat_cli.chat(chat_config(tmp_path / "with_protocol.ckpt", prompt=QUESTION))
+    assert capsys.readouterr().out == tokenizer.decode(reply_ids, skip_special_tokens=False) + "\n"

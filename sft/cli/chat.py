@@ -21,7 +21,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sft.checkpoint import InferenceBundle, load_for_inference
+from sft.checkpoint import InferenceBundle, load_for_inference, trained_system_prompt
 from sft.evaluate import generate_reply
 
 COMMANDS = "/reset starts a new conversation, /exit (or Ctrl-D) quits"
@@ -109,16 +109,23 @@ def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO = sys.stdou
         except ValueError as error:
             print(f"({error}; /reset to start a new conversation)", file=sys.stderr)
             continue
-        print(reply, file=out, flush=True)
-        if not stopped:
-            print(f"(cut at max_new_tokens={session.max_new_tokens})", file=sys.stderr)
+        print_reply(reply, stopped, session.max_new_tokens, out)
+
+
+def print_reply(reply: str, stopped: bool, max_new_tokens: int, out: TextIO | None = None) -> None:
+    """The reply on `out` (stdout); a reply that did not end with the end-of-turn token is flagged on
+    stderr."""
+    print(reply, file=out or sys.stdout, flush=True)
+    if not stopped:
+        print(f"(cut at max_new_tokens={max_new_tokens})", file=sys.stderr)
 
 
 def chat(config: dict[str, Any]) -> None:
     bundle = load_for_inference(config["ckpt"], device=resolve_device(config["device"]))
+    system = trained_system_prompt(bundle.section) if config["system"] is None else str(config["system"])
     session = ChatSession(
         bundle,
-        system=None if config["system"] is None else str(config["system"]),
+        system=system,
         max_new_tokens=config["max_new_tokens"],
         temperature=config["temperature"],
         top_p=config["top_p"],
@@ -126,10 +133,10 @@ def chat(config: dict[str, Any]) -> None:
     )
     if config["prompt"] is not None:
         try:
-            reply, _ = session.respond(str(config["prompt"]))
+            reply, stopped = session.respond(str(config["prompt"]))
         except ValueError as error:
             sys.exit(f"sft-chat: {error}")
-        print(reply)
+        print_reply(reply, stopped, session.max_new_tokens)
         return
     if sys.stdin.isatty():
         print(

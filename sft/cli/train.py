@@ -19,11 +19,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback, LastCheckpoint, ValidateAtEnd
+from sft.checkpoint import run_section
 from sft.config import ConfigError, validate_config
 from sft.console import ProgressLog, RunLog, StepProgressBar, model_line, quiet_lightning
 from sft.data.datamodule import SFTDataModule
 from sft.evaluate import sample_eval_items
-from sft.loggers import finish_wandb
+from sft.loggers import finish_wandb, redact_secrets
 from sft.module import SFTModule
 from sft.schedule import command_line_keys, fit_schedule
 
@@ -149,7 +150,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")  # here too, not only in spawned ranks: the summary reports packing efficiency
     model_config = {**config["model"], "vocab_size": tokenizer.get_vocab_size()}
     module = SFTModule(model_config, config["optim"], peak_flops=config["hardware"].get("peak_flops", 0.0))
-    module.attach(tokenizer, config["template"])
+    module.attach(tokenizer, config["template"], run_section(redact_secrets(config)))
     log.record(model_line(module))
     tokenizer.save(str(run_dir / "tokenizer.json"))
     (run_dir / "template.json").write_text(json.dumps(config["template"], indent=2))
