@@ -3,14 +3,19 @@ contract command run as a user runs it."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from sft.data import build
 from sft.data.build import prepare
+from sft.data.store import StoreError
 from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.pipeline import DataError
 from sft.protocol.tokenizer import load_tokenizer
@@ -233,3 +238,107 @@ def test_preparers_of_one_cache_take_turns(tmp_path):
         assert not finished.wait(0.3)
     thread.join(5)
     assert finished.is_set()
+
+
+# ---- hostile and careless input ----------------------------------------------------------------------------
+
+LONE_SURROGATE = (
+    '{"messages": [{"role": "user", "content": "lone \\ud800"}, {"role": "assistant", "content": "x"}]}'
+)
+
+
+def test_a_lone_surrogate_with_a_tokenizer_file_is_raised_with_its_line_or_skipped(files, tmp_path):
+    with open(files["b"], "a", encoding="utf-8") as file:
+        file.write(LONE_SURROGATE + "\n")
+    with pytest.raises(DataError, match=rf"^{files['b']}:4: invalid_text: 'messages\[0\]\.content'"):
+        prepare({**config(files), "data": {**config(files)["data"], "train": [files["b"]]}})
+    skipped = run_prepare(tmp_path, *contract(files, tmp_path, "protocol.on_error=skip"))
+    assert skipped.returncode == 0, skipped.stderr
+    assert "read 6 = kept 5 + skipped 1 + dropped 0" in skipped.stdout
+    assert f"skipped 1 invalid_text: {files['b']}:4" in skipped.stdout
+
+
+def test_files_with_the_same_bytes_are_reported_under_the_names_given_in_this_run(files, tmp_path):
+    bad = write_jsonl(tmp_path / "first.jsonl", A) + ""
+    with open(bad, "a", encoding="utf-8") as file:
+        file.write("{oops\n")
+    copy = tmp_path / "renamed.jsonl"
+    copy.write_bytes((tmp_path / "first.jsonl").read_bytes())
+    cfg = config(files, on_error="skip")
+    cfg["data"]["train"] = [bad, str(copy)]
+    prepared = prepare(cfg)
+    assert prepared.train[0].store_dir == prepared.train[1].store_dir  # one store: keyed by content
+    assert prepared.accounting.where["invalid_json"] == [f"{bad}:3", f"{copy}:3"]
+    assert [store.source for store in prepared.train] == [bad, str(copy)]
+    moved = tmp_path / "moved.jsonl"
+    (tmp_path / "first.jsonl").rename(moved)
+    cfg["data"]["train"] = [str(moved)]
+    assert prepare(cfg).accounting.where["invalid_json"] == [f"{moved}:3"]
+
+
+def test_a_directory_or_an_unset_data_train_is_named_for_what_it_is(files, tmp_path):
+    cfg = config(files)
+    cfg["data"]["train"] = [str(tmp_path)]
+    with pytest.raises(ValueError, match=rf"data.train: {tmp_path} is a directory, not a data file"):
+        prepare(cfg)
+    for unset in (None, "???", []):
+        cfg["data"]["train"] = unset
+        with pytest.raises(ValueError, match="data.train is not set"):
+            prepare(cfg)
+    cfg["data"]["train"] = [str(tmp_path / "missing.jsonl")]
+    with pytest.raises(FileNotFoundError, match="data.train: data file not found"):
+        prepare(cfg)
+
+
+def test_a_truncated_json_array_is_located_and_its_whole_records_counted(files, tmp_path):
+    truncated = tmp_path / "cut.json"
+    truncated.write_text(json.dumps(A + B, indent=1)[:-40])
+    cfg = config(files, on_error="skip")
+    cfg["data"]["train"] = [str(truncated)]
+    accounting = prepare(cfg).accounting
+    assert (accounting.read, accounting.kept, dict(accounting.skipped)) == (5, 4, {"invalid_json": 1})
+    assert accounting.where["invalid_json"] == [f"{truncated} record 5"]
+
+
+def test_stores_left_half_written_by_dead_preparers_are_removed(files, tmp_path):
+    stores = tmp_path / "cache" / "stores"
+    stores.mkdir(parents=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    host = socket.gethostname()
+    abandoned = stores / f"{'0' * 64}.tmp-{host}-{int(dead.stdout)}-0123abcd"
+    alive = stores / f"{'1' * 64}.tmp-{host}-{os.getpid()}-0123abcd"
+    elsewhere = stores / f"{'2' * 64}.tmp-other-host-{int(dead.stdout)}-0123abcd"
+    for directory in (abandoned, alive, elsewhere):
+        directory.mkdir()
+        (directory / "input_ids.bin").write_bytes(b"\0" * 10)
+    prepare(config(files))
+    assert not abandoned.exists() and alive.exists() and elsewhere.exists()
+
+
+def test_a_corrupted_cached_tokenizer_is_trained_again_and_a_bad_file_is_named(files, tmp_path):
+    bpe = {"name": "bpe", "vocab_size": 300}
+    first = prepare(config(files, tokenizer=bpe))
+    [saved] = (tmp_path / "cache" / "tokenizers").glob("*.json")
+    saved.write_text(saved.read_text()[:100])  # a half-written file
+    assert prepare(config(files, tokenizer=bpe)).tokenizer.to_str() == first.tokenizer.to_str()
+    assert load_tokenizer(saved).to_str() == first.tokenizer.to_str()
+    (tmp_path / "tok.json").write_text('{"not": "a tokenizer"}')
+    with pytest.raises(ValueError, match=rf"the tokenizer file {tmp_path / 'tok.json'} cannot be read"):
+        prepare(config(files))
+
+
+def test_a_read_only_cache_serves_what_it_holds(files, tmp_path, monkeypatch):
+    first = prepare(config(files))
+
+    def read_only_open(path, mode="r", *args, **kwargs):
+        if any(flag in mode for flag in "wax+"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(build, "open", read_only_open, raising=False)
+    again = prepare(config(files))
+    assert again.train[0].store_dir == first.train[0].store_dir and again.accounting == first.accounting
+    with pytest.raises(StoreError, match=rf"data.cache_dir={files['cache']} is read-only and lacks a store"):
+        prepare(config(files, max_seq_len=100))

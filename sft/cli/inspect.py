@@ -84,7 +84,7 @@ def load_examples(tokenizer: Tokenizer, stores: Sequence[TokenStore], count: int
                 )
             ]
             title = (
-                f"example {index} of {store.manifest['source']} · {len(tokens)} tokens, "
+                f"example {index} of {store.source} · {len(tokens)} tokens, "
                 f"{int(np.count_nonzero(trained))} trained"
             )
             examples.append(Example(title, tokens))

@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> None:
     for store in stores:
         counts = store.manifest["counts"]
         print(
-            f"{store.manifest['source']}: {counts['examples']} examples, {counts['tokens']} tokens, "
+            f"{store.source}: {counts['examples']} examples, {counts['tokens']} tokens, "
             f"{counts['trained_tokens']} trained → {store.store_dir}"
         )
     if config.get("export"):

@@ -22,10 +22,13 @@ from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback, LastCheckpoint
 from sft.checkpoint import run_section
 from sft.config import ConfigError, validate_config
 from sft.console import ProgressLog, RunLog, StepProgressBar, model_line, quiet_lightning
+from sft.data.build import EmptyDataError
 from sft.data.datamodule import SFTDataModule
+from sft.data.store import StoreError
 from sft.evaluate import sample_eval_items
 from sft.loggers import finish_wandb, redact_secrets
 from sft.module import SFTModule
+from sft.protocol.pipeline import DataError
 from sft.schedule import command_line_keys, fit_schedule
 
 
@@ -135,10 +138,19 @@ def fit_to_run(config: dict[str, Any], log: RunLog) -> None:
         log.record(f"warning: {warning}", stream=sys.stderr)
 
 
+def with_absolute_path(model_config: dict[str, Any]) -> dict[str, Any]:
+    """`model.path` made absolute: the checkpoint keeps it to rebuild the base model, and sft-chat, sft-eval
+    and sft-export may run from any directory."""
+    if not model_config.get("path"):
+        return model_config
+    return {**model_config, "path": str(Path(model_config["path"]).resolve())}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Prepare data, build the model, fit, and write summary.json; returns the summary."""
     started = time.perf_counter()
     config = validate_config(cfg)  # a typo'd key or wrong type fails here, naming the key
+    config["model"] = with_absolute_path(config["model"])
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     log = RunLog(run_dir / "train.log")
     fit_to_run(config, log)
@@ -227,8 +239,8 @@ def main(cfg: DictConfig) -> float | None:
     """Returns the final val/loss: the objective a Hydra sweeper (hydra/sweeper=optuna_lr) minimises."""
     try:
         return train(cfg)["metrics"].get("val/loss")
-    except ConfigError as error:
-        sys.exit(f"sft-train: {error}")  # the user's typo, not a crash: the message without a traceback
+    except (ConfigError, DataError, EmptyDataError, StoreError) as error:
+        sys.exit(f"sft-train: {error}")  # the user's config or data, not a crash: the message, no traceback
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ second run with the same inputs opens the existing store in milliseconds.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,7 +25,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from tokenizers import Tokenizer
 
 from sft.data import sample
-from sft.data.store import StoreWriter, TokenStore, cache_key, is_complete
+from sft.data.store import (
+    StoreError,
+    StoreWriter,
+    TokenStore,
+    cache_key,
+    is_complete,
+    remove_abandoned_stores,
+)
 from sft.protocol.pipeline import (
     PROTOCOL_VERSION,
     Accounting,
@@ -32,12 +41,17 @@ from sft.protocol.pipeline import (
 )
 from sft.protocol.templates import ChatTemplate, check_template, load_template
 from sft.protocol.tokenizer import (
+    TokenizerFileError,
     check_template_tokens,
     load_tokenizer,
     tokenizer_fingerprint,
     train_bpe,
 )
 from sft.protocol.types import ProtocolConfig, ProtocolError
+
+
+class EmptyDataError(ValueError):
+    """Preparation kept no training example; the message carries the accounting that says why."""
 
 
 @dataclass
@@ -55,11 +69,13 @@ def protocol_config(section: Mapping[str, Any]) -> ProtocolConfig:
     return ProtocolConfig(**{key: section[key] for key in section})
 
 
-def write_sample(directory: Path, count: int, seed: int, split: str) -> str:
+def write_sample(directory: Path, count: int, seed: int, split: str, writable: bool = True) -> str:
     """The embedded default's conversations as a JSONL file (written once, atomically), so that they flow
     through exactly the same reader, cache and accounting as a user's files."""
     path = directory / f"sample-{split}-seed{seed}-n{count}.jsonl"
     if not path.is_file():
+        if not writable:
+            raise read_only_error(directory.parent, f"the sample data {path.name}")
         directory.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         with open(temporary, "w", encoding="utf-8") as handle:
@@ -69,22 +85,32 @@ def write_sample(directory: Path, count: int, seed: int, split: str) -> str:
     return str(path)
 
 
-def data_files(data_cfg: Mapping[str, Any], cache_dir: Path, seed: int) -> tuple[list[str], list[str]]:
+def data_files(
+    data_cfg: Mapping[str, Any], cache_dir: Path, seed: int, writable: bool = True
+) -> tuple[list[str], list[str]]:
     """The train and val files; `data=sample` writes its generated conversations into the cache first."""
     if data_cfg.get("name") == "sample":
         return (
-            [write_sample(cache_dir / "sample", data_cfg["num_train"], seed, "train")],
-            [write_sample(cache_dir / "sample", data_cfg["num_val"], seed, "val")],
+            [write_sample(cache_dir / "sample", data_cfg["num_train"], seed, "train", writable)],
+            [write_sample(cache_dir / "sample", data_cfg["num_val"], seed, "val", writable)],
         )
     train = data_cfg.get("train")
-    if not train:
-        raise ValueError("data.train: give a list of files, e.g. data.train=[a.jsonl,b.jsonl]")
+    if train in (None, "", "???") or train == []:
+        raise ValueError("data.train is not set: give a list of files, e.g. data.train=[a.jsonl,b.jsonl]")
     train = [train] if isinstance(train, str) else list(train)
     val = data_cfg.get("val") or []
     val = [val] if isinstance(val, str) else list(val)
-    for path in train + val:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
+    for key, paths in (("data.train", train), ("data.val", val)):
+        for path in paths:
+            if Path(path).is_dir():
+                raise ValueError(
+                    f"{key}: {path} is a directory, not a data file; list the files in it, "
+                    f"e.g. {key}=[{Path(path) / 'part1.jsonl'}]"
+                )
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{key}: data file not found: {path}")
+            if not Path(path).is_file():
+                raise ValueError(f"{key}: {path} is not a regular file")
     return train, val
 
 
@@ -118,8 +144,10 @@ def build_tokenizer(
     train_files: list[str],
     fmt: str,
     cache_dir: Path,
+    writable: bool = True,
 ) -> Tokenizer:
-    """`file`: load it. `bpe`: train on the rendered training conversations, cached by content hash."""
+    """`file`: load it. `bpe`: train on the rendered training conversations, cached by content hash (a
+    cached file that cannot be read, e.g. cut short, is trained again)."""
     if tokenizer_cfg["name"] == "file":
         tokenizer = load_tokenizer(tokenizer_cfg["path"])
     elif tokenizer_cfg["name"] == "bpe":
@@ -132,9 +160,15 @@ def build_tokenizer(
             "format": fmt,
         }
         path = cache_dir / "tokenizers" / f"{cache_key(parts, train_files)}.json"
+        tokenizer = None
         if path.is_file():
-            tokenizer = load_tokenizer(path)
-        else:
+            try:
+                tokenizer = load_tokenizer(path)
+            except TokenizerFileError as error:
+                print(f"sft: {error}; training it again", file=sys.stderr)
+        if tokenizer is None:
+            if not writable:
+                raise read_only_error(cache_dir, f"the tokenizer {path.name}")
             text_encoder = ConversationEncoder(
                 None, template, dataclasses.replace(protocol, special_in_content="allow")
             )
@@ -166,9 +200,12 @@ def _progress() -> Progress:
 
 
 def build_store(
-    path: str, encoder: ConversationEncoder, fmt: str, cache_dir: Path
+    path: str, encoder: ConversationEncoder, fmt: str, cache_dir: Path, writable: bool = True
 ) -> tuple[TokenStore, Accounting]:
-    """The store for one file, from the cache when its key matches, else encoded and written atomically."""
+    """The store for one file, from the cache when its key matches, else encoded and written atomically.
+
+    The store's accounting keeps places relative to the file (":4", " record 3"): a store serves every
+    file with the same bytes, so what it reports is named after the file as this run gives it."""
     parts = {
         "protocol_version": PROTOCOL_VERSION,
         "template": encoder.template.fingerprint,
@@ -179,8 +216,10 @@ def build_store(
     key = cache_key(parts, [path])
     store_dir = cache_dir / "stores" / key
     if is_complete(store_dir):
-        store = TokenStore(store_dir)
-        return store, Accounting.from_dict(store.manifest["accounting"])
+        store = TokenStore(store_dir, source=path)
+        return store, store_accounting(store)
+    if not writable:
+        raise read_only_error(cache_dir, f"a store for {path}")
     accounting = Accounting()
     size = max(Path(path).stat().st_size, 1)
     started = time.perf_counter()
@@ -199,12 +238,23 @@ def build_store(
         writer.close(
             {
                 "cache_key": key,
-                "source": str(path),
-                "accounting": accounting.to_dict(),
+                "accounting": accounting.relative_to(str(path)).to_dict(),
                 "versions": {"protocol": PROTOCOL_VERSION, "parts": parts},
             }
         )
-    return TokenStore(store_dir), accounting
+    return TokenStore(store_dir, source=path), accounting
+
+
+def store_accounting(store: TokenStore) -> Accounting:
+    """A store's accounting, its places named after the file as this run gave it (`store.source`)."""
+    return Accounting.from_dict(store.manifest["accounting"]).located_in(store.source)
+
+
+def read_only_error(cache_dir: Path, missing: str) -> StoreError:
+    return StoreError(
+        f"data.cache_dir={cache_dir} is read-only and lacks {missing}; run sft-prepare once with this "
+        "config where the cache is writable (or give a writable data.cache_dir)"
+    )
 
 
 def prepare(cfg: Mapping[str, Any]) -> PreparedData:
@@ -216,35 +266,52 @@ def prepare(cfg: Mapping[str, Any]) -> PreparedData:
     protocol = protocol_config(cfg["protocol"])
     template = load_template(cfg["template"])
     check_template(template)
-    with cache_lock(cache_dir):
-        return _prepare_locked(cfg, cache_dir, fmt, protocol, template)
+    with cache_lock(cache_dir) as writable:
+        if writable:  # under the lock nobody else is preparing: leftovers of killed preparers can go
+            remove_abandoned_stores(cache_dir / "stores")
+        return _prepare_locked(cfg, cache_dir, fmt, protocol, template, writable)
 
 
 @contextmanager
-def cache_lock(cache_dir: Path) -> Iterator[None]:
+def cache_lock(cache_dir: Path) -> Iterator[bool]:
     """One preparer per cache at a time: when every rank of a job runs `prepare` (srun, torchrun), the first
-    builds the tokenizer and stores and the others wait, then open them from the cache."""
+    builds the tokenizer and stores and the others wait, then open them from the cache.
+
+    Yields whether the cache is writable. A read-only cache (a shared, prepared data set) is used without
+    the lock, which nobody can take to write there either; only what is already in it can be opened."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".lock", "w") as handle:
+    try:
+        handle = open(cache_dir / ".lock", "a")
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        yield False
+        return
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _prepare_locked(
-    cfg: Mapping[str, Any], cache_dir: Path, fmt: str, protocol: ProtocolConfig, template: ChatTemplate
+    cfg: Mapping[str, Any],
+    cache_dir: Path,
+    fmt: str,
+    protocol: ProtocolConfig,
+    template: ChatTemplate,
+    writable: bool,
 ) -> PreparedData:
     data_cfg = cfg["data"]
-    train_files, val_files = data_files(data_cfg, cache_dir, cfg["seed"])
-    tokenizer = build_tokenizer(cfg["tokenizer"], template, protocol, train_files, fmt, cache_dir)
+    train_files, val_files = data_files(data_cfg, cache_dir, cfg["seed"], writable)
+    tokenizer = build_tokenizer(cfg["tokenizer"], template, protocol, train_files, fmt, cache_dir, writable)
     encoder = ConversationEncoder(tokenizer, template, protocol)
     accounting = Accounting()
     stores: dict[str, list[TokenStore]] = {"train": [], "val": []}
     for split, files in (("train", train_files), ("val", val_files)):
         for path in files:
-            store, file_accounting = build_store(path, encoder, fmt, cache_dir)
+            store, file_accounting = build_store(path, encoder, fmt, cache_dir, writable)
             stores[split].append(store)
             accounting.merge(file_accounting)
     return PreparedData(tokenizer, template, stores["train"], stores["val"], accounting)

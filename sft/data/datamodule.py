@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sft.data.build import PreparedData, prepare
+from sft.data.build import EmptyDataError, PreparedData, prepare
 from sft.data.packing import best_fit_decreasing, group_by_length, packing_efficiency
 from sft.data.sampler import ResumableBatchSampler
 from sft.data.store import TokenStore
@@ -90,39 +90,53 @@ def collate_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def rank_units(global_batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
-    """Split each global batch into one part per rank, laid out [batch0 rank0, batch0 rank1, ...], so that
-    with the sampler's i ≡ rank (mod world) sharding the global batches do not depend on the world size:
-    `batch_size=4` on one process sees exactly the rows of `batch_size=2` on two."""
+def rank_units(global_batches: list[np.ndarray], world_size: int, accumulation: int = 1) -> list[np.ndarray]:
+    """Split each global batch (the rows of one optimizer step) into micro-batches, one per rank and
+    accumulation step, laid out [micro0 rank0, micro0 rank1, ..., micro1 rank0, ...]: with the sampler's
+    i ≡ rank (mod world) sharding, a step holds the same rows whether it is split by ranks, accumulation
+    or batch size. A short last batch gets as many micro-batches per rank as it has rows for (Lightning
+    steps after a partial accumulation window at the end of the epoch); one too small to give every rank
+    a row is dropped."""
     units = []
     for rows in global_batches:
-        if len(rows) >= world_size:  # a tail too small to give every rank a row is dropped
-            units.extend(np.array_split(rows, world_size))
+        micro_steps = min(accumulation, len(rows) // world_size)
+        if micro_steps:
+            units.extend(np.array_split(rows, micro_steps * world_size))
     return units
 
 
 class PackedPlan:
-    """Each epoch: shuffle the packed rows, cut them into global batches, one part per rank
-    (a class, not a lambda: it pickles for spawned ranks)."""
+    """Each epoch: shuffle the packed rows, cut them into global batches of batch_size × world_size ×
+    accumulation rows, each split into micro-batches (a class, not a lambda: it pickles for spawned ranks)."""
 
-    def __init__(self, row_count: int, batch_size: int, world_size: int, seed: int):
+    def __init__(self, row_count: int, batch_size: int, world_size: int, seed: int, accumulation: int = 1):
         self.row_count, self.batch_size, self.world_size, self.seed = row_count, batch_size, world_size, seed
+        self.accumulation = accumulation
 
     def __call__(self, epoch: int) -> list[np.ndarray]:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.row_count)
-        step = self.batch_size * self.world_size
-        return rank_units([order[i : i + step] for i in range(0, self.row_count, step)], self.world_size)
+        step = self.batch_size * self.world_size * self.accumulation
+        global_batches = [order[i : i + step] for i in range(0, self.row_count, step)]
+        return rank_units(global_batches, self.world_size, self.accumulation)
 
 
 class LengthGroupedPlan:
-    """Each epoch: global batches of similar length (little padding) in a seeded order, one part per rank."""
+    """Each epoch: global batches (batch_size × world_size × accumulation rows) of similar length, so little
+    padding, in a seeded order, each split into micro-batches. The one short batch goes last: a partial
+    accumulation window anywhere else would shift every later optimizer step."""
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, world_size: int, seed: int):
+    def __init__(
+        self, lengths: np.ndarray, batch_size: int, world_size: int, seed: int, accumulation: int = 1
+    ):
         self.lengths, self.batch_size, self.world_size, self.seed = lengths, batch_size, world_size, seed
+        self.accumulation = accumulation
 
     def __call__(self, epoch: int) -> list[np.ndarray]:
-        global_batches = group_by_length(self.lengths, self.batch_size * self.world_size, self.seed, epoch)
-        return rank_units(global_batches, self.world_size)
+        step = self.batch_size * self.world_size * self.accumulation
+        grouped = group_by_length(self.lengths, step, self.seed, epoch)
+        global_batches = [rows for rows in grouped if len(rows) == step]
+        global_batches += [rows for rows in grouped if len(rows) < step]
+        return rank_units(global_batches, self.world_size, self.accumulation)
 
 
 def mixed_example_ids(
@@ -194,7 +208,7 @@ class SFTDataModule(L.LightningDataModule):
         if self.data_config.get("mix"):
             train_ids = mixed_example_ids(train_index, train_ids, self.data_config["mix"], self.seed)
         if len(train_ids) == 0:
-            raise ValueError(
+            raise EmptyDataError(
                 "no training examples left after preparation:\n" + self.prepared.accounting.summary()
             )
         self.train_dataset = self._rows(train_index, train_ids)
@@ -210,13 +224,12 @@ class SFTDataModule(L.LightningDataModule):
             self.packing_efficiency = packing_efficiency(lengths, bins, capacity)
         return RowDataset(index, example_ids, bins)
 
-    def _plan(self, dataset: RowDataset, world_size: int):
+    def _plan(self, dataset: RowDataset, world_size: int, accumulation: int = 1):
         batch_size = int(self.data_config["batch_size"])
         if dataset.rows is not None:
-            return PackedPlan(len(dataset), batch_size, world_size, self.seed)
-        return LengthGroupedPlan(
-            dataset.index.lengths[dataset.example_ids], batch_size, world_size, self.seed
-        )
+            return PackedPlan(len(dataset), batch_size, world_size, self.seed, accumulation)
+        lengths = dataset.index.lengths[dataset.example_ids]
+        return LengthGroupedPlan(lengths, batch_size, world_size, self.seed, accumulation)
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -224,8 +237,11 @@ class SFTDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self._world()
+        # Optimizer steps, not micro-batches, are what the plan must keep equal across batch size × ranks ×
+        # accumulation.
+        accumulation = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         self._train_sampler = ResumableBatchSampler(
-            self._plan(self.train_dataset, world_size),
+            self._plan(self.train_dataset, world_size, accumulation),
             seed=self.seed,
             rank=rank,
             world_size=world_size,

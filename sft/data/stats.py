@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from sft.data.build import store_accounting
 from sft.data.packing import best_fit_decreasing, packing_efficiency
 from sft.data.store import TokenStore
 from sft.protocol.pipeline import Accounting
@@ -80,7 +81,7 @@ def dataset_stats(stores: Sequence[TokenStore], max_seq_len: int) -> DatasetStat
     bins = best_fit_decreasing(lengths, max_seq_len)
     accounting = Accounting()
     for store in stores:
-        accounting.merge(Accounting.from_dict(store.manifest["accounting"]))
+        accounting.merge(store_accounting(store))
     summary = (
         {
             "min": int(lengths.min()),

@@ -17,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 from array import array
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -63,7 +65,7 @@ class StoreWriter:
         self.final_dir = Path(final_dir)
         self.dtype = token_dtype(vocab_size)
         self.tmp_dir = self.final_dir.with_name(
-            f"{self.final_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            f"{self.final_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         )
         # Offsets are 8 bytes per example in a compact array; ids and labels go straight to the files.
         self._offsets = array("q", [0])
@@ -177,6 +179,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(descriptor)
 
 
+# StoreWriter's temporary directory: <key>.tmp-<host>-<pid>-<8 hex digits>.
+_TEMPORARY = re.compile(r"\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def remove_abandoned_stores(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary directories of writers that died (kill -9, a lost node) and return them.
+
+    Only a writer of this host whose process no longer exists is taken for dead: a live writer, or one on
+    another host sharing the directory (whose pid says nothing here), is left alone."""
+    removed = []
+    for path in Path(directory).glob("*.tmp-*"):
+        match = _TEMPORARY.search(path.name)
+        if match and match["host"] == socket.gethostname() and not _process_exists(int(match["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
+
+
 def read_manifest(store_dir: str | os.PathLike[str]) -> dict[str, Any]:
     with open(Path(store_dir) / MANIFEST) as file:
         return json.load(file)
@@ -214,10 +244,13 @@ class TokenStore:
     cache is shared between DataLoader workers and ranks.
 
     `input_ids`, `trained` and `offsets` are the raw (memory-mapped) arrays for vectorised bookkeeping.
+    `source` names the data file as this run gave it: a store is keyed by content, so it serves every file
+    with the same bytes, whatever its name (the directory's name when not given).
     """
 
-    def __init__(self, store_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, store_dir: str | os.PathLike[str], source: str | None = None) -> None:
         self.store_dir = Path(store_dir)
+        self.source = source if source is not None else str(self.store_dir)
         if not is_complete(self.store_dir):
             raise StoreError(f"{self.store_dir} is not a complete token store; run sft-prepare again")
         self.manifest = read_manifest(self.store_dir)
@@ -246,10 +279,10 @@ class TokenStore:
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickling a memmap copies its data; workers and spawned ranks reopen the files instead.
-        return {"store_dir": self.store_dir}
+        return {"store_dir": self.store_dir, "source": self.source}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["store_dir"])
+        self.__init__(state["store_dir"], state["source"])
 
 
 def cache_key(parts: Mapping[str, Any], files: Sequence[str | os.PathLike[str]]) -> str:

@@ -6,7 +6,9 @@ error, whitespace-only content is kept as written.
 
 from __future__ import annotations
 
-from sft.protocol.types import ROLES, Conversation, Message, ProtocolConfig, ProtocolError
+import dataclasses
+
+from sft.protocol.types import ROLES, SURROGATE, Conversation, Message, ProtocolConfig, ProtocolError
 
 ROLE_ALIASES = {
     "system": "system",
@@ -50,6 +52,10 @@ def normalize_conversations(
                 "wrong_type",
                 f"message {number} content must be a string, got {type(message.content).__name__}",
             )
+        if SURROGATE.search(message.content):  # records from files are checked when read; these from memory
+            raise ProtocolError(
+                "invalid_text", f"message {number} content holds a lone UTF-16 surrogate, which is not text"
+            )
         role = role_map.get(message.role)
         if role is None:
             raise ProtocolError(
@@ -68,7 +74,7 @@ def normalize_conversations(
         numbered = _merge_consecutive(numbered)
     _check_structure(numbered, requires_alternation)
     tools = list(conversation.tools) if conversation.tools is not None else None
-    return Conversation([message for _, message in numbered], conversation.source, conversation.line, tools)
+    return dataclasses.replace(conversation, messages=[message for _, message in numbered], tools=tools)
 
 
 def _role_map(config: ProtocolConfig) -> dict[str, str]:

@@ -20,7 +20,7 @@ from tokenizers import Encoding, Tokenizer
 
 from sft.protocol.labels import IGNORE_INDEX, labels_from_encoding
 from sft.protocol.normalize import normalize_conversations
-from sft.protocol.records import iter_raw_records, record_to_conversation
+from sft.protocol.records import BLANK_LINE, iter_raw_records, record_to_conversation
 from sft.protocol.system import maybe_add_system_prompt
 from sft.protocol.templates import ChatTemplate, render_chat_prompt
 from sft.protocol.types import (
@@ -32,7 +32,7 @@ from sft.protocol.types import (
     TemplateError,
 )
 
-PROTOCOL_VERSION = 3  # bump when a change to this package changes the tokens or labels it produces
+PROTOCOL_VERSION = 4  # bump when a change to this package changes the tokens or labels it produces
 ENCODE_CHUNK = 2048  # texts per encode_batch call: large enough for both cores, small enough to stay fast
 EXAMPLES_PER_REASON = 5  # locations remembered per skip/drop reason for the summary
 
@@ -43,7 +43,8 @@ class DataError(ValueError):
 
 @dataclass
 class Accounting:
-    """Every line read is kept, skipped (bad input, with reason) or dropped (valid but unusable)."""
+    """Every line read is kept, skipped (bad input or a blank line, with reason) or dropped (valid but
+    unusable). `noted` counts remarks on lines that do not change their outcome (duplicate JSON keys)."""
 
     read: int = 0
     kept: int = 0
@@ -53,6 +54,7 @@ class Accounting:
     skipped: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
     where: dict[str, list[str]] = field(default_factory=dict)
+    noted: Counter = field(default_factory=Counter)
 
     def note(self, kind: Counter, reason: str, where: str) -> None:
         kind[reason] += 1
@@ -68,6 +70,7 @@ class Accounting:
         self.longest = max(self.longest, other.longest)
         self.skipped.update(other.skipped)
         self.dropped.update(other.dropped)
+        self.noted.update(other.noted)
         for reason, places in other.where.items():
             mine = self.where.setdefault(reason, [])
             mine.extend(places[: EXAMPLES_PER_REASON - len(mine)])
@@ -81,6 +84,7 @@ class Accounting:
             "longest": self.longest,
             "skipped": dict(self.skipped),
             "dropped": dict(self.dropped),
+            "noted": dict(self.noted),
             "where": self.where,
         }
 
@@ -95,7 +99,22 @@ class Accounting:
             skipped=Counter(data["skipped"]),
             dropped=Counter(data["dropped"]),
             where={k: list(v) for k, v in data["where"].items()},
+            noted=Counter(data.get("noted", {})),
         )
+
+    def relative_to(self, source: str) -> Accounting:
+        """A copy whose places drop the file name `source` (":4", " record 3"): what a store keeps, since
+        the store is shared by every file with the same bytes, whatever it is called."""
+        return self._replace_places(lambda place: place.removeprefix(source))
+
+    def located_in(self, source: str) -> Accounting:
+        """The inverse of `relative_to`: places under the name this run gave the file."""
+        return self._replace_places(lambda place: source + place)
+
+    def _replace_places(self, change) -> Accounting:
+        copy = Accounting.from_dict(self.to_dict())
+        copy.where = {reason: [change(place) for place in places] for reason, places in self.where.items()}
+        return copy
 
     def summary(self) -> str:
         """One line per outcome; the counts add up to `read`."""
@@ -109,7 +128,7 @@ class Accounting:
                 f"tokens cut (the longest example has {self.longest:,}; protocol.max_seq_len={self.longest} "
                 "keeps every example whole)"
             )
-        for title, counter in (("skipped", self.skipped), ("dropped", self.dropped)):
+        for title, counter in (("skipped", self.skipped), ("dropped", self.dropped), ("noted", self.noted)):
             for reason, count in sorted(counter.items()):
                 lines.append(f"  {title} {count} {reason}: {', '.join(self.where.get(reason, []))}")
         return "\n".join(lines)
@@ -214,21 +233,45 @@ class ConversationEncoder:
         return EncodedExample(ids, labels, conversation.where)
 
     def _drop_oldest_turns(self, conversation: Conversation) -> tuple[np.ndarray, np.ndarray] | None:
-        """Remove the oldest whole exchange (a user turn through the turns before the next user turn),
-        keeping the system prompt, until the example fits; None when even the last exchange is too long."""
-        messages = list(conversation.messages)
-        while True:
-            head = 1 if messages and messages[0].role == "system" else 0
-            next_user = [i for i in range(head + 1, len(messages)) if messages[i].role == "user"]
-            if not next_user:
-                return None
-            messages = messages[:head] + messages[next_user[0] :]
-            if not any(m.role == "assistant" and m.train for m in messages):
-                return None
-            rendered = self._render(messages, conversation.tools)
-            encoding = self.tokenizer.encode(rendered.text, add_special_tokens=False)
-            if len(encoding) <= self.config.max_seq_len:
-                return labels_from_encoding(encoding, rendered.assistant_spans)
+        """The example without its oldest whole exchanges (an exchange: a user turn through the turns before
+        the next user turn), keeping any system prompt: the fewest dropped that fit max_seq_len. None when
+        no count fits while a trained assistant turn remains.
+
+        A binary search over the count, so a conversation of n exchanges costs O(log n) renders and
+        encodings, not n. Each candidate is rendered and encoded whole, so a template that renders the
+        remaining turns differently (a moved system prompt, a date) is measured as it really renders. The
+        count found is exact at its boundary: it fits and one fewer was rendered and does not (or is the
+        whole conversation). It is the smallest that fits if dropping more exchanges never lengthens the
+        rendering (monotone), which holds for templates that render each turn on its own.
+        """
+        messages = conversation.messages
+        head = 1 if messages and messages[0].role == "system" else 0
+        exchange_starts = [i for i in range(head + 1, len(messages)) if messages[i].role == "user"]
+        trained = [i for i, m in enumerate(messages) if m.role == "assistant" and m.train]
+        # Dropping k exchanges keeps messages[exchange_starts[k - 1]:]; a trained turn must remain.
+        most = sum(start <= trained[-1] for start in exchange_starts) if trained else 0
+        attempts: dict[int, tuple[RenderedChat, Encoding]] = {}
+
+        def fits(dropped: int) -> bool:
+            if dropped not in attempts:
+                kept = messages[:head] + messages[exchange_starts[dropped - 1] :]
+                rendered = self._render(kept, conversation.tools)
+                attempts[dropped] = (rendered, self.tokenizer.encode(rendered.text, add_special_tokens=False))
+            return len(attempts[dropped][1]) <= self.config.max_seq_len
+
+        if most == 0 or not fits(most):
+            return None
+        low, high = 1, most  # invariant: fits(high); low - 1 is 0 or was seen not to fit
+        while low < high:
+            middle = (low + high) // 2
+            if fits(middle):
+                high = middle
+            else:
+                low = middle + 1
+        # The boundary: high fits, and high - 1 was rendered and did not (the search only raises `low`
+        # past a count that failed), or is 0, the whole conversation, which did not fit either.
+        rendered, encoding = attempts[high]
+        return labels_from_encoding(encoding, rendered.assistant_spans)
 
     # ---- batched -----------------------------------------------------------------------------------------
     def encode_conversations(
@@ -269,9 +312,14 @@ class ConversationEncoder:
         for index, item in enumerate(conversations):
             accounting.read += 1
             where = getattr(item, "where", "?")
+            if isinstance(item, ProtocolError) and item.reason == BLANK_LINE:
+                accounting.note(accounting.skipped, BLANK_LINE, where)  # not an error, whatever on_error says
+                continue
             try:
                 if isinstance(item, ProtocolError):
                     raise item
+                if item.duplicate_keys:  # kept (JSON's last value wins), but never silently
+                    accounting.note(accounting.noted, "duplicate_keys", where)
                 chunk.append(self.prepare(item, index))
             except ProtocolError as error:
                 if self.config.on_error == "raise":
@@ -300,5 +348,5 @@ def read_conversations(path: str, fmt: str = "auto") -> Iterator[Conversation | 
                 raise raw.error
             yield record_to_conversation(raw, fmt)
         except ProtocolError as error:
-            error.where = f"{raw.source}:{raw.line}"
+            error.where = raw.where
             yield error

@@ -19,12 +19,15 @@ Any record may carry `tools` (a list, or a JSON string of one). A message with `
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sft.protocol.types import Conversation, Message, ProtocolError
+from sft.protocol.types import SURROGATE, Conversation, Message, ProtocolError, location
+
+BLANK_LINE = "blank_line"  # the reason a blank line is skipped (counted, never an error)
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 
@@ -40,22 +43,25 @@ _PART_AFFIXES = {
 class RawRecord:
     """One input record before parsing: exactly one of `data` and `error` is set.
 
-    `line` is the 1-based JSONL line or the 1-based element index of a JSON array; 0 means the whole
-    file (a `.json` file that could not be read as a whole)."""
+    `line` is the 1-based JSONL line, or (`in_array`) the 1-based element index of a .json array.
+    `duplicate_keys` lists keys some object of the record gave twice (JSON keeps the last value)."""
 
     source: str
     line: int
     data: dict[str, Any] | None = None
     error: ProtocolError | None = None
+    in_array: bool = False
+    duplicate_keys: tuple[str, ...] = ()
 
     @property
     def where(self) -> str:
-        return f"{self.source}:{self.line}"
+        return location(self.source, self.line, self.in_array)
 
 
 def iter_raw_records(path: str | Path) -> Iterator[RawRecord]:
     """Records of a `.json` file (an array of objects, or one object) or a JSON Lines file (any other
-    name). JSONL is streamed line by line; blank lines are not records and are skipped."""
+    name). JSONL is streamed line by line; a blank line is a record with the error BLANK_LINE, so that
+    the accounting counts every line."""
     source = str(path)
     if Path(path).suffix == ".json":
         yield from _json_file_records(source, Path(path).read_bytes())
@@ -64,48 +70,150 @@ def iter_raw_records(path: str | Path) -> Iterator[RawRecord]:
         # Split on b"\n" only: str.splitlines would also break on U+2028 etc. inside JSON strings.
         for line_number, raw_line in enumerate(file, start=1):
             if not raw_line.strip():
+                yield RawRecord(source, line_number, error=ProtocolError(BLANK_LINE, "a blank line"))
                 continue
             try:
-                value = _load_json(raw_line)
+                text = _decode(raw_line)
+                value, duplicates, _ = _parse(text)
             except ProtocolError as error:
                 yield RawRecord(source, line_number, error=error)
                 continue
-            yield _as_record(value, source, line_number)
+            yield _as_record(value, source, line_number, duplicates, _may_hold_surrogates(text))
 
 
 def _json_file_records(source: str, raw: bytes) -> Iterator[RawRecord]:
+    """A .json file's records. An array is read element by element, so a truncated or broken array keeps
+    the records before the fault, and the fault is located at the element where it starts."""
+    hint = " (if it holds one object per line, name it .jsonl)"
     try:
-        value = _load_json(raw, hint=" (if it holds one object per line, name it .jsonl)")
+        text = _decode(raw)
     except ProtocolError as error:
-        yield RawRecord(source, 0, error=error)
+        yield RawRecord(source, 1, error=error)
         return
-    if isinstance(value, dict):
-        yield RawRecord(source, 1, data=value)
-    elif isinstance(value, list):
-        for index, element in enumerate(value, start=1):
-            yield _as_record(element, source, index)
-    else:
-        message = f"a .json file must hold an array of objects or one object, not {type(value).__name__}"
-        yield RawRecord(source, 0, error=ProtocolError("not_an_object", message))
+    surrogates = _may_hold_surrogates(text)
+    position = _skip_whitespace(text, 0)
+    if not text.startswith("[", position):
+        try:
+            value, duplicates, _ = _parse(text, hint=hint)
+        except ProtocolError as error:
+            yield RawRecord(source, 1, error=error)
+            return
+        if isinstance(value, dict):
+            yield _as_record(value, source, 1, duplicates, surrogates)
+        else:
+            message = f"a .json file must hold an array of objects or one object, not {type(value).__name__}"
+            yield RawRecord(source, 1, error=ProtocolError("not_an_object", message))
+        return
+    position = _skip_whitespace(text, position + 1)
+    index = 0
+    empty = text.startswith("]", position)
+    while not empty:
+        index += 1
+        try:
+            value, duplicates, position = _parse(text, position, whole=False)
+        except ProtocolError as error:
+            yield RawRecord(source, index, error=error, in_array=True)
+            return
+        yield _as_record(value, source, index, duplicates, surrogates, in_array=True)
+        position = _skip_whitespace(text, position)
+        if text.startswith(",", position):
+            position = _skip_whitespace(text, position + 1)
+        elif text.startswith("]", position):
+            break
+        else:  # the array ends without "]" (a truncated file) or holds something that is not JSON
+            error = _invalid_json(json.JSONDecodeError("Expecting ',' or ']'", text, position))
+            yield RawRecord(source, index + 1, error=error, in_array=True)
+            return
+    end = _skip_whitespace(text, position + 1)
+    if end < len(text):
+        error = _invalid_json(json.JSONDecodeError("Extra data after the array", text, end))
+        yield RawRecord(source, index + 1, error=error, in_array=True)
 
 
-def _load_json(raw: bytes, hint: str = "") -> Any:
-    """One JSON value from UTF-8 bytes (a leading BOM is allowed), or ProtocolError."""
+_WHITESPACE = re.compile(r"[ \t\n\r]*")  # what JSON allows between values
+# A JSON escape of a UTF-16 surrogate (\uD800-\uDFFF); only these can put a surrogate into a parsed string.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _skip_whitespace(text: str, position: int) -> int:
+    return _WHITESPACE.match(text, position).end()
+
+
+def _may_hold_surrogates(text: str) -> bool:
+    return _SURROGATE_ESCAPE.search(text) is not None
+
+
+def _decode(raw: bytes) -> str:
+    """UTF-8 bytes as text (a leading BOM is allowed), or ProtocolError."""
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise ProtocolError("invalid_utf8", f"not UTF-8 ({error})") from None
+
+
+def _parse(
+    text: str, position: int = 0, whole: bool = True, hint: str = ""
+) -> tuple[Any, tuple[str, ...], int]:
+    """The JSON value at `position`: (value, keys some object gave twice, end). `whole`: nothing but
+    whitespace may follow it."""
+    duplicates: list[str] = []
+
+    def to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        value = dict(pairs)
+        if len(value) != len(pairs):
+            seen: set[str] = set()
+            duplicates.extend(key for key, _ in pairs if key in seen or seen.add(key))
+        return value
+
+    decoder = json.JSONDecoder(object_pairs_hook=to_dict)
     try:
-        return json.loads(text)
+        value, end = decoder.raw_decode(text, _skip_whitespace(text, position))
+        if whole and _skip_whitespace(text, end) < len(text):
+            raise json.JSONDecodeError("Extra data", text, _skip_whitespace(text, end))
     except (ValueError, RecursionError) as error:  # ValueError: JSONDecodeError, and ints over 4300 digits
-        raise ProtocolError("invalid_json", f"invalid JSON ({error}){hint}") from None
+        raise _invalid_json(error, hint) from None
+    return value, tuple(dict.fromkeys(duplicates)), end
 
 
-def _as_record(value: Any, source: str, line: int) -> RawRecord:
-    if isinstance(value, dict):
-        return RawRecord(source, line, data=value)
-    message = f"expected a JSON object, got {type(value).__name__}"
-    return RawRecord(source, line, error=ProtocolError("not_an_object", message))
+def _invalid_json(error: Exception, hint: str = "") -> ProtocolError:
+    return ProtocolError("invalid_json", f"invalid JSON ({error}){hint}")
+
+
+def _as_record(
+    value: Any,
+    source: str,
+    line: int,
+    duplicates: tuple[str, ...] = (),
+    check_surrogates: bool = False,
+    in_array: bool = False,
+) -> RawRecord:
+    if not isinstance(value, dict):
+        message = f"expected a JSON object, got {type(value).__name__}"
+        return RawRecord(source, line, error=ProtocolError("not_an_object", message), in_array=in_array)
+    field_name = _surrogate_field(value) if check_surrogates else None
+    if field_name is not None:
+        message = f"{field_name} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape), which is not text"
+        return RawRecord(source, line, error=ProtocolError("invalid_text", message), in_array=in_array)
+    return RawRecord(source, line, data=value, in_array=in_array, duplicate_keys=duplicates)
+
+
+def _surrogate_field(record: dict[str, Any]) -> str | None:
+    """The first string (value or key) of a record holding a lone surrogate, named like `messages[1].content`;
+    None when there is none. Iterative: a record may nest as deep as the JSON parser allows."""
+    stack: list[tuple[str, Any]] = [("", record)]
+    while stack:
+        name, value = stack.pop()
+        if isinstance(value, str):
+            if SURROGATE.search(value):
+                return f"'{name}'" if name else "a key"
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                if SURROGATE.search(key):
+                    return f"a key of '{name}'" if name else "a key"
+                stack.append((f"{name}.{key}" if name else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{name}[{index}]", item) for index, item in reversed(list(enumerate(value))))
+    return None
 
 
 def detect_format(data: dict[str, Any]) -> str | None:
@@ -133,8 +241,9 @@ def record_to_conversation(
         if record.error is not None:
             raise record.error
         data, source, line = record.data, record.source, record.line
+        in_array, duplicate_keys = record.in_array, record.duplicate_keys
     else:
-        data = record
+        data, in_array, duplicate_keys = record, False, ()
     if not isinstance(data, dict):
         raise ProtocolError("not_an_object", f"expected a JSON object, got {type(data).__name__}")
     record_format = detect_format(data) if fmt == "auto" else fmt
@@ -147,7 +256,8 @@ def record_to_conversation(
             'alpaca {"instruction", "output"}, prompt_completion {"prompt", "completion"}',
         )
     messages = _PARSERS[record_format](data)
-    return Conversation(messages, source=source, line=line, tools=_parse_tools(data.get("tools")))
+    tools = _parse_tools(data.get("tools"))
+    return Conversation(messages, source, line, tools, in_array=in_array, duplicate_keys=duplicate_keys)
 
 
 def _parse_chat(data: dict[str, Any]) -> list[Message]:

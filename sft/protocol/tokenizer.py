@@ -20,6 +20,10 @@ from sft.protocol.templates import ChatTemplate, probe_messages
 from sft.protocol.types import TemplateError
 
 
+class TokenizerFileError(ValueError):
+    """A tokenizer.json that exists but cannot be loaded (cut short, not a tokenizer)."""
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> Tokenizer:
     """A byte-level BPE (GPT-2 style: no unknown token, any text round-trips) with the template's
     control tokens added whole, so `<|im_end|>` is one id and never split."""
@@ -48,7 +52,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         path = path / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer.path: no tokenizer file at {path}")
-    tokenizer = Tokenizer.from_file(str(path))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # the Rust side raises a bare Exception for any unreadable file
+        raise TokenizerFileError(f"the tokenizer file {path} cannot be read ({error})") from None
     _untrim_offsets(tokenizer)
     return tokenizer
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
+# A lone UTF-16 surrogate (valid in JSON as "\\ud800") cannot be encoded as UTF-8, so no tokenizer takes it.
+SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def location(source: str, line: int, in_array: bool = False) -> str:
+    """Where a record is: `file:line` in JSON Lines, `file record N` for element N of a .json array."""
+    return f"{source} record {line}" if in_array else f"{source}:{line}"
 
 
 class ProtocolError(ValueError):
@@ -34,12 +42,14 @@ class Conversation:
 
     messages: list[Message]
     source: str = "<memory>"  # file name
-    line: int = 0  # 1-based line (JSONL) or element index + 1 (JSON array)
+    line: int = 0  # 1-based line (JSONL) or element index + 1 (JSON array, then `in_array`)
     tools: list[Any] | None = None  # reaches Jinja templates as `tools`
+    in_array: bool = False
+    duplicate_keys: tuple[str, ...] = ()  # keys the record's JSON gave twice (the last value was kept)
 
     @property
     def where(self) -> str:
-        return f"{self.source}:{self.line}"
+        return location(self.source, self.line, self.in_array)
 
 
 @dataclass(frozen=True, slots=True)

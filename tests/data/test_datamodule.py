@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import lightning as L
 import numpy as np
 import pytest
+import torch
 
 from sft.data.datamodule import SFTDataModule
 from sft.data.sampler import ResumableBatchSampler
+from sft.module import SFTModule
 from sft.protocol.labels import IGNORE_INDEX
 
 
@@ -169,3 +172,81 @@ def test_mixing_never_draws_held_out_examples(tmp_path, two_files):
     train_ids, val_ids = set(datamodule.train_dataset.example_ids), set(datamodule.val_dataset.example_ids)
     assert len(val_ids) == 15 and not train_ids & val_ids
     assert np.mean(datamodule.train_dataset.example_ids >= 40) == 0.5
+
+
+def examples_per_optimizer_step(datamodule, world_size: int, accumulation: int) -> list[list[int]]:
+    """The example ids each optimizer step trains on, over all ranks and accumulated micro-batches."""
+    dataset = datamodule.train_dataset
+    per_rank = [
+        list(
+            ResumableBatchSampler(
+                datamodule._plan(dataset, world_size, accumulation),
+                seed=7,
+                rank=rank,
+                world_size=world_size,
+                shuffle=False,
+            )
+        )
+        for rank in range(world_size)
+    ]
+    steps = []
+    for start in range(0, len(per_rank[0]), accumulation):
+        rows = [
+            row for batches in per_rank for batch in batches[start : start + accumulation] for row in batch
+        ]
+        steps.append(sorted(int(e) for row in rows for e in dataset.row_examples(row)))
+    return steps
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_batch_size_accumulation_and_ranks_give_the_same_optimizer_steps(tmp_path, two_files, packing):
+    """batch_size 4 = batch_size 1 × 4 accumulated = 2 × 2 = 1 × 2 ranks × 2 accumulated, step for step."""
+    steps = {
+        (batch_size, world_size, accumulation): examples_per_optimizer_step(
+            setup_module_for(make_config(tmp_path, two_files, packing=packing, batch_size=batch_size)),
+            world_size,
+            accumulation,
+        )
+        for batch_size, world_size, accumulation in ((4, 1, 1), (1, 1, 4), (2, 1, 2), (1, 2, 2))
+    }
+    reference = steps.pop((4, 1, 1))
+    assert len(reference) > 3
+    for other in steps.values():
+        assert other == reference
+
+
+def first_step_loss(tmp_path, files, batch_size: int, accumulation: int) -> float:
+    config = make_config(tmp_path, files, packing=False, batch_size=batch_size)
+    datamodule = setup_module_for(config)
+    torch.manual_seed(0)
+    model = {
+        "name": "llama",
+        "vocab_size": datamodule.tokenizer.get_vocab_size(),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+    }
+    module = SFTModule(model, {"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 1, "min_lr_ratio": 0.1})
+    trainer = L.Trainer(
+        max_steps=1,
+        accumulate_grad_batches=accumulation,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return float(trainer.callback_metrics["train/loss"])
+
+
+def test_unpacked_first_step_loss_is_the_same_whether_batched_or_accumulated(tmp_path, two_files):
+    batched = first_step_loss(tmp_path, two_files, batch_size=4, accumulation=1)
+    assert first_step_loss(tmp_path, two_files, batch_size=1, accumulation=4) == pytest.approx(
+        batched, rel=1e-5
+    )

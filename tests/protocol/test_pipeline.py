@@ -4,6 +4,7 @@ raised or skipped with file:line, and an account of every line."""
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import numpy as np
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.pipeline import Accounting, ConversationEncoder, DataError, read_conversations
-from sft.protocol.templates import BUILTINS, JinjaTemplate, check_template
+from sft.protocol.templates import BUILTINS, JinjaTemplate, check_template, render_chat_prompt
 from sft.protocol.types import Conversation, Message, ProtocolConfig, ProtocolError, TemplateError
 
 CHATML = BUILTINS["chatml"]
@@ -173,6 +174,85 @@ def test_truncation_turns_drops_what_is_too_long_even_alone(tmp_path, tokenizer)
     assert accounting.where["too_long"] == [f"{path}:1", f"{path}:2"]
 
 
+def linear_drop_oldest_turns(encoder, messages: list[Message]) -> list[int] | None:
+    """The reference for truncation=turns: drop one exchange at a time until it fits (the old algorithm)."""
+    while True:
+        head = 1 if messages and messages[0].role == "system" else 0
+        next_user = [i for i in range(head + 1, len(messages)) if messages[i].role == "user"]
+        if not next_user:
+            return None
+        messages = messages[:head] + messages[next_user[0] :]
+        if not any(m.role == "assistant" and m.train for m in messages):
+            return None
+        text = render_chat_prompt(messages, encoder.template).text
+        ids = encoder.tokenizer.encode(text, add_special_tokens=False).ids
+        if len(ids) <= encoder.config.max_seq_len:
+            return ids
+
+
+class CountingTokenizer:
+    """The tokenizer, counting the texts it encodes (one per render in truncation=turns)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.encoded = tokenizer, 0
+
+    def encode(self, text, **kwargs):
+        self.encoded += 1
+        return self.tokenizer.encode(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_truncation_turns_on_a_long_conversation_takes_logarithmically_many_encodings(tokenizer):
+    turns = [("system", "Be brief.")]
+    for number in range(1000):
+        turns += [("user", f"Question {number}?"), ("assistant", f"Answer {number}.")]
+    messages = [Message(role, content) for role, content in turns]
+    counting = CountingTokenizer(tokenizer)
+    last_three = len(tokenizer.encode(render_chat_prompt(messages[:1] + messages[-6:], CHATML).text).ids)
+    assert (
+        len(tokenizer.encode(render_chat_prompt(messages[:1] + messages[-8:], CHATML).text).ids) > last_three
+    )
+    encoder = ConversationEncoder(
+        counting, CHATML, ProtocolConfig(max_seq_len=last_three, truncation="turns")
+    )
+    renders = []
+    original_render = encoder._render
+    encoder._render = lambda *args: renders.append(1) or original_render(*args)
+    ids, labels = encoder._drop_oldest_turns(Conversation(messages))
+    assert len(renders) == counting.encoded <= 2 + math.ceil(math.log2(1000))  # the linear way: 997
+    # The fewest dropped that fit: the system prompt and the last three exchanges (four would not fit).
+    assert ids.tolist() == tokenizer.encode(render_chat_prompt(messages[:1] + messages[-6:], CHATML).text).ids
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    turns=st.lists(
+        st.tuples(
+            st.sampled_from(["user", "assistant", "tool"]), st.text("ab xy\n", min_size=1, max_size=12)
+        ),
+        min_size=1,
+        max_size=9,
+    ),
+    system=st.booleans(),
+    trained=st.lists(st.booleans(), min_size=9, max_size=9),
+    max_seq_len=st.integers(2, 60),
+)
+def test_truncation_turns_equals_dropping_one_exchange_at_a_time(
+    tokenizer, turns, system, trained, max_seq_len
+):
+    messages = [Message("system", "Sys.")] if system else []
+    messages += [Message("user", "Start.")]
+    messages += [Message(role, text, train=flag) for (role, text), flag in zip(turns, trained, strict=False)]
+    encoder = ConversationEncoder(
+        tokenizer, CHATML, ProtocolConfig(max_seq_len=max_seq_len, truncation="turns")
+    )
+    found = encoder._drop_oldest_turns(Conversation(messages))
+    expected = linear_drop_oldest_turns(encoder, messages)
+    assert (found[0].tolist() if found is not None else None) == expected
+
+
 # ---- bad input -------------------------------------------------------------------------------------------
 
 BAD_LINES = {
@@ -220,6 +300,56 @@ def test_on_error_skip_accounts_for_every_line(tmp_path, tokenizer):
     assert summary.splitlines()[0] == f"read {len(lines)} = kept 2 + skipped {len(BAD_LINES)} + dropped 2"
     for reason, places in accounting.where.items():
         assert f"{reason}: {', '.join(places)}" in summary
+
+
+def test_blank_lines_are_read_and_skipped_whatever_on_error_says(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", chat("Hi", "Hello!"), "", "  ", chat("Bye", "See you."))
+    examples, accounting = encode(tokenizer, path)
+    assert len(examples) == 2 and accounting.read == 4 and accounting.skipped == {"blank_line": 2}
+    assert accounting.summary().splitlines()[0] == "read 4 = kept 2 + skipped 2 + dropped 0"
+    assert accounting.where["blank_line"] == [f"{path}:2", f"{path}:3"]
+
+
+LONE_SURROGATE = (
+    b'{"messages": [{"role": "user", "content": "lone \\ud800"}, {"role": "assistant", "content": "ok"}]}'
+)
+
+
+def test_a_lone_surrogate_is_invalid_text_raised_with_its_line_or_skipped(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", chat("Hi", "Hello!"), LONE_SURROGATE, chat("Bye", "See you."))
+    with pytest.raises(DataError, match=rf"^{re.escape(path)}:2: invalid_text: 'messages\[0\].content'"):
+        encode(tokenizer, path)
+    examples, accounting = encode(tokenizer, path, on_error="skip")
+    assert len(examples) == 2 and accounting.skipped == {"invalid_text": 1}
+    assert accounting.where["invalid_text"] == [f"{path}:2"]
+
+
+def test_a_lone_surrogate_in_a_conversation_from_memory_is_invalid_text(tokenizer):
+    encoder = ConversationEncoder(tokenizer, CHATML, ProtocolConfig())
+    conversation = Conversation([Message("user", "lone \ud800"), Message("assistant", "ok")])
+    with pytest.raises(ProtocolError, match="surrogate") as error:
+        encoder.prepare(conversation, 0)
+    assert error.value.reason == "invalid_text"
+
+
+def test_duplicate_keys_are_noted_without_changing_the_outcome(tmp_path, tokenizer):
+    duplicated = (
+        '{"messages": [{"role": "user", "content": "a", "content": "Hi"}, '
+        '{"role": "assistant", "content": "Yo"}]}'
+    )
+    path = write_jsonl(tmp_path / "a.jsonl", chat("Hi", "Hello!"), duplicated)
+    examples, accounting = encode(tokenizer, path)
+    assert len(examples) == 2 and accounting.kept == 2 and accounting.noted == {"duplicate_keys": 1}
+    assert f"noted 1 duplicate_keys: {path}:2" in accounting.summary()
+    assert Accounting.from_dict(accounting.to_dict()).noted == {"duplicate_keys": 1}
+
+
+def test_accounting_places_move_to_the_name_given_in_this_run(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", chat("Hi", "Hello!"), "oops")
+    _, accounting = encode(tokenizer, path, on_error="skip")
+    stored = Accounting.from_dict(json.loads(json.dumps(accounting.relative_to(path).to_dict())))
+    assert stored.where == {"invalid_json": [":2"]}
+    assert stored.located_in("renamed.jsonl").where == {"invalid_json": ["renamed.jsonl:2"]}
 
 
 def test_accounting_merges_and_round_trips(tmp_path, tokenizer):

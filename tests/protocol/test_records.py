@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from sft.protocol.records import RawRecord, detect_format, iter_raw_records, record_to_conversation
+from sft.protocol.records import (
+    BLANK_LINE,
+    RawRecord,
+    detect_format,
+    iter_raw_records,
+    record_to_conversation,
+)
 from sft.protocol.types import ProtocolError
 
 
@@ -243,12 +249,18 @@ def test_invalid_weight():
 # --- reading files -------------------------------------------------------------------------------
 
 
-def test_jsonl_records_carry_line_numbers_and_skip_blank_lines(tmp_path):
+def test_jsonl_records_carry_line_numbers_and_blank_lines_are_records_to_count(tmp_path):
     good = json.dumps({"prompt": "p", "completion": "c"}).encode()
     path = write_jsonl(tmp_path / "d.jsonl", [good, b"", b"  \t", good])
     records = list(iter_raw_records(path))
-    assert [(record.source, record.line) for record in records] == [(str(path), 1), (str(path), 4)]
-    conversation = record_to_conversation(records[1])
+    assert [(record.source, record.line) for record in records] == [(str(path), n) for n in (1, 2, 3, 4)]
+    assert [record.error.reason if record.error else None for record in records] == [
+        None,
+        BLANK_LINE,
+        BLANK_LINE,
+        None,
+    ]
+    conversation = record_to_conversation(records[3])
     assert (conversation.source, conversation.line, conversation.where) == (str(path), 4, f"{path}:4")
 
 
@@ -296,13 +308,77 @@ def test_jsonl_crlf_line_endings(tmp_path):
     assert [record.line for record in iter_raw_records(path) if record.error is None] == [1, 2]
 
 
-def test_json_array_file_uses_element_indices(tmp_path):
+def test_json_array_file_names_records_not_lines(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"prompt": "p", "completion": "c"}, 5, {"instruction": "i", "output": "o"}]))
     records = list(iter_raw_records(path))
     assert [record.line for record in records] == [1, 2, 3]
-    assert (records[1].where, records[1].error.reason) == (f"{path}:2", "not_an_object")
-    assert record_to_conversation(records[2]).where == f"{path}:3"
+    assert (records[1].where, records[1].error.reason) == (f"{path} record 2", "not_an_object")
+    assert record_to_conversation(records[2]).where == f"{path} record 3"
+
+
+def test_a_truncated_json_array_keeps_its_whole_records_and_locates_the_cut(tmp_path):
+    path = tmp_path / "d.json"
+    whole = json.dumps([{"prompt": "p", "completion": "c"}] * 3, indent=1)
+    for cut, where, kept in ((len(whole) - 20, "record 3", 2), (len(whole) - 2, "record 4", 3)):
+        path.write_text(whole[:cut])
+        records = list(iter_raw_records(path))
+        assert [record.error is None for record in records] == [True] * kept + [False]
+        assert records[-1].where == f"{path} {where}" and records[-1].error.reason == "invalid_json"
+        assert "line " in str(records[-1].error)  # the message says where in the file it broke
+
+
+@pytest.mark.parametrize("text", ["[]", " [ ] \n"])
+def test_an_empty_json_array_has_no_records(tmp_path, text):
+    path = tmp_path / "d.json"
+    path.write_text(text)
+    assert list(iter_raw_records(path)) == []
+
+
+def test_text_after_a_json_array_is_an_error_record(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[{"prompt": "p", "completion": "c"}] x')
+    records = list(iter_raw_records(path))
+    assert records[0].error is None and (records[1].where, records[1].error.reason) == (
+        f"{path} record 2",
+        "invalid_json",
+    )
+
+
+def test_duplicate_keys_are_reported_at_any_depth(tmp_path):
+    line = b'{"prompt": "p", "completion": "c", "prompt": "q"}'
+    nested = b'{"messages": [{"role": "user", "content": "a", "content": "b"}]}'
+    records = list(iter_raw_records(write_jsonl(tmp_path / "d.jsonl", [line, nested])))
+    assert [record.duplicate_keys for record in records] == [("prompt",), ("content",)]
+    assert record_to_conversation(records[0]).messages[0].content == "q"  # JSON's rule: the last wins
+    assert record_to_conversation(records[0]).duplicate_keys == ("prompt",)
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        (b'{"prompt": "lone \\ud800", "completion": "c"}', "'prompt'"),
+        (
+            b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\\uDC00"}]}',
+            "'messages[1].content'",
+        ),
+        (b'{"prompt": "p", "completion": "c", "tools": [{"name": "\\udabc"}]}', "'tools[0].name'"),
+        (b'{"prompt": "p", "completion": "c", "\\ud800": 1}', "a key"),
+    ],
+)
+def test_a_lone_surrogate_anywhere_is_invalid_text(tmp_path, line, named):
+    (record,) = iter_raw_records(write_jsonl(tmp_path / "d.jsonl", [line]))
+    assert record.error.reason == "invalid_text" and named in str(record.error)
+    path = tmp_path / "d.json"
+    path.write_bytes(b"[" + line + b"]")
+    (record,) = iter_raw_records(path)
+    assert record.error.reason == "invalid_text"
+
+
+def test_a_surrogate_pair_is_text(tmp_path):
+    line = b'{"prompt": "\\ud83d\\ude00", "completion": "c"}'
+    (record,) = iter_raw_records(write_jsonl(tmp_path / "d.jsonl", [line]))
+    assert record_to_conversation(record).messages[0].content == "\U0001f600"
 
 
 def test_json_file_with_one_object(tmp_path):
@@ -316,8 +392,8 @@ def test_invalid_json_file_is_one_error(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('{"prompt": "p", "completion": "c"}\n{"prompt": "q", "completion": "d"}\n')
     (record,) = iter_raw_records(path)
-    assert record.line == 0 and record.error.reason == "invalid_json"
-    assert record.where == f"{path}:0" and ".jsonl" in str(record.error)
+    assert record.line == 1 and record.error.reason == "invalid_json"
+    assert record.where == f"{path}:1" and ".jsonl" in str(record.error) and "line 2" in str(record.error)
 
 
 def test_json_file_with_a_scalar_or_bad_bytes(tmp_path):
