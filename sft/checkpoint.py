@@ -127,3 +127,19 @@ def run_section(config: dict[str, Any]) -> dict[str, Any]:
         "config": recorded,
         "versions": versions(),
     }
+
+
+def follow_checkpoint(section: dict[str, Any], given: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """The `data`, `protocol` and `seed` to evaluate with: the run's own (from its checkpoint section),
+    with what the command line set explicitly on top: `data=...`/`protocol=...` replaces a whole section,
+    `data.val=[...]` one key. A checkpoint without a section (older runs) leaves `given` as it is."""
+    if "config" not in section:
+        return given
+    followed = {"seed": given["seed"] if "seed" in explicit else section["config"]["seed"]}
+    for name in ("data", "protocol"):
+        if name in explicit:
+            followed[name] = given[name]
+        else:
+            chosen = {key: value for key, value in given[name].items() if f"{name}.{key}" in explicit}
+            followed[name] = {**section[name], **chosen}
+    return followed
