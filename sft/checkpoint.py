@@ -110,7 +110,7 @@ def versions() -> dict[str, str | int]:
     return {
         "sft": installed("sft"),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a TorchVersion would not load with weights_only
         "lightning": installed("lightning"),
         "protocol": PROTOCOL_VERSION,
     }

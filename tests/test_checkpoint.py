@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from sft.checkpoint import follow_checkpoint, run_section
 
 RUN = {
@@ -21,8 +23,10 @@ GIVEN = {
 }
 
 
-def test_the_section_records_paths_absolute_and_versions():
+def test_the_section_records_paths_absolute_and_versions(tmp_path):
     section = run_section(RUN)
+    torch.save({"sft": section}, tmp_path / "c.ckpt")
+    assert torch.load(tmp_path / "c.ckpt", weights_only=True)["sft"] == section
     assert section["data"]["train"] == [str(Path("a.jsonl").absolute())]
     assert section["config"]["tokenizer"]["path"] == str(Path("tok.json").absolute())
     assert section["config"]["template"]["path"] is None
