@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import sys
 import time
@@ -18,7 +19,14 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback, LastCheckpoint, ValidateAtEnd
+from sft.callbacks import (
+    AtomicCheckpointIO,
+    CheckpointOnInterrupt,
+    ExactMatchCallback,
+    LastCheckpoint,
+    TrainingInterrupted,
+    ValidateAtEnd,
+)
 from sft.checkpoint import run_section
 from sft.config import ConfigError, validate_config
 from sft.console import ProgressLog, RunLog, StepProgressBar, model_line, quiet_lightning
@@ -26,7 +34,7 @@ from sft.data.build import EmptyDataError
 from sft.data.datamodule import SFTDataModule
 from sft.data.store import StoreError
 from sft.evaluate import sample_eval_items
-from sft.loggers import finish_wandb, redact_secrets
+from sft.loggers import display_path, finish_wandb, redact_secrets
 from sft.module import SFTModule
 from sft.protocol.pipeline import DataError
 from sft.schedule import command_line_keys, fit_schedule
@@ -146,6 +154,11 @@ def with_absolute_path(model_config: dict[str, Any]) -> dict[str, Any]:
     return {**model_config, "path": str(Path(model_config["path"]).resolve())}
 
 
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run: its config is read back from the run directory."""
+    return f"sft-train ckpt_path=last hydra.run.dir={shlex.quote(display_path(run_dir))}"
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Prepare data, build the model, fit, and write summary.json; returns the summary."""
     started = time.perf_counter()
@@ -178,6 +191,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             save_top_k=1,
         ),
         ValidateAtEnd(),
+        CheckpointOnInterrupt(checkpoint_dir / "last.ckpt"),
         ProgressLog(log, config["trainer"].get("log_every_n_steps", 50)),
     ]
     if config["trainer"].get("enable_progress_bar", True):
@@ -202,6 +216,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except TrainingInterrupted as stop:
+            log.record(f"{stop}\nresume with: {resume_command(run_dir)}")
+            raise SystemExit(stop.exit_code) from None
         finally:
             finish_wandb(failed=sys.exc_info()[0] is not None)  # -m jobs share a process: end their runs
 

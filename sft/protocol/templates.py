@@ -211,7 +211,7 @@ class JinjaTemplate(ChatTemplate):
         self.source = source
         self.eot = eot or eos_token or ""
         if not self.eot:
-            raise TemplateError("template=jinja needs an end-of-turn marker: set template.eot (or eos_token)")
+            raise TemplateError(f"template=jinja needs an end-of-turn marker: {_SET_EOT} (or eos_token)")
         self.bos_token, self.eos_token = bos_token, eos_token
         listed = [bos_token, eos_token, self.eot, *(special_tokens or [])]
         self.special_tokens = list(dict.fromkeys(token for token in listed if token))
@@ -325,7 +325,10 @@ class JinjaTemplate(ChatTemplate):
         return spans
 
 
-_SET_EOT = "set template.eot to the marker that this template ends assistant turns with"
+_SET_EOT = (
+    "set template.eot to the marker that this template ends assistant turns with, in Hydra quotes inside "
+    "the shell's: \"template.eot='<|im_end|>'\""
+)
 
 
 def _instability(index: int, prompt: str, text: str) -> str:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
+import sys
 
 import pytest
 
-from tests.e2e.conftest import metric_rows, summary, train
+from sft.cli.train import checkpoint_step
+from tests.e2e.conftest import SMALL, metric_rows, summary, train
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +94,29 @@ def test_kill_and_resume_continues_with_identical_losses(tmp_path, cache_dir, mo
         assert math.isclose(want[step], got[step], rel_tol=1e-6), (step, want[step], got[step])
     resumed_from = kill_at // 11 * 11
     assert metric_rows(uninterrupted, "epoch")[resumed_from] == (0 if kill_at < 11 else 1)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path, cache_dir):
+    """SIGINT after step 3's line: the step in flight finishes, last.ckpt saves it, the exit code is the
+    shell's for SIGINT, and the printed command continues the run to the losses of an uninterrupted one."""
+    common = ["trainer.max_steps=12", "trainer.val_check_interval=6", "eval.exact_match=false"]
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    train(uninterrupted, cache_dir, *common)
+    args = [*SMALL, f"data.cache_dir={cache_dir}", f"hydra.run.dir={interrupted}", *common]
+    command = [sys.executable, "-m", "sft.train", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("step 3/12 · loss"):
+            process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=600) == 130, "".join(lines)
+    (resume,) = [line.split()[2:] for line in lines if line.startswith("resume with:")]
+    assert resume == ["sft-train", "ckpt_path=last", f"hydra.run.dir={interrupted}"]
+    saved_at = checkpoint_step(str(interrupted / "checkpoints" / "last.ckpt"))
+    assert 3 <= saved_at < 12
+    train(interrupted, cache_dir, *common, "ckpt_path=last")
+    want, got = metric_rows(uninterrupted, "train/loss"), metric_rows(interrupted, "train/loss")
+    assert got.keys() == want.keys() == set(range(12))
+    for step in range(12):
+        assert math.isclose(want[step], got[step], rel_tol=1e-6), (step, want[step], got[step])
