@@ -5,7 +5,6 @@ Kept apart from sft.checkpoint and sft.evaluate so that chat, eval and export st
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -15,26 +14,20 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from sft.atomic import atomic_file
 from sft.checkpoint import load_checkpoint
 from sft.evaluate import EvalItem, exact_match_counts
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary sibling, fsync, then rename over the target: a process killed mid-save leaves
-    the previous checkpoint (e.g. `last.ckpt`) intact instead of a truncated file that resume would trust."""
+    """Checkpoints through sft.atomic and sft.checkpoint. Lightning's stock IO also renames a temporary into
+    place, but never fsyncs (a machine crash can leave `last.ckpt` empty) and first builds the whole file in
+    memory; this one streams into a synced temporary in the same directory. Loading refuses anything but
+    plain tensors and containers, with one clear CheckpointError."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(temporary, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        with atomic_file(path, "wb") as handle:
+            torch.save(checkpoint, handle)
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
         return load_checkpoint(path)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from sft.atomic import atomic_directory
 from sft.checkpoint import InferenceBundle, load_for_inference
 from sft.model.hf import HFCausalLM
 from sft.protocol.templates import BuiltinTemplate, ChatTemplate, JinjaTemplate, probe_messages
@@ -246,11 +246,7 @@ def export_checkpoint(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"out={out} exists and is not an empty directory; choose a new one or remove it")
     files = export_files(load_for_inference(ckpt), dtype, generation_tags, merge)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with atomic_directory(out) as staging:
         for name, content in files.items():
             if name == "model":  # first: our generation_config.json then replaces the model's own
                 content.save_pretrained(staging)
@@ -261,7 +257,4 @@ def export_checkpoint(
             else:
                 (staging / name).write_text(content, encoding="utf-8")
         give_normal_permissions(staging)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from sft.atomic import atomic_file
 from sft.checkpoint import absolute_paths
 from sft.config import ConfigError
 
@@ -40,12 +41,11 @@ CONFIG_FLAGS = ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config
 def write_run_file(run_dir: Path, config: dict[str, Any], fitted: dict[str, Any]) -> Path:
     """The config a run trains with (`config`, paths absolute) and the values sft-train fitted to the
     run's length (`fitted`: key -> the composed value it replaced), as `resume_arguments` reads them."""
-    from sft.atomic import write_text  # the project's one atomic write
-
     path = Path(run_dir) / RUN_FILE
     record = {"config": absolute_paths(config), "fitted": fitted}
-    header = "# Written by sft-train: this run's resolved config; `ckpt_path=last` resumes with it.\n"
-    write_text(path, header + yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
+    with atomic_file(path, "w", encoding="utf-8") as handle:
+        handle.write("# Written by sft-train: the run's resolved config; ckpt_path=last resumes with it\n")
+        yaml.safe_dump(record, handle, sort_keys=False, allow_unicode=True)
     return path
 
 

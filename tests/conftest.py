@@ -1,4 +1,4 @@
-"""Hermetic fixtures: tiny tokenizers trained in-process, no network, no cache."""
+"""Hermetic fixtures: tiny tokenizers trained in-process, no network, no cache (helpers: tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -9,29 +9,38 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CORPUS = [
-    "Hello, how are you? I am fine, thank you.",
-    "The quick brown fox jumps over the lazy dog.",
-    "Reverse the list 3 1 2 -> 2 1 3. Sort it: 1 2 3.",
-    "system user assistant tool You are a helpful assistant.",
-    "Ünïcödé text, emoji 🙂, 中文字符, tabs\tand\nnewlines.",
-    # whitespace runs, so that the tokenizer learns merges like "\n\n" and "  " that could cross a boundary
-    "<|im_start|>assistant\n\n\n  indented\n\n\tcode\n    more  spaces\n\n<|im_end|>\n\n",
-] * 4
-
-CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-MICROLM_SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|endoftext|>"]
-ALL_SPECIALS = sorted(set(CHATML_SPECIALS + LLAMA3_SPECIALS + MICROLM_SPECIALS))
-
-
-def make_tokenizer(special_tokens=ALL_SPECIALS, vocab_size: int = 400, corpus=CORPUS):
-    from sft.protocol.tokenizer import train_bpe
-
-    return train_bpe(corpus, vocab_size=vocab_size, special_tokens=list(special_tokens))
-
 
 @pytest.fixture(scope="session")
 def tokenizer():
     """A byte-level BPE that knows the control tokens of every builtin template."""
+    from tests.helpers import make_tokenizer  # after the environment above is set
+
     return make_tokenizer()
+
+
+@pytest.fixture
+def synced(monkeypatch) -> list[str]:
+    """The paths os.fsync is called on, in order (the calls still happen)."""
+    paths: list[str] = []
+    fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return paths
+
+
+@pytest.fixture
+def files(tmp_path):
+    """sft-prepare's inputs in tmp_path: a.jsonl and b.jsonl (helpers.A, helpers.B), a tokenizer, a cache."""
+    from tests.helpers import A, B, make_tokenizer, write_jsonl
+
+    make_tokenizer().save(str(tmp_path / "tok.json"))
+    return {
+        "a": write_jsonl(tmp_path / "a.jsonl", A),
+        "b": write_jsonl(tmp_path / "b.jsonl", B),
+        "tok": str(tmp_path / "tok.json"),
+        "cache": str(tmp_path / "cache"),
+    }

@@ -16,65 +16,12 @@ from sft.checkpoint import load_for_inference
 from sft.cli import chat as chat_cli
 from sft.cli.chat import ChatSession, run_repl
 from sft.evaluate import prompt_ids
-from sft.model.generate import generate
-from sft.module import SFTModule
 from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.pipeline import Accounting, ConversationEncoder
-from sft.protocol.templates import BUILTINS
 from sft.protocol.types import Conversation, Message, ProtocolConfig
+from tests.helpers import steered_checkpoint, write_checkpoint
 
-TINY_MODEL = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "initializer_range": 0.2,  # peaked logits: greedy continuations vary from token to token
-    "tie_word_embeddings": False,
-}
 SYSTEM, QUESTION = "You are Nova", "Who are you?"
-
-
-def write_checkpoint(path: Path, tokenizer, template: dict | str = "chatml", steer=None, **model) -> Path:
-    """A checkpoint as sft-train writes it: the module's state_dict (`model.` keys), its hyper_parameters and
-    the `sft` entry of `on_save_checkpoint`. `steer(model)` may edit the weights first."""
-    torch.manual_seed(0)
-    model_config = {**TINY_MODEL, **model, "vocab_size": tokenizer.get_vocab_size()}
-    module = SFTModule(model_config, {"lr": 1e-3, "weight_decay": 0.0})
-    module.attach(tokenizer, {"name": template} if isinstance(template, str) else template)
-    if steer is not None:
-        steer(module.model)
-    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
-    module.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-    return path
-
-
-def steer_to_stop(model, prompt: list[int], stop_id: int, min_reply: int = 2) -> list[int]:
-    """Make greedy decoding of `prompt` emit `stop_id` after a few ordinary tokens; return those tokens.
-
-    Swapping two rows of the (untied) lm_head swaps those two tokens' logits and nothing else, so the
-    greedy run is unchanged until the first step whose argmax was the swapped-in token."""
-    free_run = generate(model, prompt, 16, set())
-    index = next(i for i in range(min_reply, len(free_run)) if free_run[i] not in free_run[:i])
-    assert stop_id not in free_run[: index + 1], "pick another seed: the free run already stops"
-    token = free_run[index]
-    with torch.no_grad():
-        model.lm_head.weight[[token, stop_id]] = model.lm_head.weight[[stop_id, token]]
-    return free_run[:index]
-
-
-def steered_checkpoint(path: Path, tokenizer, messages: list[dict], template: str = "chatml"):
-    """(checkpoint, reply ids) for a model whose greedy reply to `messages` stops after a few tokens."""
-    eot_id = tokenizer.token_to_id(BUILTINS[template].eot)
-    prompt = prompt_ids(messages, tokenizer, BUILTINS[template])
-    reply: list[int] = []
-
-    def steer(model):
-        reply.extend(steer_to_stop(model, prompt, eot_id))
-
-    return write_checkpoint(path, tokenizer, template, steer=steer), reply
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from sft.data.build import data_files, protocol_config
 from sft.model.llama import build_model
 from sft.protocol.templates import load_template
 from sft.protocol.tokenizer import load_tokenizer, train_bpe
-from tests.conftest import ALL_SPECIALS, CORPUS, make_tokenizer
+from tests.helpers import ALL_SPECIALS, CORPUS, make_tokenizer
 
 CONF = Path(str(files("sft.conf")))
 GROUPS = sorted(
@@ -68,7 +68,7 @@ def extra_overrides(group: str, option: str, tmp_path: Path) -> list[str]:
         return [f"template.path={tmp_path / 'chat.jinja'}", "template.eot='<|im_end|>'"]
     if (group, option) == ("model", "hf"):
         pytest.importorskip("transformers")
-        from tests.test_hf import make_model_dir
+        from tests.helpers import make_model_dir
 
         return [f"model.path={make_model_dir(tmp_path)}"]
     if (group, option) == ("data", "jsonl"):

@@ -9,7 +9,7 @@ import lightning as L
 from rich.console import Console
 
 from sft.console import ProgressLog, RunLog, StepProgressBar
-from tests.test_module import fit_tiny
+from tests.helpers import fit_tiny
 
 
 def fit(callbacks: list[L.Callback], max_steps: int = 5) -> None:

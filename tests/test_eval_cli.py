@@ -17,7 +17,7 @@ from sft.cli import eval as eval_cli
 from sft.data.build import protocol_config
 from sft.loss import masked_token_loss_sum
 from sft.protocol.pipeline import Accounting, ConversationEncoder
-from tests.test_chat import write_checkpoint
+from tests.helpers import write_checkpoint
 
 
 @pytest.fixture(scope="module")

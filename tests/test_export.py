@@ -20,7 +20,7 @@ from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.pipeline import Accounting, ConversationEncoder
 from sft.protocol.templates import BUILTINS
 from sft.protocol.types import Conversation, Message, ProtocolConfig
-from tests.test_chat import steered_checkpoint, write_checkpoint
+from tests.helpers import steered_checkpoint, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,34 +17,7 @@ from sft.config import ConfigError, validate_config  # noqa: E402
 from sft.model.generate import generate  # noqa: E402
 from sft.model.hf import HFCausalLM, HFModelError  # noqa: E402
 from sft.model.llama import KVCache, build_model  # noqa: E402
-from tests.conftest import make_tokenizer  # noqa: E402
-
-# chatml without {% generation %} tags: the trained spans are inferred.
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def make_model_dir(directory: Path, vocab_size: int | None = None, **config) -> Path:
-    """A transformers Llama directory: config.json + weights, tokenizer.json, tokenizer_config.json."""
-    tokenizer = make_tokenizer(vocab_size=300)
-    settings = dict(
-        vocab_size=vocab_size or tokenizer.get_vocab_size(),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **config}))
-    model.save_pretrained(directory)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    tokenizer_config = {"chat_template": CHATML, "eos_token": "<|im_end|>"}
-    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    return directory
+from tests.helpers import make_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -141,34 +114,6 @@ def test_model_hf_points_tokenizer_and_template_at_the_model_directory(model_dir
         compose_train("model=hf")
     with pytest.raises(ConfigError, match="did you mean model.lora.alpha"):
         compose_train("model=hf", f"model.path={model_dir}", "model.lora={r: 4, alpa: 8}")
-
-
-@pytest.mark.slow
-def test_sft_train_fine_tunes_a_local_pretrained_model(model_dir, tmp_path):
-    from tests.e2e.conftest import metric_rows, summary, train
-
-    run_dir = tmp_path / "run"
-    overrides = ["model=hf", f"model.path={model_dir}", "data.num_train=64", "trainer.max_steps=6"]
-    schedule = ["optim.lr=1e-2", "optim.warmup_steps=0", "trainer.val_check_interval=6"]
-    train(run_dir, tmp_path / "cache", *overrides, *schedule)
-    result = summary(run_dir)
-    assert Path(result["checkpoint"]).is_file() and result["steps"] == 6
-    losses = metric_rows(run_dir, "train/loss")
-    assert all(torch.isfinite(torch.tensor(list(losses.values()))))
-    assert losses[5] < losses[0], losses  # assistant-only loss on the template's inferred spans goes down
-    assert "eval/exact_match" in result["metrics"]  # greedy generation through the KV-cache path ran
-
-    from sft.checkpoint import load_for_inference
-    from sft.export import export_checkpoint
-
-    bundle = load_for_inference(result["checkpoint"])  # rebuilt from model.path + the trained state_dict
-    out = export_checkpoint(result["checkpoint"], tmp_path / "exported")
-    exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    ids = torch.tensor([bundle.tokenizer.encode("<|im_start|>user\nHello<|im_end|>\n").ids])
-    with torch.no_grad():
-        torch.testing.assert_close(exported(ids).logits, bundle.model(ids), atol=1e-5, rtol=0)
-        pretrained = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        assert not torch.allclose(pretrained(ids).logits, bundle.model(ids), atol=1e-4)  # it was fine-tuned
 
 
 def train_briefly(model: HFCausalLM, steps: int = 3) -> None:

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from sft.cli.train import cluster_plugins, resume_from, sweep_safe
-from sft.loggers import REDACTED, held_out_items, offline_reason, redact_secrets
 from sft.protocol.labels import IGNORE_INDEX
+from sft.redaction import REDACTED, redact_secrets
+from sft.wandb_generations import held_out_items
+from sft.wandb_logger import offline_reason
 
 
 def test_secrets_are_redacted_by_key_and_by_value(monkeypatch):
@@ -101,7 +103,7 @@ def test_ddp_inside_a_local_sweep_spawns_instead_of_relaunching_the_sweep(monkey
 
 
 def test_resumed_csv_logger_keeps_the_rows_before_the_checkpoint(tmp_path):
-    from sft.loggers import ResumableCSVLogger
+    from sft.csv_logger import ResumableCSVLogger
 
     first = ResumableCSVLogger(tmp_path)
     for step in range(5):

@@ -12,51 +12,7 @@ from sft.data.datamodule import collate_rows
 from sft.loss import masked_token_loss_sum
 from sft.module import SFTModule
 from sft.protocol.labels import IGNORE_INDEX
-
-MODEL = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-    "tie_word_embeddings": True,
-}
-OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 1, "min_lr_ratio": 0.1, "grad_clip": 1e9}
-
-
-def make_examples(count: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Rows of different lengths with very different trained-token counts, so that a mean of
-    per-micro-batch means would differ clearly from the global token mean."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(count):
-        length = 6 + 9 * i
-        ids = rng.integers(0, MODEL["vocab_size"], length)
-        labels = np.full(length, IGNORE_INDEX)
-        trained = slice(length - 2 - 4 * i, length)
-        labels[trained] = ids[trained]
-        rows.append(
-            {
-                "input_ids": ids,
-                "labels": labels,
-                "position_ids": np.arange(length),
-                "document_ids": np.zeros(length, dtype=np.int64),
-            }
-        )
-    return rows
-
-
-def fit_tiny(callbacks: list[L.Callback], validate: bool = False, **trainer_kwargs) -> L.Trainer:
-    """SFTModule on the four example rows (batches of 2), with the given callbacks; the trainer after fit."""
-    torch.manual_seed(0)
-    settings = {"accelerator": "cpu", "logger": False, "enable_model_summary": False, **trainer_kwargs}
-    trainer = L.Trainer(callbacks=callbacks, **settings)
-    loader = DataLoader(make_examples(), batch_size=2, collate_fn=collate_rows)
-    val_loader = loader if validate else None
-    trainer.fit(SFTModule(MODEL, OPTIM), train_dataloaders=loader, val_dataloaders=val_loader)
-    return trainer
+from tests.helpers import MODEL, OPTIM, make_examples
 
 
 class GradientCapture(SFTModule):

@@ -1,5 +1,5 @@
-"""Preparation: the cache (tokenizer and stores keyed by content), forced formats, and `sft-prepare`'s
-contract command run as a user runs it."""
+"""Preparation: the cache (tokenizer and stores keyed by content), forced formats, and what `sft-prepare`
+never imports (its contract command, run as a user runs it, is in tests/e2e/test_prepare_cli.py)."""
 
 from __future__ import annotations
 
@@ -16,80 +16,11 @@ import pytest
 from sft.data import build
 from sft.data.build import prepare
 from sft.data.store import StoreError
-from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.pipeline import DataError
 from sft.protocol.tokenizer import load_tokenizer
-from tests.conftest import make_tokenizer
-
-A = [
-    {
-        "messages": [
-            {"role": "user", "content": "Hello, how are you?"},
-            {"role": "assistant", "content": "Fine."},
-        ]
-    },
-    {"conversations": [{"from": "human", "value": "Sort 3 1 2"}, {"from": "gpt", "value": "1 2 3"}]},
-]
-B = [
-    {"instruction": "Reverse the list", "input": "3 1 2", "output": "2 1 3"},
-    {"prompt": "Ünïcödé 🙂?", "completion": " 中文字符\n\n"},
-    {
-        "messages": [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "The quick brown fox?"},
-            {"role": "assistant", "content": "Jumps."},
-            {"role": "user", "content": "Over?"},
-            {"role": "assistant", "content": "The lazy dog."},
-        ]
-    },
-]
-# What chatml renders for each record above, as (role, content) turns.
-TURNS = [
-    [("user", "Hello, how are you?"), ("assistant", "Fine.")],
-    [("user", "Sort 3 1 2"), ("assistant", "1 2 3")],
-    [("user", "Reverse the list\n\n3 1 2"), ("assistant", "2 1 3")],
-    [("user", "Ünïcödé 🙂?"), ("assistant", " 中文字符\n\n")],
-    [(m["role"], m["content"]) for m in B[2]["messages"]],
-]
-CHATML_JINJA = (  # chatml without {% generation %} tags: spans come from the generation prompt
-    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-def write_jsonl(path, records) -> str:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return str(path)
-
-
-def expected_example(tokenizer, turns: list[tuple[str, str]]) -> dict:
-    """chatml rendered by hand, labels by the per-token overlap rule: independent of the pipeline."""
-    text, spans = "", []
-    for role, content in turns:
-        text += f"<|im_start|>{role}\n"
-        if role == "assistant":
-            spans.append((len(text), len(text) + len(content) + len("<|im_end|>")))
-        text += f"{content}<|im_end|>\n"
-    encoding = tokenizer.encode(text, add_special_tokens=False)
-    labels = [
-        token if any(a < e and b > s for s, e in spans) else IGNORE_INDEX
-        for token, (a, b) in zip(encoding.ids, encoding.offsets, strict=True)
-    ]
-    return {"input_ids": encoding.ids, "labels": labels}
-
+from tests.helpers import A, B, contract, make_tokenizer, run_prepare, write_jsonl
 
 # ---- prepare() in process: the cache ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def files(tmp_path):
-    make_tokenizer().save(str(tmp_path / "tok.json"))
-    return {
-        "a": write_jsonl(tmp_path / "a.jsonl", A),
-        "b": write_jsonl(tmp_path / "b.jsonl", B),
-        "tok": str(tmp_path / "tok.json"),
-        "cache": str(tmp_path / "cache"),
-    }
 
 
 def config(files, tokenizer=None, template="chatml", data_format="auto", **protocol) -> dict:
@@ -149,64 +80,7 @@ def test_data_format_forces_the_reader(files, tmp_path):
         prepare(cfg)
 
 
-# ---- sft-prepare as a user runs it -----------------------------------------------------------------------
-
-
-def run_prepare(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "sft.prepare", f"hydra.run.dir={tmp_path / 'run'}", *overrides]
-    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
-
-
-def contract(files, tmp_path, *extra: str) -> list[str]:
-    return [
-        f"data.train=[{files['a']},{files['b']}]",
-        "tokenizer=file",
-        f"tokenizer.path={files['tok']}",
-        "template=chatml",
-        "protocol.system_prompt=null",
-        "protocol.max_seq_len=4096",
-        f"data.cache_dir={files['cache']}",
-        f"export={tmp_path / 'out.jsonl'}",
-        *extra,
-    ]
-
-
-@pytest.mark.slow
-def test_contract_command_exports_examples_in_input_order(files, tmp_path):
-    result = run_prepare(tmp_path, *contract(files, tmp_path))
-    assert result.returncode == 0, result.stderr
-    assert "read 5 = kept 5 + skipped 0 + dropped 0" in result.stdout
-    exported = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    tokenizer = load_tokenizer(files["tok"])
-    assert exported == [expected_example(tokenizer, turns) for turns in TURNS]
-    assert all(list(example) == ["input_ids", "labels"] for example in exported)
-
-
-@pytest.mark.slow
-def test_jinja_template_from_a_file_gives_the_same_examples(files, tmp_path):
-    (tmp_path / "chat.jinja").write_text(CHATML_JINJA, encoding="utf-8")
-    overrides = contract(
-        files, tmp_path, f"template.path={tmp_path / 'chat.jinja'}", "template.eot='<|im_end|>'"
-    )
-    overrides[overrides.index("template=chatml")] = "template=jinja"
-    result = run_prepare(tmp_path, *overrides)
-    assert result.returncode == 0, result.stderr
-    exported = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert exported == [expected_example(load_tokenizer(files["tok"]), turns) for turns in TURNS]
-
-
-@pytest.mark.slow
-def test_a_bad_line_fails_naming_file_and_line_or_is_skipped_and_counted(files, tmp_path):
-    with open(files["b"], "a", encoding="utf-8") as file:
-        file.write('{"messages": [{"role": "user", "content": "Hi"}]}\n')
-    failed = run_prepare(tmp_path, *contract(files, tmp_path))
-    assert failed.returncode != 0
-    assert f"{files['b']}:4: no_assistant_turn" in failed.stderr and "Traceback" not in failed.stderr
-
-    skipped = run_prepare(tmp_path, *contract(files, tmp_path, "protocol.on_error=skip"))
-    assert skipped.returncode == 0, skipped.stderr
-    assert "read 6 = kept 5 + skipped 1 + dropped 0" in skipped.stdout
-    assert f"skipped 1 no_assistant_turn: {files['b']}:4" in skipped.stdout
+# ---- what sft-prepare never does ------------------------------------------------------------------------
 
 
 def test_prepare_never_imports_torch_or_lightning():

@@ -21,7 +21,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sft.checkpoint import InferenceBundle, load_for_inference, trained_system_prompt
+from sft.checkpoint import CheckpointError, InferenceBundle, load_for_inference, trained_system_prompt
 from sft.evaluate import generate_reply
 
 COMMANDS = "/reset starts a new conversation, /exit (or Ctrl-D) quits"
@@ -121,7 +121,10 @@ def print_reply(reply: str, stopped: bool, max_new_tokens: int, out: TextIO | No
 
 
 def chat(config: dict[str, Any]) -> None:
-    bundle = load_for_inference(config["ckpt"], device=resolve_device(config["device"]))
+    try:
+        bundle = load_for_inference(config["ckpt"], device=resolve_device(config["device"]))
+    except CheckpointError as error:
+        sys.exit(f"sft-chat: {error}")
     system = trained_system_prompt(bundle.section) if config["system"] is None else str(config["system"])
     session = ChatSession(
         bundle,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sft.checkpoint import load_for_inference
+from sft.checkpoint import CheckpointError, load_for_inference
 from sft.cli.chat import resolve_device
 from sft.data.build import protocol_config
 from sft.data.sample import generate_conversations
@@ -113,7 +114,10 @@ def print_report(report: dict[str, Any]) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://sft.conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     config = OmegaConf.to_container(cfg, resolve=True)
-    report = evaluate_checkpoint(config)
+    try:
+        report = evaluate_checkpoint(config)
+    except CheckpointError as error:
+        sys.exit(f"sft-eval: {error}")
     print_report(report)
     if config["out"]:
         Path(config["out"]).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

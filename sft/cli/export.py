@@ -13,6 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from sft.checkpoint import CheckpointError
 from sft.export import ExportError, export_checkpoint
 
 
@@ -22,7 +23,7 @@ def main(cfg: DictConfig) -> None:
         out = export_checkpoint(
             cfg.ckpt, cfg.out, dtype=cfg.dtype, generation_tags=cfg.generation_tags, merge=cfg.merge
         )
-    except (ExportError, FileNotFoundError) as error:
+    except (CheckpointError, ExportError, FileNotFoundError) as error:
         sys.exit(f"sft-export: {error}")
     for path in sorted(out.iterdir()):
         print(f"{path}  ({path.stat().st_size:,} bytes)")

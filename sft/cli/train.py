@@ -12,7 +12,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -27,17 +26,18 @@ from sft.callbacks import (
     TrainingInterrupted,
     ValidateAtEnd,
 )
-from sft.checkpoint import run_section
+from sft.checkpoint import CheckpointError, load_checkpoint, run_section
 from sft.config import ConfigError, validate_config
 from sft.console import ProgressLog, RunLog, StepProgressBar, model_line, quiet_lightning
 from sft.data.build import EmptyDataError
 from sft.data.datamodule import SFTDataModule
 from sft.data.store import StoreError
 from sft.evaluate import sample_eval_items
-from sft.loggers import display_path, finish_wandb, redact_secrets
 from sft.module import SFTModule
 from sft.protocol.pipeline import DataError
+from sft.redaction import redact_secrets
 from sft.schedule import command_line_keys, fit_schedule
+from sft.wandb_logger import display_path, finish_wandb
 
 
 def build_logger(
@@ -45,7 +45,7 @@ def build_logger(
 ):
     name = logger_config["name"]
     if name == "csv":
-        from sft.loggers import ResumableCSVLogger
+        from sft.csv_logger import ResumableCSVLogger
 
         return ResumableCSVLogger(run_dir, resume_step)
     if name == "tensorboard":
@@ -53,7 +53,7 @@ def build_logger(
 
         return TensorBoardLogger(save_dir=run_dir, name="", version="")
     if name == "wandb":
-        from sft.loggers import wandb_logger
+        from sft.wandb_logger import wandb_logger
 
         return wandb_logger(logger_config, run_dir, config)
     raise ValueError(f"logger={name!r}: expected csv, tensorboard or wandb")
@@ -106,7 +106,7 @@ def checkpoint_step(path: str | None) -> int | None:
     """The optimizer step a checkpoint was saved at (memory-mapped: the weights are not read)."""
     if path is None or not Path(path).is_file():
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    return int(load_checkpoint(path, mmap=True)["global_step"])
 
 
 def run_record(checkpoint_dir: Path) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def run_record(checkpoint_dir: Path) -> dict[str, Any]:
     last = checkpoint_dir / "last.ckpt"
     if not last.is_file():
         return {"checkpoint": None, "best_checkpoint": None, "steps": None, "skipped_steps": None}
-    saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    saved = load_checkpoint(last, mmap=True)
     best = sorted(checkpoint_dir.glob("best-step*.ckpt"))  # save_top_k=1: at most one
     return {
         "checkpoint": str(last),
@@ -200,7 +200,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         items = sample_eval_items(config["seed"], config["data"]["num_val"], config["eval"]["max_items"])
         callbacks.append(ExactMatchCallback(items, config["eval"]["max_new_tokens"]))
     if config["logger"]["name"] == "wandb":
-        from sft.loggers import WandbExtras
+        from sft.wandb_generations import WandbExtras
 
         callbacks.append(WandbExtras(config["logger"]["generations"], config["eval"]["max_new_tokens"]))
     ckpt_path = resume_from(config.get("ckpt_path"), run_dir)
@@ -256,8 +256,8 @@ def main(cfg: DictConfig) -> float | None:
     """Returns the final val/loss: the objective a Hydra sweeper (hydra/sweeper=optuna_lr) minimises."""
     try:
         return train(cfg)["metrics"].get("val/loss")
-    except (ConfigError, DataError, EmptyDataError, StoreError) as error:
-        sys.exit(f"sft-train: {error}")  # the user's config or data, not a crash: the message, no traceback
+    except (ConfigError, CheckpointError, DataError, EmptyDataError, StoreError) as error:
+        sys.exit(f"sft-train: {error}")  # the user's config, data or file, not a crash: no traceback
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from tokenizers import Tokenizer
 
+from sft.atomic import atomic_file
 from sft.data import sample
 from sft.data.store import (
     StoreError,
@@ -76,12 +77,9 @@ def write_sample(directory: Path, count: int, seed: int, split: str, writable: b
     if not path.is_file():
         if not writable:
             raise read_only_error(directory.parent, f"the sample data {path.name}")
-        directory.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(temporary, "w", encoding="utf-8") as handle:
+        with atomic_file(path, "w", encoding="utf-8") as handle:
             for record in sample.generate_conversations(count, seed, split):
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(temporary, path)
     return str(path)
 
 
@@ -177,10 +175,8 @@ def build_tokenizer(
                 tokenizer_cfg["vocab_size"],
                 template.special_tokens,
             )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tokenizer.save(str(temporary))
-            os.replace(temporary, path)
+            with atomic_file(path, "w", encoding="utf-8") as handle:
+                handle.write(tokenizer.to_str(pretty=True))  # what Tokenizer.save writes
     else:
         raise ValueError(f"tokenizer.name={tokenizer_cfg['name']!r}: expected 'bpe' or 'file'")
     check_template_tokens(template, tokenizer)
@@ -318,9 +314,10 @@ def _prepare_locked(
 
 
 def export_jsonl(stores: list[TokenStore], path: str | os.PathLike) -> int:
-    """One `{"input_ids", "labels"}` line per kept example, in input order; returns the count."""
+    """One `{"input_ids", "labels"}` line per kept example, in input order; returns the count. The file
+    appears under its name only once complete."""
     count = 0
-    with open(path, "w", encoding="utf-8") as handle:
+    with atomic_file(path, "w", encoding="utf-8") as handle:
         for store in stores:
             for index in range(len(store)):
                 input_ids, labels = store[index]

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from sft.atomic import publish, sync_directory, sync_file
 from sft.protocol.labels import IGNORE_INDEX
 
 FORMAT_VERSION = 1
@@ -120,17 +121,16 @@ class StoreWriter:
         manifest.update(manifest_extra or {})
         try:
             for file in self._files:
-                file.flush()
-                os.fsync(file.fileno())
+                sync_file(file)
                 file.close()
             with open(self.tmp_dir / OFFSETS_FILE, "wb") as file:
                 np.save(file, np.frombuffer(self._offsets, dtype=np.int64))
-                _sync(file)
+                sync_file(file)
             # The manifest goes last: is_complete() reads it first, so it never describes missing arrays.
             with open(self.tmp_dir / MANIFEST, "w") as file:
                 json.dump(manifest, file, indent=2, sort_keys=True)
-                _sync(file)
-            _fsync_dir(self.tmp_dir)
+                sync_file(file)
+            sync_directory(self.tmp_dir)
             self._publish()
         except BaseException:
             self.abort()
@@ -147,14 +147,12 @@ class StoreWriter:
     def _publish(self) -> None:
         """Rename into place, or keep a complete store that another process published first."""
         try:
-            os.rename(self.tmp_dir, self.final_dir)
+            publish(self.tmp_dir, self.final_dir)
         except OSError:
             # rename() refuses a non-empty target: someone else finished first (or left a foreign directory).
             if not is_complete(self.final_dir):
                 raise StoreError(f"{self.final_dir} exists but is not a complete store; delete it and retry")
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
-            return
-        _fsync_dir(self.final_dir.parent)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -163,20 +161,6 @@ class StoreWriter:
             self.close()
         else:
             self.abort()
-
-
-def _sync(file: Any) -> None:
-    file.flush()
-    os.fsync(file.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Directory entries (new files, a rename) are durable only once their directory is synced."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 # StoreWriter's temporary directory: <key>.tmp-<host>-<pid>-<8 hex digits>.

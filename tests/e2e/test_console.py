@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.e2e.conftest import train
+from tests.helpers import train
 
 pytestmark = pytest.mark.slow
 

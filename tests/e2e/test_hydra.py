@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.conftest import SMALL, metric_rows, run_cli, summary, train
+from tests.helpers import SMALL, metric_rows, run_cli, summary, train
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from sft.cli.train import checkpoint_step
-from tests.e2e.conftest import SMALL, metric_rows, summary, train
+from tests.helpers import SMALL, metric_rows, summary, train
 
 pytestmark = pytest.mark.slow
 

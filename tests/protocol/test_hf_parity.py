@@ -12,7 +12,7 @@ import pytest
 from sft.protocol.labels import IGNORE_INDEX, build_loss_labels
 from sft.protocol.templates import BUILTINS, JinjaTemplate, load_template
 from sft.protocol.types import Message
-from tests.conftest import make_tokenizer
+from tests.helpers import make_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -16,7 +16,7 @@ from sft.protocol.labels import (
     trained_token_mask,
     trained_token_ranges,
 )
-from tests.conftest import CORPUS, make_tokenizer
+from tests.helpers import CORPUS, make_tokenizer
 
 
 def reference_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:

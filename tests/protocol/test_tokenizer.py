@@ -9,7 +9,7 @@ from tokenizers import AddedToken, processors
 from sft.protocol.templates import BUILTINS
 from sft.protocol.tokenizer import check_special_tokens, check_template_tokens, load_tokenizer, train_bpe
 from sft.protocol.types import TemplateError
-from tests.conftest import CHATML_SPECIALS, CORPUS, make_tokenizer
+from tests.helpers import CHATML_SPECIALS, CORPUS, make_tokenizer
 
 CHATML_TEXT = "<|im_start|>user\nHi  there\n\n<|im_end|>\n<|im_start|>assistant\nÜnï 🙂<|im_end|>\n"
 

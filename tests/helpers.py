@@ -1,0 +1,289 @@
+"""What several test modules share: tiny tokenizers trained in-process, checkpoints written as sft-train
+writes them, a tiny transformers model directory, and the real entry points run in subprocesses. Test
+modules import shared code from here only, never from one another."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from sft.cli.inspect import BOUNDARY, TRAINED_CLOSE, TRAINED_OPEN
+from sft.data.datamodule import collate_rows
+from sft.evaluate import prompt_ids
+from sft.model.generate import generate
+from sft.module import SFTModule
+from sft.protocol.labels import IGNORE_INDEX
+from sft.protocol.templates import BUILTINS
+
+# ---- tokenizers -----------------------------------------------------------------------------------------
+
+CORPUS = [
+    "Hello, how are you? I am fine, thank you.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Reverse the list 3 1 2 -> 2 1 3. Sort it: 1 2 3.",
+    "system user assistant tool You are a helpful assistant.",
+    "Ünïcödé text, emoji 🙂, 中文字符, tabs\tand\nnewlines.",
+    # whitespace runs, so that the tokenizer learns merges like "\n\n" and "  " that could cross a boundary
+    "<|im_start|>assistant\n\n\n  indented\n\n\tcode\n    more  spaces\n\n<|im_end|>\n\n",
+] * 4
+
+CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+MICROLM_SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|endoftext|>"]
+ALL_SPECIALS = sorted(set(CHATML_SPECIALS + LLAMA3_SPECIALS + MICROLM_SPECIALS))
+
+
+def make_tokenizer(special_tokens=ALL_SPECIALS, vocab_size: int = 400, corpus=CORPUS):
+    from sft.protocol.tokenizer import train_bpe
+
+    return train_bpe(corpus, vocab_size=vocab_size, special_tokens=list(special_tokens))
+
+
+# ---- sft-prepare's inputs: records in every supported format, and what chatml renders of them -----------
+
+A = [
+    {
+        "messages": [
+            {"role": "user", "content": "Hello, how are you?"},
+            {"role": "assistant", "content": "Fine."},
+        ]
+    },
+    {"conversations": [{"from": "human", "value": "Sort 3 1 2"}, {"from": "gpt", "value": "1 2 3"}]},
+]
+B = [
+    {"instruction": "Reverse the list", "input": "3 1 2", "output": "2 1 3"},
+    {"prompt": "Ünïcödé 🙂?", "completion": " 中文字符\n\n"},
+    {
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "The quick brown fox?"},
+            {"role": "assistant", "content": "Jumps."},
+            {"role": "user", "content": "Over?"},
+            {"role": "assistant", "content": "The lazy dog."},
+        ]
+    },
+]
+# What chatml renders for each record above, as (role, content) turns.
+TURNS = [
+    [("user", "Hello, how are you?"), ("assistant", "Fine.")],
+    [("user", "Sort 3 1 2"), ("assistant", "1 2 3")],
+    [("user", "Reverse the list\n\n3 1 2"), ("assistant", "2 1 3")],
+    [("user", "Ünïcödé 🙂?"), ("assistant", " 中文字符\n\n")],
+    [(m["role"], m["content"]) for m in B[2]["messages"]],
+]
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def run_prepare(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "sft.prepare", f"hydra.run.dir={tmp_path / 'run'}", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+
+
+def contract(files, tmp_path, *extra: str) -> list[str]:
+    return [
+        f"data.train=[{files['a']},{files['b']}]",
+        "tokenizer=file",
+        f"tokenizer.path={files['tok']}",
+        "template=chatml",
+        "protocol.system_prompt=null",
+        "protocol.max_seq_len=4096",
+        f"data.cache_dir={files['cache']}",
+        f"export={tmp_path / 'out.jsonl'}",
+        *extra,
+    ]
+
+
+# ---- sft-inspect's output -----------------------------------------------------------------------------
+
+
+def trained_runs(text: str) -> list[str]:
+    return [
+        run.replace(BOUNDARY, "") for run in re.findall(f"{TRAINED_OPEN}(.*?){TRAINED_CLOSE}", text, re.S)
+    ]
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------
+
+TINY_MODEL = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "initializer_range": 0.2,  # peaked logits: greedy continuations vary from token to token
+    "tie_word_embeddings": False,
+}
+
+
+def write_checkpoint(path: Path, tokenizer, template: dict | str = "chatml", steer=None, **model) -> Path:
+    """A checkpoint as sft-train writes it: the module's state_dict (`model.` keys), its hyper_parameters and
+    the `sft` entry of `on_save_checkpoint`. `steer(model)` may edit the weights first."""
+    torch.manual_seed(0)
+    model_config = {**TINY_MODEL, **model, "vocab_size": tokenizer.get_vocab_size()}
+    module = SFTModule(model_config, {"lr": 1e-3, "weight_decay": 0.0})
+    module.attach(tokenizer, {"name": template} if isinstance(template, str) else template)
+    if steer is not None:
+        steer(module.model)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+def steer_to_stop(model, prompt: list[int], stop_id: int, min_reply: int = 2) -> list[int]:
+    """Make greedy decoding of `prompt` emit `stop_id` after a few ordinary tokens; return those tokens.
+
+    Swapping two rows of the (untied) lm_head swaps those two tokens' logits and nothing else, so the
+    greedy run is unchanged until the first step whose argmax was the swapped-in token."""
+    free_run = generate(model, prompt, 16, set())
+    index = next(i for i in range(min_reply, len(free_run)) if free_run[i] not in free_run[:i])
+    assert stop_id not in free_run[: index + 1], "pick another seed: the free run already stops"
+    token = free_run[index]
+    with torch.no_grad():
+        model.lm_head.weight[[token, stop_id]] = model.lm_head.weight[[stop_id, token]]
+    return free_run[:index]
+
+
+def steered_checkpoint(path: Path, tokenizer, messages: list[dict], template: str = "chatml"):
+    """(checkpoint, reply ids) for a model whose greedy reply to `messages` stops after a few tokens."""
+    eot_id = tokenizer.token_to_id(BUILTINS[template].eot)
+    prompt = prompt_ids(messages, tokenizer, BUILTINS[template])
+    reply: list[int] = []
+
+    def steer(model):
+        reply.extend(steer_to_stop(model, prompt, eot_id))
+
+    return write_checkpoint(path, tokenizer, template, steer=steer), reply
+
+
+# ---- a pretrained transformers model (model=hf) ---------------------------------------------------------
+
+# chatml without {% generation %} tags: the trained spans are inferred.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_model_dir(directory: Path, vocab_size: int | None = None, **config) -> Path:
+    """A transformers Llama directory: config.json + weights, tokenizer.json, tokenizer_config.json."""
+    import transformers  # the [hf] extra: callers skip without it
+
+    tokenizer = make_tokenizer(vocab_size=300)
+    settings = dict(
+        vocab_size=vocab_size or tokenizer.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **config}))
+    model.save_pretrained(directory)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    tokenizer_config = {"chat_template": CHATML, "eos_token": "<|im_end|>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return directory
+
+
+# ---- the entry points in subprocesses -------------------------------------------------------------------
+
+SMALL = [
+    "data.num_train=240",
+    "data.num_val=16",
+    "data.batch_size=4",
+    "eval.max_items=8",
+    "eval.max_new_tokens=8",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, check: bool = True, script=None):
+    """`python -m sft.<entry> args` (or a given script); returns the completed process."""
+    command = [sys.executable, *(["-c", script] if script else ["-m", "sft.train"]), *args]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
+    return result
+
+
+def train(run_dir: Path, cache_dir: Path, *overrides: str, script: str | None = None, check: bool = True):
+    args = [*SMALL, f"data.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", *overrides]
+    return run_cli(args, script=script, check=check)
+
+
+def metric_rows(run_dir: Path, name: str) -> dict[int, float]:
+    """{step: value} of one metric in metrics.csv."""
+    with open(run_dir / "metrics.csv") as handle:
+        return {int(row["step"]): float(row[name]) for row in csv.DictReader(handle) if row.get(name)}
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+# ---- a tiny SFTModule fit in-process ----------------------------------------------------------------
+
+MODEL = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": True,
+}
+OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 1, "min_lr_ratio": 0.1, "grad_clip": 1e9}
+
+
+def make_examples(count: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Rows of different lengths with very different trained-token counts, so that a mean of
+    per-micro-batch means would differ clearly from the global token mean."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        length = 6 + 9 * i
+        ids = rng.integers(0, MODEL["vocab_size"], length)
+        labels = np.full(length, IGNORE_INDEX)
+        trained = slice(length - 2 - 4 * i, length)
+        labels[trained] = ids[trained]
+        rows.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "position_ids": np.arange(length),
+                "document_ids": np.zeros(length, dtype=np.int64),
+            }
+        )
+    return rows
+
+
+def fit_tiny(callbacks: list[L.Callback], validate: bool = False, **trainer_kwargs) -> L.Trainer:
+    """SFTModule on the four example rows (batches of 2), with the given callbacks; the trainer after fit."""
+    torch.manual_seed(0)
+    settings = {"accelerator": "cpu", "logger": False, "enable_model_summary": False, **trainer_kwargs}
+    trainer = L.Trainer(callbacks=callbacks, **settings)
+    loader = DataLoader(make_examples(), batch_size=2, collate_fn=collate_rows)
+    val_loader = loader if validate else None
+    trainer.fit(SFTModule(MODEL, OPTIM), train_dataloaders=loader, val_dataloaders=val_loader)
+    return trainer
