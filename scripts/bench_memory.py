@@ -66,8 +66,10 @@ def measure(data: Path, cache_dir: Path, trace: bool) -> dict[str, float]:
     """Runs in the fresh subprocess: imports, then the three phases; returns the figures."""
     import lightning  # noqa: F401  (part of the fixed cost a training process pays)
     from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
 
+    from sft.cli.schemas import TrainConfig
+    from sft.config import load_config
+    from sft.data.build import prepare
     from sft.data.datamodule import SFTDataModule
 
     overrides = [
@@ -75,13 +77,13 @@ def measure(data: Path, cache_dir: Path, trace: bool) -> dict[str, float]:
         "data.packing=true", "protocol.max_seq_len=512", "tokenizer=bpe", "tokenizer.vocab_size=512",
     ]  # fmt: skip
     with initialize_config_module(config_module="sft.conf", version_base="1.3"):
-        config = OmegaConf.to_container(compose("train", overrides=overrides), resolve=True)
-    datamodule = SFTDataModule(config)
+        config = load_config(compose("train", overrides=overrides), TrainConfig)
+    made: dict = {}
     tokens = 0
 
     def iterate() -> None:
         nonlocal tokens
-        for batch in datamodule.train_dataloader():
+        for batch in made["datamodule"].train_dataloader():
             tokens += int(batch["real_tokens"])
 
     if trace:
@@ -90,8 +92,8 @@ def measure(data: Path, cache_dir: Path, trace: bool) -> dict[str, float]:
         tracemalloc.start()
     result: dict = {"imports": memory_mb()}
     phases = {
-        "prepare": datamodule.prepare_data,
-        "setup": lambda: datamodule.setup("fit"),
+        "prepare": lambda: made.update(prepared=prepare(config)),
+        "setup": lambda: made.update(datamodule=SFTDataModule(config, made["prepared"])),
         "iterate": iterate,
     }
     for phase, run in phases.items():
@@ -101,6 +103,7 @@ def measure(data: Path, cache_dir: Path, trace: bool) -> dict[str, float]:
         result[phase] = {"seconds": time.perf_counter() - started, **memory_mb()}
         if trace:
             top_allocations(phase)
+    datamodule = made["datamodule"]
     result.update(
         examples=len(datamodule.train_dataset.example_ids),
         rows=len(datamodule.train_dataset),

@@ -10,42 +10,43 @@ part of either figure. Rounds alternate the two so machine noise hits both. Prin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import lightning as L
 import torch
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 
+from sft.cli.schemas import TrainConfig
+from sft.config import load_config
+from sft.data.build import prepare
 from sft.data.datamodule import SFTDataModule
 from sft.loss import masked_token_loss_sum
 from sft.module import SFTModule
 
 
-def materialise_batches(config: dict, steps: int) -> list[dict[str, torch.Tensor]]:
-    datamodule = SFTDataModule(config)
-    datamodule.setup("fit")
+def materialise_batches(datamodule: SFTDataModule, steps: int) -> list[dict[str, torch.Tensor]]:
     batches = []
     while len(batches) < steps:
         batches.extend(datamodule.train_dataloader())
     return batches[:steps]
 
 
-def new_module(config: dict, vocab_size: int) -> SFTModule:
+def new_module(config: TrainConfig, vocab_size: int) -> SFTModule:
     torch.manual_seed(0)
-    return SFTModule({**config["model"], "vocab_size": vocab_size}, config["optim"])
+    return SFTModule(dataclasses.replace(config.model, vocab_size=vocab_size), config.optim)
 
 
-def plain_loop(config: dict, vocab_size: int, batches: list) -> float:
+def plain_loop(config: TrainConfig, vocab_size: int, batches: list) -> float:
     """Seconds for the steps after the first (the same warm-up is excluded on both sides)."""
     module = new_module(config, vocab_size)
-    optim = config["optim"]
+    optim = config.optim
     decay = [p for p in module.parameters() if p.ndim >= 2]
     no_decay = [p for p in module.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=optim["lr"],
-        betas=tuple(optim["betas"]),
+        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=optim.lr,
+        betas=tuple(optim.betas),
     )
     started = None
     for step, batch in enumerate(batches):
@@ -53,7 +54,7 @@ def plain_loop(config: dict, vocab_size: int, batches: list) -> float:
             started = time.perf_counter()
         loss_sum, trained = masked_token_loss_sum(module(batch), batch["labels"])
         (loss_sum / trained.clamp_min(1)).backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), optim["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(module.parameters(), optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - started
@@ -68,7 +69,7 @@ class StepTimer(L.Callback):
         self.seconds = time.perf_counter() - self.started
 
 
-def lightning_loop(config: dict, vocab_size: int, batches: list) -> float:
+def lightning_loop(config: TrainConfig, vocab_size: int, batches: list) -> float:
     module = new_module(config, vocab_size)
     timer = StepTimer()
     trainer = L.Trainer(
@@ -92,17 +93,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     args, overrides = parser.parse_known_args()
     with initialize_config_module("sft.conf", version_base="1.3"):
-        config = OmegaConf.to_container(compose("train", overrides=overrides), resolve=True)
-    datamodule = SFTDataModule(config)
-    vocab_size = datamodule.tokenizer.get_vocab_size()
-    batches = materialise_batches(config, args.steps)
+        config = load_config(compose("train", overrides=overrides), TrainConfig)
+    prepared = prepare(config)
+    vocab_size = prepared.tokenizer.get_vocab_size()
+    batches = materialise_batches(SFTDataModule(config, prepared), args.steps)
     tokens = sum(int(batch["real_tokens"]) for batch in batches[1:])
     model = new_module(config, vocab_size).model
-    flops_per_token = model.flops_per_token(config["protocol"]["max_seq_len"])
-    peak = config["hardware"]["peak_flops"]
+    flops_per_token = model.flops_per_token(config.protocol.max_seq_len)
+    peak = config.hardware.peak_flops
     print(
-        f"model {config['model']['name']}: {model.num_parameters():,} parameters; {args.steps} steps of "
-        f"{config['data']['batch_size']} rows x {config['protocol']['max_seq_len']} tokens; torch threads "
+        f"model {type(config.model).__name__}: {model.num_parameters():,} parameters; {args.steps} steps of "
+        f"{config.data.batch_size} rows x {config.protocol.max_seq_len} tokens; torch threads "
         f"{torch.get_num_threads()}"
     )
     print(f"{'round':>5} {'loop':>10} {'steps/s':>8} {'tokens/s':>9} {'MFU':>6}")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from sft.model.llama import build_model
+from sft.model import build_model
 from sft.protocol.pipeline import PROTOCOL_VERSION
 from sft.protocol.templates import ChatTemplate, load_template
 

@@ -9,36 +9,39 @@ whatever the accumulation or world size. Lightning's automatic optimisation divi
 token losses scaled back up by both factors; `on_before_optimizer_step` (after AMP unscaling, before
 clipping) all-reduces the window's trained-token count and divides every gradient by it. The trained-token
 count lives in a plain attribute, not a buffer, because DDP would broadcast a buffer from rank 0.
+
+Host syncs (a stall on a GPU): counts and sums stay on the device. Each optimizer step reads the host
+twice — the all-reduced (loss sum, trained tokens) for the zero-token skip and the divisor, and the
+grad norm's finiteness for the non-finite stop — and once more per logging interval
+(`trainer.log_every_n_steps`) for the interval's token count and the grad norm. tests/test_module.py
+pins the count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
 import torch
 
 from sft.loss import masked_token_loss_sum
-from sft.model.llama import build_model
+from sft.model import build_model, model_config_from_dict
+from sft.optim import OptimConfig, lr_at_step
 from sft.protocol.templates import load_template, standalone_config
+
+if TYPE_CHECKING:
+    from sft.model.hf import HFModelConfig
+    from sft.model.llama import LlamaConfig
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised instead of taking an optimizer step on a NaN/inf loss or gradient."""
-
-
-def lr_at_step(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup to `peak_lr`, then cosine decay to `min_lr_ratio * peak_lr` at `total_steps`."""
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return peak_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
 
 
 def rng_state() -> dict[str, Any]:
@@ -66,19 +69,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class SFTModule(L.LightningModule):
     """Wraps a causal LM with the assistant-only loss, AdamW + warmup/cosine, and honest throughput metrics.
 
-    `model_config` and `optim_config` are plain dicts (not DictConfig) so checkpoints load with
-    `weights_only=True`.
+    The configs are saved as plain dicts (`hyper_parameters`), so checkpoints load with `weights_only=True`;
+    plain dicts are also accepted (a checkpoint's, Lightning's `load_from_checkpoint`).
     """
 
-    def __init__(self, model_config: dict[str, Any], optim_config: dict[str, Any], peak_flops: float = 0.0):
+    def __init__(
+        self,
+        model_config: LlamaConfig | HFModelConfig | dict[str, Any],
+        optim_config: OptimConfig | dict[str, Any],
+        peak_flops: float = 0.0,
+    ):
         super().__init__()
-        self.save_hyperparameters()
+        model_config = (
+            model_config_from_dict(model_config) if isinstance(model_config, dict) else model_config
+        )
+        optim_config = optim_config if isinstance(optim_config, OptimConfig) else OptimConfig(**optim_config)
+        self.save_hyperparameters(
+            {
+                "model_config": dataclasses.asdict(model_config),
+                "optim_config": dataclasses.asdict(optim_config),
+                "peak_flops": peak_flops,
+            }
+        )
         self.model = build_model(model_config)
         self.optim_config = optim_config
         self.peak_flops = peak_flops
         self.skipped_steps = 0  # optimizer steps with no trained token in the whole global batch
         self._reset_window()
-        self._step_started_at: float | None = None
+        self._interval_tokens: torch.Tensor | float = 0.0  # tokens since the last log (on the device)
+        self._interval_trained_tokens = 0.0
+        self._logged_at: float | None = None
         self._row_length = 0  # tokens per row of the last micro-batch: the attention term of the FLOPs
         self.tokenizer = None  # set by attach(): saved into every checkpoint so it is usable on its own
         self.template_config: dict[str, Any] | None = None
@@ -122,18 +142,18 @@ class SFTModule(L.LightningModule):
 
     # ---- training -------------------------------------------------------------------------------------
     def _reset_window(self) -> None:
-        """Per-optimizer-step sums over this rank's micro-batches (detached, for the all-reduce)."""
-        self._window_loss_sum = 0.0
-        self._window_trained_tokens = 0
-        self._window_tokens = 0
+        """Per-optimizer-step sums over this rank's micro-batches (detached tensors on the device)."""
+        self._window_loss_sum: torch.Tensor | float = 0.0
+        self._window_trained_tokens: torch.Tensor | float = 0.0
+        self._window_tokens: torch.Tensor | float = 0.0
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self._step_started_at is None:
-            self._step_started_at = time.perf_counter()
+        if self._logged_at is None:
+            self._logged_at = time.perf_counter()
         loss_sum, trained_tokens = masked_token_loss_sum(self(batch), batch["labels"])
-        self._window_loss_sum += loss_sum.detach().double()
-        self._window_trained_tokens += trained_tokens
-        self._window_tokens += int(batch["real_tokens"])
+        self._window_loss_sum = self._window_loss_sum + loss_sum.detach().double()
+        self._window_trained_tokens = self._window_trained_tokens + trained_tokens
+        self._window_tokens = self._window_tokens + batch["real_tokens"].to(loss_sum.device)
         self._row_length = batch["input_ids"].shape[1]
         # Undo Lightning's 1/accumulate and DDP's 1/world_size: gradients arrive as plain sums.
         return loss_sum * (self.trainer.world_size * self.trainer.accumulate_grad_batches)
@@ -141,13 +161,14 @@ class SFTModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         totals = torch.stack(
             [
-                torch.as_tensor(self._window_loss_sum, dtype=torch.float64, device=self.device),
-                torch.as_tensor(self._window_trained_tokens, dtype=torch.float64, device=self.device),
-                torch.as_tensor(self._window_tokens, dtype=torch.float64, device=self.device),
+                torch.as_tensor(value, dtype=torch.float64, device=self.device)
+                for value in (self._window_loss_sum, self._window_trained_tokens, self._window_tokens)
             ]
         )
-        loss_sum, trained_tokens, tokens = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         self._reset_window()
+        self._interval_tokens = self._interval_tokens + totals[2]
+        loss_sum, trained_tokens = totals[:2].tolist()  # host sync 1: the skip decision and the divisor
         parameters = [p for p in self.parameters() if p.grad is not None]
         if trained_tokens == 0:
             # No trained token anywhere: drop the gradients so AdamW skips every parameter (no momentum or
@@ -161,17 +182,22 @@ class SFTModule(L.LightningModule):
             p.grad.div_(trained_tokens)
         grad_norm = self._clip_gradients(parameters)
         loss = loss_sum / trained_tokens
-        overflow = not torch.isfinite(grad_norm) and getattr(self.trainer.precision_plugin, "scaler", None)
-        if overflow:  # fp16: GradScaler skips this step and lowers its scale; that is not a diverged run
-            self.log("train/fp16_overflow", 1.0)
-        elif not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-            self._stop_on_non_finite(loss, float(grad_norm))
-        self._log_step(loss, trained_tokens, tokens, float(grad_norm), optimizer)
+        self.trained_tokens_seen += trained_tokens
+        self._interval_trained_tokens += trained_tokens
+        if not (math.isfinite(loss) and bool(torch.isfinite(grad_norm))):  # host sync 2
+            if getattr(self.trainer.precision_plugin, "scaler", None):
+                # fp16: GradScaler skips this step and lowers its scale; that is not a diverged run
+                self.log("train/fp16_overflow", 1.0)
+            else:
+                self._stop_on_non_finite(loss, float(grad_norm))
+        step = self.global_step + 1
+        if step % self.trainer.log_every_n_steps == 0 or step == self.trainer.max_steps:
+            self._log_interval(loss, grad_norm, optimizer)
 
     def _clip_gradients(self, parameters: list[torch.nn.Parameter]) -> torch.Tensor:
         """Clip to `optim.grad_clip` by the global norm; under FSDP only the sharded root module sees every
         rank's shards, so it computes the norm (each rank alone would clip by a different factor)."""
-        max_norm = self.optim_config.get("grad_clip") or float("inf")
+        max_norm = self.optim_config.grad_clip or float("inf")
         sharded_root = getattr(self.trainer.strategy, "model", None)
         if hasattr(sharded_root, "clip_grad_norm_"):
             return sharded_root.clip_grad_norm_(max_norm)
@@ -188,17 +214,19 @@ class SFTModule(L.LightningModule):
             f"was applied. The last good state is in {path}. Lower optim.lr, check the data, or use bf16."
         )
 
-    def _log_step(
-        self, loss: float, trained_tokens: float, tokens: float, grad_norm: float, optimizer
-    ) -> None:
+    def _log_interval(self, loss: float, grad_norm: torch.Tensor, optimizer) -> None:
+        """This step's loss and grad norm, and the throughput since the last log (one host sync)."""
+        tokens, grad_norm_value = torch.stack(
+            [torch.as_tensor(self._interval_tokens), grad_norm.double()]
+        ).tolist()
         now = time.perf_counter()
-        elapsed = max(now - (self._step_started_at or now), 1e-9)
-        self._step_started_at = now
+        elapsed = max(now - (self._logged_at or now), 1e-9)
+        trained_tokens = self._interval_trained_tokens
+        self._logged_at, self._interval_tokens, self._interval_trained_tokens = now, 0.0, 0.0
         tokens_per_s = tokens / elapsed
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
-        self.log("train/grad_norm", grad_norm)
-        self.trained_tokens_seen += trained_tokens
+        self.log("train/grad_norm", grad_norm_value)
         self.log("train/trained_tokens", self.trained_tokens_seen)
         self.log("train/tokens_per_s", tokens_per_s)
         self.log("train/trained_tokens_per_s", trained_tokens / elapsed)
@@ -237,12 +265,12 @@ class SFTModule(L.LightningModule):
         no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]  # norms: never decayed
         optimizer = torch.optim.AdamW(
             [
-                {"params": decay, "weight_decay": config["weight_decay"]},
+                {"params": decay, "weight_decay": config.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
             ],
-            lr=config["lr"],
-            betas=tuple(config.get("betas", (0.9, 0.95))),
-            eps=config.get("eps", 1e-8),
+            lr=config.lr,
+            betas=tuple(config.betas),
+            eps=config.eps,
         )
         total_steps = (
             self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
@@ -252,9 +280,9 @@ class SFTModule(L.LightningModule):
             lambda step: lr_at_step(
                 step,
                 1.0,
-                config.get("warmup_steps", 0) or 1,
+                config.warmup_steps or 1,
                 int(total_steps),
-                config.get("min_lr_ratio", 0.1),
+                config.min_lr_ratio,
             ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -69,6 +69,8 @@ def compose_train(overrides: list[str]) -> dict[str, Any]:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
+    import sft.cli.schemas  # noqa: F401  (registers the defaults train.yaml composes first)
+
     with initialize_config_module("sft.conf", version_base="1.3"):
         return OmegaConf.to_container(compose("train", overrides=overrides), resolve=True)
 
@@ -96,6 +98,7 @@ def changed_keys(overrides: list[str], saved: dict[str, Any]) -> list[str]:
         key
         for key in touched
         if not key.startswith(RESUMABLE)
+        and key in trained  # a key the typed config does not keep (a preset's label) changes nothing
         and not same(given.get(key), trained.get(key))
         and not (key in fitted and same(given.get(key), fitted[key]))
     )

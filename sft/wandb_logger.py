@@ -13,10 +13,13 @@ import netrc
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from sft.redaction import redact_secrets
+
+if TYPE_CHECKING:
+    from sft.cli.schemas import WandbLoggerConfig
 
 
 def has_credentials() -> bool:
@@ -68,12 +71,15 @@ def run_identity(run_dir: Path, resumable: bool) -> dict[str, str | None]:
     }
 
 
-def wandb_logger(logger_config: dict[str, Any], run_dir: Path, config: dict[str, Any]):
-    """A Lightning WandbLogger for the `logger=wandb` section (conf/logger/wandb.yaml)."""
+def wandb_logger(logger_config: WandbLoggerConfig, run_dir: Path, record: dict[str, Any], resumable: bool):
+    """A Lightning WandbLogger for the `logger=wandb` section (conf/logger/wandb.yaml). `record` is the
+    config as written (interpolations unresolved, secrets redacted); free text such as the notes is
+    redacted too, so no credential's value reaches W&B (the recorded command line holds none: sft.cli.entry
+    refuses credentials there)."""
     from lightning.pytorch.loggers import WandbLogger
 
-    reason = offline_reason(logger_config.get("offline"))
-    log_model = logger_config.get("log_model", False)
+    reason = offline_reason(logger_config.offline)
+    log_model = logger_config.log_model
     if reason:
         print(f"wandb: logging offline: {reason}")
         if log_model:
@@ -81,20 +87,20 @@ def wandb_logger(logger_config: dict[str, Any], run_dir: Path, config: dict[str,
             log_model = False
     # An explicit save_dir would override WANDB_DIR, so give one only when the user set one or nothing else
     # says where runs go; the default keeps the W&B files inside the run directory.
-    save_dir = logger_config.get("save_dir") or (None if os.environ.get("WANDB_DIR") else str(run_dir))
-    identity = run_identity(run_dir, resumable=config.get("ckpt_path") is not None)
+    save_dir = logger_config.save_dir or (None if os.environ.get("WANDB_DIR") else str(run_dir))
+    identity = run_identity(run_dir, resumable=resumable)
     return WandbLogger(
-        name=logger_config.get("run_name") or identity["name"],
-        group=logger_config.get("group") or identity["group"],
-        id=logger_config.get("id") or identity["id"],
-        project=logger_config.get("project") or os.environ.get("WANDB_PROJECT") or "sft",
-        entity=logger_config.get("entity"),
-        tags=list(logger_config.get("tags") or []),
-        notes=logger_config.get("notes"),
+        name=redact_secrets(logger_config.run_name or identity["name"]),
+        group=redact_secrets(logger_config.group or identity["group"]),
+        id=logger_config.id or identity["id"],
+        project=logger_config.project or os.environ.get("WANDB_PROJECT") or "sft",
+        entity=logger_config.entity,
+        tags=redact_secrets(logger_config.tags),
+        notes=redact_secrets(logger_config.notes),
         save_dir=save_dir,
         offline=bool(reason),
         log_model=log_model,
-        config=redact_secrets(config),
+        config=redact_secrets(record),
     )
 
 

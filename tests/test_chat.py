@@ -103,9 +103,8 @@ def test_history_renders_as_training_renders_the_conversation(tmp_path, tokenize
     assert example.labels[len(prompt)] != IGNORE_INDEX
 
 
-def chat_config(checkpoint, **settings) -> dict:
-    defaults = {"device": "cpu", "system": None, "temperature": 0.0, "top_p": 1.0, "seed": 0, "prompt": None}
-    return {**defaults, "ckpt": str(checkpoint), "max_new_tokens": 20, **settings}
+def chat_config(checkpoint, **settings) -> chat_cli.ChatConfig:
+    return chat_cli.ChatConfig(**{"ckpt": str(checkpoint), "device": "cpu", "max_new_tokens": 20, **settings})
 
 
 def test_one_shot_flags_a_reply_cut_at_max_new_tokens(steered, capsys):

@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 
 from sft.checkpoint import load_for_inference
 from sft.cli import eval as eval_cli
-from sft.data.build import protocol_config
+from sft.config import load_config
+from sft.data.validation import validation_examples
 from sft.loss import masked_token_loss_sum
 from sft.protocol.pipeline import Accounting, ConversationEncoder
 from tests.helpers import write_checkpoint
@@ -25,10 +26,10 @@ def checkpoint(tmp_path_factory, tokenizer):
     return write_checkpoint(tmp_path_factory.mktemp("eval") / "tiny.ckpt", tokenizer)
 
 
-def eval_config(*overrides: str) -> dict:
+def eval_config(*overrides: str) -> eval_cli.EvalRunConfig:
     with initialize_config_module("sft.conf", version_base="1.3"):
         cfg = compose("eval", overrides=["device=cpu", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return load_config(cfg, eval_cli.EvalRunConfig)
 
 
 def test_sample_report_through_the_console_entry(checkpoint, tmp_path, monkeypatch, capsys):
@@ -49,9 +50,8 @@ def test_sample_report_through_the_console_entry(checkpoint, tmp_path, monkeypat
 def test_loss_is_the_trained_token_mean_whatever_the_batching(checkpoint):
     bundle = load_for_inference(checkpoint)
     config = eval_config(f"ckpt={checkpoint}", "data.num_val=6")
-    encoder = ConversationEncoder(bundle.tokenizer, bundle.template, protocol_config(config["protocol"]))
-    conversations = eval_cli.eval_conversations(config["data"], config["seed"])
-    examples = list(encoder.encode_conversations(conversations, Accounting()))
+    encoder = ConversationEncoder(bundle.tokenizer, bundle.template, config.protocol)
+    examples, _ = validation_examples(asdict(config.data), config.seed, encoder, Accounting())
     total, tokens = 0.0, 0
     with torch.no_grad():
         for example in examples:  # one at a time, no padding
@@ -62,7 +62,8 @@ def test_loss_is_the_trained_token_mean_whatever_the_batching(checkpoint):
         loss_sum, trained_tokens = eval_cli.trained_token_loss(bundle.model, examples, batch_size)
         assert trained_tokens == tokens
         assert loss_sum == pytest.approx(total, rel=1e-5)
-    report = eval_cli.evaluate_checkpoint({**config, "eval": {**config["eval"], "exact_match": False}})
+    config.eval.exact_match = False
+    report = eval_cli.evaluate_checkpoint(config)
     assert report["metrics"]["val/loss"] == pytest.approx(total / tokens, rel=1e-5)
     assert "eval/exact_match" not in report["metrics"]
 

@@ -13,10 +13,12 @@ transformers = pytest.importorskip("transformers", minversion="4.56")  # model=h
 
 from hydra import compose, initialize_config_module  # noqa: E402
 
-from sft.config import ConfigError, validate_config  # noqa: E402
+from sft.cli.schemas import TrainConfig  # noqa: E402
+from sft.config import ConfigError, load_config  # noqa: E402
+from sft.model import build_model  # noqa: E402
 from sft.model.generate import generate  # noqa: E402
 from sft.model.hf import HFCausalLM, HFModelError  # noqa: E402
-from sft.model.llama import KVCache, build_model  # noqa: E402
+from sft.model.llama import KVCache  # noqa: E402
 from tests.helpers import make_model_dir  # noqa: E402
 
 
@@ -100,16 +102,16 @@ def test_dtype_follows_the_hardware_precision_or_model_dtype(model_dir):
         assert next(model.parameters()).dtype == expected, dtype
 
 
-def compose_train(*overrides: str) -> dict:
+def compose_train(*overrides: str) -> TrainConfig:
     with initialize_config_module("sft.conf", version_base="1.3"):
-        return validate_config(compose("train", overrides=list(overrides)))
+        return load_config(compose("train", overrides=list(overrides)), TrainConfig)
 
 
 def test_model_hf_points_tokenizer_and_template_at_the_model_directory(model_dir):
     config = compose_train("model=hf", f"model.path={model_dir}", "hardware=bf16")
-    assert config["model"]["dtype"] == "bf16-mixed"
-    assert config["tokenizer"] == {"name": "file", "path": str(model_dir), "vocab_size": None}
-    assert config["template"]["name"] == "jinja" and config["template"]["path"] == str(model_dir)
+    assert config.model.dtype == "bf16-mixed"
+    assert (config.tokenizer.name, config.tokenizer.path) == ("file", str(model_dir))
+    assert config.template.name == "jinja" and config.template.path == str(model_dir)
     with pytest.raises(ConfigError, match="model.path"):
         compose_train("model=hf")
     with pytest.raises(ConfigError, match="did you mean model.lora.alpha"):

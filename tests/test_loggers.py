@@ -120,3 +120,31 @@ def test_resumed_csv_logger_keeps_the_rows_before_the_checkpoint(tmp_path):
         ["2", "2.0"],
         ["3", "30.0"],
     ]
+
+
+def test_no_credential_value_reaches_wandb_and_env_interpolations_stay_unresolved(tmp_path, monkeypatch):
+    """`logger.notes=${oc.env:HF_TOKEN}` resolves for the run, but W&B gets the notes redacted and the
+    config with the interpolation itself, never the token."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+
+    from sft.cli.schemas import TrainConfig
+    from sft.cli.train import build_logger, config_record
+    from sft.config import load_config
+
+    secret = "hf_abcdefgh0123456789"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    overrides = ["logger=wandb", "logger.notes=run ${oc.env:HF_TOKEN}", "logger.tags=[${oc.env:HF_TOKEN}]"]
+    with initialize_config_module("sft.conf", version_base="1.3"):
+        HydraConfig.instance().set_config(compose("train", overrides=overrides, return_hydra_config=True))
+        cfg = compose("train", overrides=overrides)
+    try:
+        config = load_config(cfg, TrainConfig)
+        assert config.logger.notes == f"run {secret}"  # the run itself may use the value
+        logger = build_logger(config, tmp_path, config_record(cfg), resume_step=None)
+    finally:
+        HydraConfig.instance().cfg = None
+    sent = repr(logger._wandb_init)
+    assert secret not in sent
+    assert logger._wandb_init["notes"] == f"run {REDACTED}"
+    assert logger._wandb_init["config"]["logger"]["notes"] == "run ${oc.env:HF_TOKEN}"

@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from sft.cli.schemas import PrepareConfig
+from sft.config import load_config
 from sft.data import build
 from sft.data.build import prepare
 from sft.data.store import StoreError
@@ -23,17 +25,18 @@ from tests.helpers import A, B, contract, make_tokenizer, run_prepare, write_jso
 # ---- prepare() in process: the cache ----------------------------------------------------------------------
 
 
-def config(files, tokenizer=None, template="chatml", data_format="auto", **protocol) -> dict:
-    return {
+def config(files, tokenizer=None, template="chatml", data_format="auto", **protocol) -> PrepareConfig:
+    values = {
         "seed": 0,
         "tokenizer": tokenizer or {"name": "file", "path": files["tok"]},
         "template": {"name": template},
         "protocol": {"max_seq_len": 4096, **protocol},
         "data": {"name": "jsonl", "train": [files["a"]], "format": data_format, "cache_dir": files["cache"]},
     }
+    return load_config(values, PrepareConfig)
 
 
-def store_dir(cfg: dict):
+def store_dir(cfg: PrepareConfig):
     return prepare(cfg).train[0].store_dir
 
 
@@ -73,9 +76,9 @@ def test_store_cache_hits_when_nothing_changes_and_misses_on_any_change(files, t
 def test_data_format_forces_the_reader(files, tmp_path):
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Hi", "output": "Yo", "messages": []}])
     cfg = config(files, data_format="alpaca")
-    cfg["data"]["train"] = [alpaca]
+    cfg.data.train = [alpaca]
     assert prepare(cfg).accounting.kept == 1  # auto would read it as an (empty) messages record
-    cfg["data"]["format"] = "auto"
+    cfg.data.format = "auto"
     with pytest.raises(DataError, match=rf"{alpaca}:1: no_assistant_turn"):
         prepare(cfg)
 
@@ -125,7 +128,9 @@ def test_a_lone_surrogate_with_a_tokenizer_file_is_raised_with_its_line_or_skipp
     with open(files["b"], "a", encoding="utf-8") as file:
         file.write(LONE_SURROGATE + "\n")
     with pytest.raises(DataError, match=rf"^{files['b']}:4: invalid_text: 'messages\[0\]\.content'"):
-        prepare({**config(files), "data": {**config(files)["data"], "train": [files["b"]]}})
+        cfg = config(files)
+        cfg.data.train = [files["b"]]
+        prepare(cfg)
     skipped = run_prepare(tmp_path, *contract(files, tmp_path, "protocol.on_error=skip"))
     assert skipped.returncode == 0, skipped.stderr
     assert "read 6 = kept 5 + skipped 1 + dropped 0" in skipped.stdout
@@ -139,27 +144,27 @@ def test_files_with_the_same_bytes_are_reported_under_the_names_given_in_this_ru
     copy = tmp_path / "renamed.jsonl"
     copy.write_bytes((tmp_path / "first.jsonl").read_bytes())
     cfg = config(files, on_error="skip")
-    cfg["data"]["train"] = [bad, str(copy)]
+    cfg.data.train = [bad, str(copy)]
     prepared = prepare(cfg)
     assert prepared.train[0].store_dir == prepared.train[1].store_dir  # one store: keyed by content
     assert prepared.accounting.where["invalid_json"] == [f"{bad}:3", f"{copy}:3"]
     assert [store.source for store in prepared.train] == [bad, str(copy)]
     moved = tmp_path / "moved.jsonl"
     (tmp_path / "first.jsonl").rename(moved)
-    cfg["data"]["train"] = [str(moved)]
+    cfg.data.train = [str(moved)]
     assert prepare(cfg).accounting.where["invalid_json"] == [f"{moved}:3"]
 
 
 def test_a_directory_or_an_unset_data_train_is_named_for_what_it_is(files, tmp_path):
     cfg = config(files)
-    cfg["data"]["train"] = [str(tmp_path)]
+    cfg.data.train = [str(tmp_path)]
     with pytest.raises(ValueError, match=rf"data.train: {tmp_path} is a directory, not a data file"):
         prepare(cfg)
-    for unset in (None, "???", []):
-        cfg["data"]["train"] = unset
+    for unset in (None, []):  # `???` left unset is named by the config loader before any of this
+        cfg.data.train = unset
         with pytest.raises(ValueError, match="data.train is not set"):
             prepare(cfg)
-    cfg["data"]["train"] = [str(tmp_path / "missing.jsonl")]
+    cfg.data.train = [str(tmp_path / "missing.jsonl")]
     with pytest.raises(FileNotFoundError, match="data.train: data file not found"):
         prepare(cfg)
 
@@ -168,7 +173,7 @@ def test_a_truncated_json_array_is_located_and_its_whole_records_counted(files, 
     truncated = tmp_path / "cut.json"
     truncated.write_text(json.dumps(A + B, indent=1)[:-40])
     cfg = config(files, on_error="skip")
-    cfg["data"]["train"] = [str(truncated)]
+    cfg.data.train = [str(truncated)]
     accounting = prepare(cfg).accounting
     assert (accounting.read, accounting.kept, dict(accounting.skipped)) == (5, 4, {"invalid_json": 1})
     assert accounting.where["invalid_json"] == [f"{truncated} record 5"]

@@ -14,6 +14,7 @@ def run_dir(tmp_path):
     """A run of `data.num_train=240 trainer.max_steps=30` whose warmup sft-train fitted from 30 to 3."""
     config = compose_train(["data.num_train=240", "trainer.max_steps=30"])
     config["optim"]["warmup_steps"] = 3
+    del config["model"]["name"]  # a Llama preset's label: the typed config does not keep it
     record = {"config": config, "fitted": {"optim.warmup_steps": 30}}
     (tmp_path / RUN_FILE).write_text(yaml.safe_dump(record))
     return tmp_path

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from sft.cli.train import with_absolute_path
+from sft.model.hf import HFModelConfig
 
 
 def test_model_path_is_kept_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    model = with_absolute_path({"name": "hf", "path": "models/base", "lora": None})
-    assert model == {"name": "hf", "path": str(tmp_path / "models" / "base"), "lora": None}
-    assert Path(model["path"]).is_absolute()
-    assert with_absolute_path({"name": "llama", "path": None}) == {"name": "llama", "path": None}
+    model = with_absolute_path(HFModelConfig(name="hf", path="models/base"))
+    assert model == HFModelConfig(name="hf", path=str(tmp_path / "models" / "base"))
+    assert Path(model.path).is_absolute()

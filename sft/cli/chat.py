@@ -15,13 +15,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TextIO
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from sft.checkpoint import CheckpointError, InferenceBundle, load_for_inference, trained_system_prompt
+from sft.cli.entry import run_cli
+from sft.config import register_defaults
 from sft.evaluate import generate_reply
 
 COMMANDS = "/reset starts a new conversation, /exit (or Ctrl-D) quits"
@@ -120,39 +120,64 @@ def print_reply(reply: str, stopped: bool, max_new_tokens: int, out: TextIO | No
         print(f"(cut at max_new_tokens={max_new_tokens})", file=sys.stderr)
 
 
-def chat(config: dict[str, Any]) -> None:
+Text = str | int | float | bool | None  # Hydra reads `prompt=42` as a number: any scalar, used as text
+
+
+@dataclass
+class ChatConfig:
+    """conf/chat.yaml."""
+
+    ckpt: str  # an sft-train checkpoint (.ckpt); its tokenizer and template are inside
+    prompt: Text = None  # one user message: print the reply and exit
+    system: Text = None  # a system prompt for every conversation; None: the one training always added
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0  # for sampling (temperature > 0)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: expected >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: expected >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: expected 0 < top_p <= 1")
+
+
+register_defaults("sft_chat_defaults", ChatConfig)
+
+
+def chat(config: ChatConfig) -> None:
     try:
-        bundle = load_for_inference(config["ckpt"], device=resolve_device(config["device"]))
+        bundle = load_for_inference(config.ckpt, device=resolve_device(config.device))
     except CheckpointError as error:
         sys.exit(f"sft-chat: {error}")
-    system = trained_system_prompt(bundle.section) if config["system"] is None else str(config["system"])
+    system = trained_system_prompt(bundle.section) if config.system is None else str(config.system)
     session = ChatSession(
         bundle,
         system=system,
-        max_new_tokens=config["max_new_tokens"],
-        temperature=config["temperature"],
-        top_p=config["top_p"],
-        seed=config["seed"],
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        seed=config.seed,
     )
-    if config["prompt"] is not None:
+    if config.prompt is not None:
         try:
-            reply, stopped = session.respond(str(config["prompt"]))
+            reply, stopped = session.respond(str(config.prompt))
         except ValueError as error:
             sys.exit(f"sft-chat: {error}")
         print_reply(reply, stopped, session.max_new_tokens)
         return
     if sys.stdin.isatty():
-        print(
-            f"chatting with {config['ckpt']} ({bundle.template.name} template); {COMMANDS}", file=sys.stderr
-        )
+        print(f"chatting with {config.ckpt} ({bundle.template.name} template); {COMMANDS}", file=sys.stderr)
         run_repl(session, terminal_lines())
     else:
         run_repl(session, sys.stdin)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://sft.conf", config_name="chat")
-def main(cfg: DictConfig) -> None:
-    chat(OmegaConf.to_container(cfg, resolve=True))
+def main() -> None:
+    run_cli("sft-chat", "chat", ChatConfig, lambda config, cfg: chat(config))
 
 
 if __name__ == "__main__":

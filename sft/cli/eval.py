@@ -13,36 +13,56 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
-from sft.checkpoint import CheckpointError, load_for_inference
+from sft.checkpoint import CheckpointError, follow_checkpoint, load_for_inference
 from sft.cli.chat import resolve_device
-from sft.data.build import protocol_config
-from sft.data.sample import generate_conversations
+from sft.cli.entry import run_cli
+from sft.cli.schemas import SampleEvalConfig
+from sft.config import register_defaults
+from sft.data.collate import collate_rows, example_row
+from sft.data.config import DataConfig
+from sft.data.validation import validation_examples
 from sft.evaluate import exact_match_counts, sample_eval_items
 from sft.loss import masked_token_loss_sum
-from sft.protocol.labels import IGNORE_INDEX
-from sft.protocol.pipeline import Accounting, ConversationEncoder, EncodedExample, read_conversations
-from sft.protocol.records import record_to_conversation
+from sft.protocol.pipeline import Accounting, ConversationEncoder, EncodedExample
+from sft.protocol.types import ProtocolConfig
+from sft.schedule import command_line_keys
 
 
-def eval_conversations(data: dict[str, Any], seed: int):
-    """The conversations to score: the files in `data.val`, else the embedded sample's held-out split."""
-    files = data.get("val")
-    if not files:
-        records = generate_conversations(data["num_val"], seed, split="val")
-        for line, record in enumerate(records, start=1):
-            yield record_to_conversation(record, source="sample-val", line=line)
-        return
-    for path in [files] if isinstance(files, str) else files:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"data.val: no file at {path}")
-        yield from read_conversations(path, data.get("format", "auto"))
+@dataclass
+class EvalDataConfig:
+    """What to score: `val` files, else the embedded sample's held-out split (DataConfig's meaning)."""
+
+    val: list[str] | str | None = None
+    format: str = "auto"  # auto | messages | sharegpt | alpaca | prompt_completion
+    num_val: int = 200
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        DataConfig(val=self.val, format=self.format, num_val=self.num_val, batch_size=self.batch_size)
+
+
+@dataclass
+class EvalRunConfig:
+    """conf/eval.yaml."""
+
+    ckpt: str  # an sft-train checkpoint (.ckpt); its tokenizer and template are inside
+    out: str | None = None  # a path: also write the report as JSON
+    seed: int = 1234  # train's default: the sample's held-out split and protocol.seed
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    eval: SampleEvalConfig = field(default_factory=SampleEvalConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+
+
+register_defaults("sft_eval_defaults", EvalRunConfig)
 
 
 @torch.inference_mode()
@@ -54,30 +74,32 @@ def trained_token_loss(
     ordered = sorted(examples, key=lambda example: len(example.input_ids))
     loss_sum, trained_tokens = 0.0, 0
     for start in range(0, len(ordered), batch_size):
-        batch = ordered[start : start + batch_size]
-        width = max(len(example.input_ids) for example in batch)
-        input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        for row, example in enumerate(batch):
-            input_ids[row, : len(example.input_ids)] = torch.from_numpy(example.input_ids)
-            labels[row, : len(example.labels)] = torch.from_numpy(example.labels)
+        batch = collate_rows(
+            [example_row(e.input_ids, e.labels) for e in ordered[start : start + batch_size]]
+        )
         # Causal attention: right padding is never seen by the real tokens, and its labels are ignored.
-        batch_loss, batch_tokens = masked_token_loss_sum(model(input_ids.to(device)), labels.to(device))
+        logits = model(batch["input_ids"].to(device))
+        batch_loss, batch_tokens = masked_token_loss_sum(logits, batch["labels"].to(device))
         loss_sum += float(batch_loss)
         trained_tokens += int(batch_tokens)
     return loss_sum, trained_tokens
 
 
-def evaluate_checkpoint(config: dict[str, Any]) -> dict[str, Any]:
-    """The report: metrics under training's names, what was evaluated, and the accounting of every line."""
-    bundle = load_for_inference(config["ckpt"], device=resolve_device(config["device"]))
-    data = config["data"]
-    encoder = ConversationEncoder(bundle.tokenizer, bundle.template, protocol_config(config["protocol"]))
+def evaluate_checkpoint(config: EvalRunConfig, explicit: set[str] | None = None) -> dict[str, Any]:
+    """The report: metrics under training's names, what was evaluated, and the accounting of every line.
+
+    `explicit`: the keys the command line set; the rest of `data`, `protocol` and `seed` follow the run
+    (its checkpoint's section: its own validation data, max_seq_len, system prompt). None: `config` as is."""
+    bundle = load_for_inference(config.ckpt, device=resolve_device(config.device))
+    given = {"seed": config.seed, "data": asdict(config.data), "protocol": asdict(config.protocol)}
+    followed = given if explicit is None else follow_checkpoint(bundle.section, given, explicit)
+    data, seed = followed["data"], followed["seed"]
+    encoder = ConversationEncoder(bundle.tokenizer, bundle.template, ProtocolConfig(**followed["protocol"]))
     accounting = Accounting()
-    examples = list(encoder.encode_conversations(eval_conversations(data, config["seed"]), accounting))
+    examples, description = validation_examples(data, seed, encoder, accounting)
     if not examples:
         raise ValueError("nothing to evaluate: no example kept\n" + accounting.summary())
-    loss_sum, trained_tokens = trained_token_loss(bundle.model, examples, data["batch_size"])
+    loss_sum, trained_tokens = trained_token_loss(bundle.model, examples, config.data.batch_size)
     val_loss = loss_sum / trained_tokens
     metrics: dict[str, float] = {
         "val/loss": val_loss,
@@ -85,17 +107,16 @@ def evaluate_checkpoint(config: dict[str, Any]) -> dict[str, Any]:
         "val/trained_tokens": trained_tokens,
     }
     report: dict[str, Any] = {
-        "ckpt": str(config["ckpt"]),
-        "data": data["val"]
-        or f"sample held-out split (seed {config['seed']}, {data['num_val']} conversations)",
+        "ckpt": config.ckpt,
+        "data": description,
         "examples": len(examples),
         "metrics": metrics,
         "accounting": accounting.to_dict(),
     }
-    if not data["val"] and config["eval"]["exact_match"]:
-        items = sample_eval_items(config["seed"], data["num_val"], config["eval"]["max_items"])
+    if data.get("name", "sample") == "sample" and not data.get("val") and config.eval.exact_match:
+        items = sample_eval_items(seed, data["num_val"], config.eval.max_items)
         correct, total = exact_match_counts(
-            bundle.model, items, bundle.tokenizer, bundle.template, config["eval"]["max_new_tokens"]
+            bundle.model, items, bundle.tokenizer, bundle.template, config.eval.max_new_tokens
         )
         metrics["eval/exact_match"] = correct / total
         report["exact_match_items"] = total
@@ -111,17 +132,19 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  {'exact_match_items':22s} {report['exact_match_items']}")
 
 
-@hydra.main(version_base="1.3", config_path="pkg://sft.conf", config_name="eval")
-def main(cfg: DictConfig) -> None:
-    config = OmegaConf.to_container(cfg, resolve=True)
+def run(config: EvalRunConfig, cfg: DictConfig) -> None:
     try:
-        report = evaluate_checkpoint(config)
+        report = evaluate_checkpoint(config, command_line_keys(list(HydraConfig.get().overrides.task)))
     except CheckpointError as error:
         sys.exit(f"sft-eval: {error}")
     print_report(report)
-    if config["out"]:
-        Path(config["out"]).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"report: {config['out']}")
+    if config.out:
+        Path(config.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"report: {config.out}")
+
+
+def main() -> None:
+    run_cli("sft-eval", "eval", EvalRunConfig, run)
 
 
 if __name__ == "__main__":

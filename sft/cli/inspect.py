@@ -17,13 +17,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.text import Text
 from tokenizers import Tokenizer
 
+from sft.cli.entry import run_cli
+from sft.cli.schemas import InspectConfig
 from sft.data.build import prepare
 from sft.data.stats import DatasetStats, dataset_stats, describe
 from sft.data.store import TokenStore
@@ -177,12 +178,8 @@ def html_page(examples: list[Example], stats: DatasetStats, split: str) -> str:
 # ---- main --------------------------------------------------------------------------------------------
 
 
-@hydra.main(version_base="1.3", config_path="pkg://sft.conf", config_name="inspect")
-def main(cfg: DictConfig) -> None:
-    config = OmegaConf.to_container(cfg, resolve=True)
-    split = config["split"]
-    if split not in ("train", "val"):
-        sys.exit(f"sft-inspect: split={split!r}: expected train or val")
+def run(config: InspectConfig, cfg: DictConfig) -> None:
+    split = config.split
     try:
         prepared = prepare(config)
     except (DataError, TemplateError, FileNotFoundError, ValueError) as error:
@@ -192,15 +189,19 @@ def main(cfg: DictConfig) -> None:
         sys.exit(
             "sft-inspect: no data.val files (data.val_fraction holds examples out of train at training time)"
         )
-    stats = dataset_stats(stores, int(config["protocol"]["max_seq_len"]))
-    examples = load_examples(prepared.tokenizer, stores, int(config["n"]))
+    stats = dataset_stats(stores, config.protocol.max_seq_len)
+    examples = load_examples(prepared.tokenizer, stores, config.n)
     print_view(Console(), examples, stats, split)
-    if config.get("html"):
-        Path(config["html"]).write_text(html_page(examples, stats, split), encoding="utf-8")
-        print(f"wrote {config['html']}")
-    if config.get("stats"):
-        Path(config["stats"]).write_text(json.dumps({"split": split, **stats.to_dict()}, indent=2) + "\n")
-        print(f"wrote {config['stats']}")
+    if config.html:
+        Path(config.html).write_text(html_page(examples, stats, split), encoding="utf-8")
+        print(f"wrote {config.html}")
+    if config.stats:
+        Path(config.stats).write_text(json.dumps({"split": split, **stats.to_dict()}, indent=2) + "\n")
+        print(f"wrote {config.stats}")
+
+
+def main() -> None:
+    run_cli("sft-inspect", "inspect", InspectConfig, run)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import sys
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from sft.cli.entry import run_cli
+from sft.cli.schemas import PrepareConfig
 from sft.data.build import export_jsonl, prepare
 from sft.data.store import StoreError
 
 
-@hydra.main(version_base="1.3", config_path="pkg://sft.conf", config_name="prepare")
-def main(cfg: DictConfig) -> None:
-    config = OmegaConf.to_container(cfg, resolve=True)
+def run(config: PrepareConfig, cfg: DictConfig) -> None:
     try:
         prepared = prepare(config)
     except (ValueError, OSError, StoreError) as error:  # bad data, template, config or files: no traceback
@@ -33,9 +32,13 @@ def main(cfg: DictConfig) -> None:
             f"{store.source}: {counts['examples']} examples, {counts['tokens']} tokens, "
             f"{counts['trained_tokens']} trained → {store.store_dir}"
         )
-    if config.get("export"):
-        count = export_jsonl(prepared.train, config["export"])
-        print(f"exported {count} examples to {config['export']}")
+    if config.export:
+        count = export_jsonl(prepared.train, config.export)
+        print(f"exported {count} examples to {config.export}")
+
+
+def main() -> None:
+    run_cli("sft-prepare", "prepare", PrepareConfig, run)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import signal
@@ -16,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sft.callbacks import (
     AtomicCheckpointIO,
@@ -27,23 +28,24 @@ from sft.callbacks import (
     ValidateAtEnd,
 )
 from sft.checkpoint import CheckpointError, load_checkpoint, run_section
-from sft.config import ConfigError, validate_config
+from sft.cli.entry import run_cli
+from sft.cli.schemas import TrainConfig
 from sft.console import ProgressLog, RunLog, StepProgressBar, model_line, quiet_lightning
-from sft.data.build import EmptyDataError
+from sft.data.build import EmptyDataError, prepare
 from sft.data.datamodule import SFTDataModule
 from sft.data.store import StoreError
 from sft.evaluate import sample_eval_items
 from sft.module import SFTModule
 from sft.protocol.pipeline import DataError
 from sft.redaction import redact_secrets
+from sft.resume import SAVED_CONFIG, read_run_file, resume_arguments, write_run_file
 from sft.schedule import command_line_keys, fit_schedule
 from sft.wandb_logger import display_path, finish_wandb
 
 
-def build_logger(
-    logger_config: dict[str, Any], run_dir: Path, config: dict[str, Any], resume_step: int | None
-):
-    name = logger_config["name"]
+def build_logger(config: TrainConfig, run_dir: Path, record: dict[str, Any], resume_step: int | None):
+    """`record`: the config as written (interpolations unresolved, secrets redacted) for W&B."""
+    name = config.logger.name
     if name == "csv":
         from sft.csv_logger import ResumableCSVLogger
 
@@ -52,20 +54,21 @@ def build_logger(
         from lightning.pytorch.loggers import TensorBoardLogger
 
         return TensorBoardLogger(save_dir=run_dir, name="", version="")
-    if name == "wandb":
-        from sft.wandb_logger import wandb_logger
+    from sft.wandb_logger import wandb_logger
 
-        return wandb_logger(logger_config, run_dir, config)
-    raise ValueError(f"logger={name!r}: expected csv, tensorboard or wandb")
+    return wandb_logger(config.logger, run_dir, record, resumable=config.ckpt_path is not None)
 
 
-def trainer_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-    hardware = config["hardware"]
-    kwargs = {key: hardware[key] for key in ("accelerator", "devices", "num_nodes", "strategy", "precision")}
+def trainer_kwargs(config: TrainConfig) -> dict[str, Any]:
+    hardware = config.hardware
+    kwargs = {
+        key: getattr(hardware, key)
+        for key in ("accelerator", "devices", "num_nodes", "strategy", "precision")
+    }
     if isinstance(kwargs["strategy"], dict):  # a `_target_` mapping, e.g. conf/hardware/fsdp.yaml
         kwargs["strategy"] = hydra.utils.instantiate(kwargs["strategy"], _convert_="all")
     # The datamodule shards every epoch itself (disjoint, resumable); Lightning must not re-wrap its samplers.
-    return {**kwargs, "use_distributed_sampler": False, **config["trainer"]}
+    return {**kwargs, "use_distributed_sampler": False, **config.trainer}
 
 
 def cluster_plugins() -> list:
@@ -125,33 +128,45 @@ def run_record(checkpoint_dir: Path) -> dict[str, Any]:
     }
 
 
-def fit_to_run(config: dict[str, Any], log: RunLog) -> None:
-    """Scale the default warmup and validation interval to the run's length (printed), or refuse."""
+def config_record(cfg: DictConfig) -> dict[str, Any]:
+    """The config as it may be written anywhere (W&B included): `${oc.env:...}` left unresolved, secret
+    keys and credential values redacted."""
+    return redact_secrets(OmegaConf.to_container(cfg, resolve=False))
+
+
+def with_absolute_path(model_config: Any) -> Any:
+    """`model.path` made absolute: the checkpoint keeps it to rebuild the base model, and sft-chat, sft-eval
+    and sft-export may run from any directory."""
+    path = getattr(model_config, "path", None)
+    return dataclasses.replace(model_config, path=str(Path(path).resolve())) if path else model_config
+
+
+def fit_to_run(config: TrainConfig, log: RunLog) -> tuple[TrainConfig, dict[str, Any]]:
+    """The config with the default warmup and validation interval scaled to the run's length (each change
+    printed), or a ConfigError naming the keys; and {key: the composed value} of what was changed."""
     hydra_config = HydraConfig.get()
-    trainer = config["trainer"]
+    trainer = config.trainer
     fitted = fit_schedule(
         trainer.get("max_steps", -1),
         trainer.get("accumulate_grad_batches", 1),
-        config["optim"]["warmup_steps"],
+        config.optim.warmup_steps,
         trainer.get("val_check_interval"),
         explicit=command_line_keys(list(hydra_config.overrides.task)),
         swept=set(hydra_config.sweeper.get("params") or {}),
     )
-    config["optim"]["warmup_steps"] = fitted.warmup_steps
-    if "val_check_interval" in trainer:
-        trainer["val_check_interval"] = fitted.val_check_interval
     for note in fitted.notes:
         log.record(f"note: {note}")
     for warning in fitted.warnings:
         log.record(f"warning: {warning}", stream=sys.stderr)
-
-
-def with_absolute_path(model_config: dict[str, Any]) -> dict[str, Any]:
-    """`model.path` made absolute: the checkpoint keeps it to rebuild the base model, and sft-chat, sft-eval
-    and sft-export may run from any directory."""
-    if not model_config.get("path"):
-        return model_config
-    return {**model_config, "path": str(Path(model_config["path"]).resolve())}
+    changed = {}
+    if fitted.warmup_steps != config.optim.warmup_steps:
+        changed["optim.warmup_steps"] = config.optim.warmup_steps
+    if "val_check_interval" in trainer and fitted.val_check_interval != trainer["val_check_interval"]:
+        changed["trainer.val_check_interval"] = trainer["val_check_interval"]
+    if "val_check_interval" in trainer:
+        trainer = {**trainer, "val_check_interval": fitted.val_check_interval}
+    optim = dataclasses.replace(config.optim, warmup_steps=fitted.warmup_steps)
+    return dataclasses.replace(config, optim=optim, trainer=trainer), changed
 
 
 def resume_command(run_dir: Path) -> str:
@@ -159,30 +174,43 @@ def resume_command(run_dir: Path) -> str:
     return f"sft-train ckpt_path=last hydra.run.dir={shlex.quote(display_path(run_dir))}"
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def plain(config: TrainConfig) -> dict[str, Any]:
+    """The typed config as plain containers (what the run file and the checkpoint section hold)."""
+    return {field.name: to_plain(getattr(config, field.name)) for field in dataclasses.fields(config)}
+
+
+def to_plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Prepare data, build the model, fit, and write summary.json; returns the summary."""
     started = time.perf_counter()
-    config = validate_config(cfg)  # a typo'd key or wrong type fails here, naming the key
-    config["model"] = with_absolute_path(config["model"])
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     log = RunLog(run_dir / "train.log")
-    fit_to_run(config, log)
-    L.seed_everything(config["seed"], workers=True)
+    if HydraConfig.get().job.config_name == SAVED_CONFIG:  # a resume: the run's own, fitted config
+        fitted = read_run_file(run_dir)["fitted"]
+    else:
+        config, fitted = fit_to_run(config, log)
+    config = dataclasses.replace(config, model=with_absolute_path(config.model))
+    write_run_file(run_dir, redact_secrets(plain(config)), fitted)  # what a resume reads back
+    L.seed_everything(config.seed, workers=True)
 
-    datamodule = SFTDataModule(config)
-    tokenizer = datamodule.tokenizer  # prepared before the model: it fixes the vocabulary size
-    log.record(datamodule.prepared.accounting.summary())
-    datamodule.setup("fit")  # here too, not only in spawned ranks: the summary reports packing efficiency
-    model_config = {**config["model"], "vocab_size": tokenizer.get_vocab_size()}
-    module = SFTModule(model_config, config["optim"], peak_flops=config["hardware"].get("peak_flops", 0.0))
-    module.attach(tokenizer, config["template"], run_section(redact_secrets(config)))
+    prepared = prepare(config)  # before the model: the tokenizer fixes the vocabulary size
+    log.record(prepared.accounting.summary())
+    datamodule = SFTDataModule(config, prepared)
+    tokenizer = prepared.tokenizer
+    model_config = dataclasses.replace(config.model, vocab_size=tokenizer.get_vocab_size())
+    module = SFTModule(model_config, config.optim, peak_flops=config.hardware.peak_flops)
+    section = run_section(redact_secrets(plain(config)))
+    module.attach(tokenizer, dataclasses.asdict(config.template), section)
     log.record(model_line(module))
     tokenizer.save(str(run_dir / "tokenizer.json"))
-    (run_dir / "template.json").write_text(json.dumps(config["template"], indent=2))
+    (run_dir / "template.json").write_text(json.dumps(dataclasses.asdict(config.template), indent=2))
 
     checkpoint_dir = run_dir / "checkpoints"
     callbacks: list[L.Callback] = [
-        LastCheckpoint(checkpoint_dir, config["checkpoint"]["every_n_train_steps"]),  # the resume point
+        LastCheckpoint(checkpoint_dir, config.checkpoint.every_n_train_steps),  # the resume point
         ModelCheckpoint(  # saved when a validation ends, so it is scored with its own val/loss
             dirpath=checkpoint_dir,
             filename="best-step{step}",
@@ -192,24 +220,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ),
         ValidateAtEnd(),
         CheckpointOnInterrupt(checkpoint_dir / "last.ckpt"),
-        ProgressLog(log, config["trainer"].get("log_every_n_steps", 50)),
+        ProgressLog(log, config.trainer.get("log_every_n_steps", 50)),
     ]
-    if config["trainer"].get("enable_progress_bar", True):
-        callbacks.append(StepProgressBar(config["trainer"].get("log_every_n_steps", 50)))
-    if config["data"]["name"] == "sample" and config["eval"]["exact_match"]:
-        items = sample_eval_items(config["seed"], config["data"]["num_val"], config["eval"]["max_items"])
-        callbacks.append(ExactMatchCallback(items, config["eval"]["max_new_tokens"]))
-    if config["logger"]["name"] == "wandb":
+    if config.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar(config.trainer.get("log_every_n_steps", 50)))
+    if config.data.name == "sample" and config.eval.exact_match:
+        items = sample_eval_items(config.seed, config.data.num_val, config.eval.max_items)
+        callbacks.append(ExactMatchCallback(items, config.eval.max_new_tokens))
+    if config.logger.name == "wandb":
         from sft.wandb_generations import WandbExtras
 
-        callbacks.append(WandbExtras(config["logger"]["generations"], config["eval"]["max_new_tokens"]))
-    ckpt_path = resume_from(config.get("ckpt_path"), run_dir)
+        callbacks.append(WandbExtras(config.logger.generations, config.eval.max_new_tokens))
+    ckpt_path = resume_from(config.ckpt_path, run_dir)
     if ckpt_path == "last":
         ckpt_path = str(checkpoint_dir / "last.ckpt") if (checkpoint_dir / "last.ckpt").is_file() else None
     with quiet_lightning(resuming=ckpt_path is not None):
         trainer = L.Trainer(
             default_root_dir=run_dir,
-            logger=build_logger(config["logger"], run_dir, config, checkpoint_step(ckpt_path)),
+            logger=build_logger(config, run_dir, record or {}, checkpoint_step(ckpt_path)),
             callbacks=callbacks,
             plugins=[AtomicCheckpointIO(), *cluster_plugins()],
             **sweep_safe(trainer_kwargs(config), multirun=HydraConfig.get().mode == RunMode.MULTIRUN),
@@ -225,13 +253,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "run_dir": str(run_dir),
         **run_record(checkpoint_dir),
-        "metrics_csv": str(run_dir / "metrics.csv") if config["logger"]["name"] == "csv" else None,
+        "metrics_csv": str(run_dir / "metrics.csv") if config.logger.name == "csv" else None,
         "metrics": final_metrics(trainer),
         "packing_efficiency": datamodule.packing_efficiency,
-        "data": datamodule.prepared.accounting.to_dict(),
+        "data": prepared.accounting.to_dict(),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    if trainer.is_global_zero and config["model"].get("lora") and summary["checkpoint"]:
+    if trainer.is_global_zero and getattr(config.model, "lora", None) and summary["checkpoint"]:
         # The LoRA adapter on its own, from the last checkpoint (right under ddp_spawn too).
         from sft.checkpoint import load_for_inference
 
@@ -242,7 +270,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lines = [
             f"run directory: {run_dir}",
             f"checkpoint:    {summary['checkpoint']}",
-            f"metrics:       {summary['metrics_csv'] or config['logger']['name']}",
+            f"metrics:       {summary['metrics_csv'] or config.logger.name}",
             f"summary:       {run_dir / 'summary.json'}",
             *(f"  {key:28s} {value:.4f}" for key, value in summary["metrics"].items()),
             f"  {'seconds':28s} {summary['seconds']}",
@@ -251,13 +279,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="pkg://sft.conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def run(config: TrainConfig, cfg: DictConfig) -> float | None:
     """Returns the final val/loss: the objective a Hydra sweeper (hydra/sweeper=optuna_lr) minimises."""
     try:
-        return train(cfg)["metrics"].get("val/loss")
-    except (ConfigError, CheckpointError, DataError, EmptyDataError, StoreError) as error:
-        sys.exit(f"sft-train: {error}")  # the user's config, data or file, not a crash: no traceback
+        return train(config, config_record(cfg))["metrics"].get("val/loss")
+    except (CheckpointError, DataError, EmptyDataError, StoreError) as error:
+        sys.exit(f"sft-train: {error}")  # the user's data or file, not a crash: no traceback
+
+
+def main() -> float | None:
+    return run_cli("sft-train", "train", TrainConfig, run, arguments=resume_arguments)
 
 
 if __name__ == "__main__":

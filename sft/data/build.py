@@ -14,11 +14,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 
 from sft.atomic import atomic_file
 from sft.data import sample
+from sft.data.config import DataConfig
 from sft.data.store import (
     StoreError,
     StoreWriter,
@@ -42,6 +43,7 @@ from sft.protocol.pipeline import (
 )
 from sft.protocol.templates import ChatTemplate, check_template, load_template
 from sft.protocol.tokenizer import (
+    TokenizerConfig,
     TokenizerFileError,
     check_template_tokens,
     load_tokenizer,
@@ -49,6 +51,9 @@ from sft.protocol.tokenizer import (
     train_bpe,
 )
 from sft.protocol.types import ProtocolConfig, ProtocolError
+
+if TYPE_CHECKING:
+    from sft.cli.schemas import PrepareConfig
 
 
 class EmptyDataError(ValueError):
@@ -66,10 +71,6 @@ class PreparedData:
     accounting: Accounting  # over all train and val files
 
 
-def protocol_config(section: Mapping[str, Any]) -> ProtocolConfig:
-    return ProtocolConfig(**{key: section[key] for key in section})
-
-
 def write_sample(directory: Path, count: int, seed: int, split: str, writable: bool = True) -> str:
     """The embedded default's conversations as a JSONL file (written once, atomically), so that they flow
     through exactly the same reader, cache and accounting as a user's files."""
@@ -84,20 +85,17 @@ def write_sample(directory: Path, count: int, seed: int, split: str, writable: b
 
 
 def data_files(
-    data_cfg: Mapping[str, Any], cache_dir: Path, seed: int, writable: bool = True
+    data: DataConfig, cache_dir: Path, seed: int, writable: bool = True
 ) -> tuple[list[str], list[str]]:
     """The train and val files; `data=sample` writes its generated conversations into the cache first."""
-    if data_cfg.get("name") == "sample":
+    if data.name == "sample":
         return (
-            [write_sample(cache_dir / "sample", data_cfg["num_train"], seed, "train", writable)],
-            [write_sample(cache_dir / "sample", data_cfg["num_val"], seed, "val", writable)],
+            [write_sample(cache_dir / "sample", data.num_train, seed, "train", writable)],
+            [write_sample(cache_dir / "sample", data.num_val, seed, "val", writable)],
         )
-    train = data_cfg.get("train")
-    if train in (None, "", "???") or train == []:
+    train, val = data.train_files, data.val_files
+    if not train:
         raise ValueError("data.train is not set: give a list of files, e.g. data.train=[a.jsonl,b.jsonl]")
-    train = [train] if isinstance(train, str) else list(train)
-    val = data_cfg.get("val") or []
-    val = [val] if isinstance(val, str) else list(val)
     for key, paths in (("data.train", train), ("data.val", val)):
         for path in paths:
             if Path(path).is_dir():
@@ -136,7 +134,7 @@ RENDERING_KEYS = (
 
 
 def build_tokenizer(
-    tokenizer_cfg: Mapping[str, Any],
+    tokenizer_cfg: TokenizerConfig,
     template: ChatTemplate,
     protocol: ProtocolConfig,
     train_files: list[str],
@@ -146,12 +144,12 @@ def build_tokenizer(
 ) -> Tokenizer:
     """`file`: load it. `bpe`: train on the rendered training conversations, cached by content hash (a
     cached file that cannot be read, e.g. cut short, is trained again)."""
-    if tokenizer_cfg["name"] == "file":
-        tokenizer = load_tokenizer(tokenizer_cfg["path"])
-    elif tokenizer_cfg["name"] == "bpe":
+    if tokenizer_cfg.name == "file":
+        tokenizer = load_tokenizer(tokenizer_cfg.path)
+    elif tokenizer_cfg.name == "bpe":
         parts = {
             "kind": "bpe",
-            "vocab_size": tokenizer_cfg["vocab_size"],
+            "vocab_size": tokenizer_cfg.vocab_size,
             "special_tokens": template.special_tokens,
             "template": template.fingerprint,
             "protocol": {key: getattr(protocol, key) for key in RENDERING_KEYS},
@@ -172,13 +170,13 @@ def build_tokenizer(
             )
             tokenizer = train_bpe(
                 rendered_texts(train_files, fmt, text_encoder),
-                tokenizer_cfg["vocab_size"],
+                tokenizer_cfg.vocab_size,
                 template.special_tokens,
             )
             with atomic_file(path, "w", encoding="utf-8") as handle:
                 handle.write(tokenizer.to_str(pretty=True))  # what Tokenizer.save writes
     else:
-        raise ValueError(f"tokenizer.name={tokenizer_cfg['name']!r}: expected 'bpe' or 'file'")
+        raise ValueError(f"tokenizer.name={tokenizer_cfg.name!r}: expected 'bpe' or 'file'")
     check_template_tokens(template, tokenizer)
     return tokenizer
 
@@ -253,19 +251,16 @@ def read_only_error(cache_dir: Path, missing: str) -> StoreError:
     )
 
 
-def prepare(cfg: Mapping[str, Any]) -> PreparedData:
-    """The whole preparation from a composed config (the `tokenizer`, `template`, `protocol`, `data`
-    sections and `seed`): check the template, build or load the tokenizer, then every store."""
-    data_cfg = cfg["data"]
-    cache_dir = Path(data_cfg["cache_dir"])
-    fmt = data_cfg.get("format", "auto")
-    protocol = protocol_config(cfg["protocol"])
-    template = load_template(cfg["template"])
+def prepare(cfg: PrepareConfig) -> PreparedData:
+    """The whole preparation from a typed config (its `tokenizer`, `template`, `protocol`, `data` sections
+    and `seed`): check the template, build or load the tokenizer, then every store."""
+    cache_dir = Path(cfg.data.cache_dir)
+    template = load_template(dataclasses.asdict(cfg.template))
     check_template(template)
     with cache_lock(cache_dir) as writable:
         if writable:  # under the lock nobody else is preparing: leftovers of killed preparers can go
             remove_abandoned_stores(cache_dir / "stores")
-        return _prepare_locked(cfg, cache_dir, fmt, protocol, template, writable)
+        return _prepare_locked(cfg, cache_dir, cfg.data.format, cfg.protocol, template, writable)
 
 
 @contextmanager
@@ -292,16 +287,15 @@ def cache_lock(cache_dir: Path) -> Iterator[bool]:
 
 
 def _prepare_locked(
-    cfg: Mapping[str, Any],
+    cfg: PrepareConfig,
     cache_dir: Path,
     fmt: str,
     protocol: ProtocolConfig,
     template: ChatTemplate,
     writable: bool,
 ) -> PreparedData:
-    data_cfg = cfg["data"]
-    train_files, val_files = data_files(data_cfg, cache_dir, cfg["seed"], writable)
-    tokenizer = build_tokenizer(cfg["tokenizer"], template, protocol, train_files, fmt, cache_dir, writable)
+    train_files, val_files = data_files(cfg.data, cache_dir, cfg.seed, writable)
+    tokenizer = build_tokenizer(cfg.tokenizer, template, protocol, train_files, fmt, cache_dir, writable)
     encoder = ConversationEncoder(tokenizer, template, protocol)
     accounting = Accounting()
     stores: dict[str, list[TokenStore]] = {"train": [], "val": []}

@@ -1,26 +1,30 @@
 """SFTDataModule: the protocol's stores as packed (or length-grouped, padded) batches, sharded and resumable.
 
-prepare_data() runs the protocol on rank 0 (cached by content); setup() memory-maps the stores on every
-rank. Rows are fixed for the run: with packing a row is a best-fit-decreasing bin of examples, otherwise
-one example; each epoch the sampler deals out batches of rows in a seed-and-epoch-determined order.
+Start-up is explicit: `prepared = prepare(config)` (sft.data.build: the tokenizer and the memory-mapped
+stores, cached by content), then `SFTDataModule(config, prepared)` lays out the rows. Rows are fixed for the
+run: with packing a row is a best-fit-decreasing bin of examples, otherwise one example; each epoch the
+sampler deals out batches of rows in a seed-and-epoch-determined order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sft.data.build import EmptyDataError, PreparedData, prepare
+from sft.data.build import EmptyDataError, PreparedData
+from sft.data.collate import collate_rows
 from sft.data.packing import best_fit_decreasing, group_by_length, packing_efficiency
 from sft.data.sampler import ResumableBatchSampler
 from sft.data.store import TokenStore
 from sft.data.validation import split_val
 from sft.protocol.labels import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from sft.cli.schemas import PrepareConfig
 
 
 class StoreIndex:
@@ -71,23 +75,6 @@ class RowDataset(Dataset):
             "position_ids": np.concatenate([np.arange(len(ids)) for ids, _ in pieces]),
             "document_ids": np.concatenate([np.full(len(ids), doc) for doc, (ids, _) in enumerate(pieces)]),
         }
-
-
-def collate_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Right-pad rows to the longest; padding is its own document (-1), never a target.
-
-    Rows of one example each need no document ids: under causal attention right padding cannot reach the
-    real tokens, so the model may take its fast `is_causal` path."""
-    width = max(len(row["input_ids"]) for row in rows)
-    fill = {"input_ids": 0, "labels": IGNORE_INDEX, "position_ids": 0, "document_ids": -1}
-    if all(row["document_ids"][-1] == 0 for row in rows):
-        del fill["document_ids"]
-    batch = {key: torch.full((len(rows), width), value, dtype=torch.long) for key, value in fill.items()}
-    for i, row in enumerate(rows):
-        for key in fill:
-            batch[key][i, : len(row[key])] = torch.from_numpy(row[key].astype(np.int64))
-    batch["real_tokens"] = torch.tensor(sum(len(row["input_ids"]) for row in rows))
-    return batch
 
 
 def rank_units(global_batches: list[np.ndarray], world_size: int, accumulation: int = 1) -> list[np.ndarray]:
@@ -163,69 +150,45 @@ def mixed_example_ids(
 
 
 class SFTDataModule(L.LightningDataModule):
-    """`config` is the resolved run config as plain containers (sections tokenizer, template, protocol,
-    data, and seed)."""
+    """Batches of the prepared stores' rows. `config` gives `data`, `protocol.max_seq_len` and `seed`."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: PrepareConfig, prepared: PreparedData):
         super().__init__()
-        self.config = config
-        self.data_config = config["data"]
-        self.seed = int(config["seed"])
-        self.prepared: PreparedData | None = None
-        self.train_dataset: RowDataset | None = None
-        self.val_dataset: RowDataset | None = None
+        self.data_config = config.data
+        self.max_seq_len = config.protocol.max_seq_len
+        self.seed = config.seed
         self.packing_efficiency: float | None = None
         self._train_sampler: ResumableBatchSampler | None = None
         self._pending_sampler_state: dict[str, Any] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Spawned ranks re-open the prepared stores from the cache (milliseconds) instead of unpickling the
-        # tokenizer, template and memory maps.
-        return {**self.__dict__, "prepared": None}
-
-    def prepare_data(self) -> None:
-        self.prepared = prepare(self.config)
-
-    @property
-    def tokenizer(self):
-        if self.prepared is None:
-            self.prepared = prepare(self.config)
-        return self.prepared.tokenizer
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None:
-            return
-        if self.prepared is None:
-            self.prepared = prepare(self.config)  # other ranks: the stores exist, this only opens them
-        train_index = StoreIndex(self.prepared.train)
+        self._consumed = (0, 0)  # (epoch, training batches handed to the model in it)
+        train_index = StoreIndex(prepared.train)
         train_ids = np.arange(len(train_index))
-        if self.prepared.val:
-            val_index = StoreIndex(self.prepared.val)
+        if prepared.val:
+            val_index = StoreIndex(prepared.val)
             val_ids = np.arange(len(val_index))
         else:  # held out before mixing, so that no drawn duplicate of a val example lands in training
-            train_ids, val_ids = split_val(train_ids, self.data_config.get("val_fraction") or 0.0, self.seed)
+            train_ids, val_ids = split_val(train_ids, self.data_config.val_fraction, self.seed)
             val_index = train_index
-        if self.data_config.get("mix"):
-            train_ids = mixed_example_ids(train_index, train_ids, self.data_config["mix"], self.seed)
+        if self.data_config.mix is not None:
+            train_ids = mixed_example_ids(train_index, train_ids, self.data_config.mix, self.seed)
         if len(train_ids) == 0:
             raise EmptyDataError(
-                "no training examples left after preparation:\n" + self.prepared.accounting.summary()
+                "no training examples left after preparation:\n" + prepared.accounting.summary()
             )
         self.train_dataset = self._rows(train_index, train_ids)
         self.val_dataset = self._rows(val_index, val_ids) if len(val_ids) else None
 
     def _rows(self, index: StoreIndex, example_ids: np.ndarray) -> RowDataset:
-        if not self.data_config.get("packing", True):
+        if not self.data_config.packing:
             return RowDataset(index, example_ids, None)
         lengths = index.lengths[example_ids]
-        capacity = int(self.config["protocol"]["max_seq_len"])
-        bins = best_fit_decreasing(lengths, capacity)
+        bins = best_fit_decreasing(lengths, self.max_seq_len)
         if self.packing_efficiency is None:  # the training rows' figure
-            self.packing_efficiency = packing_efficiency(lengths, bins, capacity)
+            self.packing_efficiency = packing_efficiency(lengths, bins, self.max_seq_len)
         return RowDataset(index, example_ids, bins)
 
     def _plan(self, dataset: RowDataset, world_size: int, accumulation: int = 1):
-        batch_size = int(self.data_config["batch_size"])
+        batch_size = self.data_config.batch_size
         if dataset.rows is not None:
             return PackedPlan(len(dataset), batch_size, world_size, self.seed, accumulation)
         lengths = dataset.index.lengths[dataset.example_ids]
@@ -245,7 +208,6 @@ class SFTDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world_size,
-            shuffle=False,
         )
         if self._pending_sampler_state is not None:
             self._train_sampler.load_state_dict(self._pending_sampler_state)
@@ -254,7 +216,7 @@ class SFTDataModule(L.LightningDataModule):
             self.train_dataset,
             batch_sampler=self._train_sampler,
             collate_fn=collate_rows,
-            num_workers=int(self.data_config.get("num_workers", 0)),
+            num_workers=self.data_config.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -262,22 +224,29 @@ class SFTDataModule(L.LightningDataModule):
             return []
         rank, world_size = self._world()
         # Every held-out row once over all ranks (no padding repeats: val loss is a global token mean).
-        batch_size = int(self.data_config["batch_size"])
+        batch_size = self.data_config.batch_size
         rows = np.arange(len(self.val_dataset))[rank::world_size]
         batches = [rows[i : i + batch_size].tolist() for i in range(0, len(rows), batch_size)]
         return DataLoader(self.val_dataset, batch_sampler=batches, collate_fn=collate_rows)
 
     # ---- resume --------------------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batches handed to the model: the sampler runs ahead of training (Lightning
+        fetches one batch early, workers prefetch), and a resume must start at the first one not trained."""
+        if self.trainer is not None and self.trainer.training:
+            epoch, consumed = self._consumed
+            current = self.trainer.current_epoch
+            self._consumed = (current, consumed + 1 if epoch == current else 1)
+        return batch
+
     def state_dict(self) -> dict[str, Any]:
         if self._train_sampler is None:
             return {}
-        state = self._train_sampler.state_dict()
-        if self.trainer is not None:
-            # The sampler runs ahead of training (Lightning fetches one batch early); what counts is what the
-            # trainer has processed this epoch.
-            state["batches_consumed"] = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            state["epoch"] = self.trainer.current_epoch
-        return {"sampler": state}
+        epoch, consumed = self._consumed
+        return {"sampler": {**self._train_sampler.state_dict(), "epoch": epoch, "batches_consumed": consumed}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_sampler_state = state_dict.get("sampler")
+        state = state_dict.get("sampler")
+        if state is not None:
+            self._pending_sampler_state = state
+            self._consumed = (state["epoch"], state["batches_consumed"])

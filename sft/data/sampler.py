@@ -1,12 +1,12 @@
 """A distributed batch sampler that resumes mid-epoch exactly where an uninterrupted run would be.
 
-A *unit* is one batch's list of dataset indices: a length-grouped row batch, a packing bin, or a group of
-bins. Each epoch the units are shuffled by `np.random.default_rng([seed, epoch])` alone, so every rank
-computes the same global order without communicating, and rank r takes units r, r + W, r + 2W, ...
+A *unit* is one batch's list of dataset indices. Each epoch a plan (a function of the epoch alone, e.g.
+seeded by `[seed, epoch]`: sft.data.datamodule's PackedPlan and LengthGroupedPlan) lays out the units in
+order, so every rank computes the same global order without communicating, and rank r takes units r,
+r + W, r + 2W, ...
 
 Uneven tails are padded by repeating units from the start of the epoch's order (as `DistributedSampler`
-does), so every unit is seen each epoch and all ranks step the same number of times; `drop_last=True`
-drops the tail instead.
+does), so every unit is seen each epoch and all ranks step the same number of times.
 
 Resume state is rank-independent: the epoch and the number of batches each rank has consumed in it (the
 same on every rank, the trainer's batch index), which is all Lightning keeps from one rank's checkpoint.
@@ -40,8 +40,6 @@ class ResumableBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        shuffle: bool = True,
-        drop_last: bool = False,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
@@ -51,8 +49,6 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
         self.epoch = 0
         self._resume_at = 0  # batches to skip at the start of the next __iter__ (set by load_state_dict)
         self._yielded = 0  # batches of this epoch handed out so far, counting skipped ones
@@ -67,13 +63,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return self._planned[1]
 
     def _global_order(self, unit_count: int) -> np.ndarray:
-        """Unit indices in the epoch's order, cut or padded to a multiple of the world size."""
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(unit_count)
-        else:
-            order = np.arange(unit_count)
-        if self.drop_last:
-            return order[: unit_count - unit_count % self.world_size]
+        """Unit indices in the epoch's order, padded to a multiple of the world size."""
+        order = np.arange(unit_count)
         padding = -unit_count % self.world_size
         if padding and unit_count:
             order = np.concatenate([order, np.resize(order, padding)])
@@ -90,10 +81,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         """Batches per rank in the whole current epoch (a resumed epoch yields only the rest)."""
-        unit_count = len(self._units())
-        if self.drop_last:
-            return unit_count // self.world_size
-        return -(-unit_count // self.world_size)
+        return -(-len(self._units()) // self.world_size)
 
     @property
     def sampler(self) -> ResumableBatchSampler:

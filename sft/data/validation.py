@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from sft.data.config import as_list
 from sft.data.sample import generate_conversations
 from sft.protocol.pipeline import Accounting, ConversationEncoder, EncodedExample, read_conversations
 from sft.protocol.records import record_to_conversation
@@ -27,10 +28,6 @@ def split_val(example_ids: np.ndarray, fraction: float, seed: int) -> tuple[np.n
         np.random.default_rng([seed, 0x5E1]).permutation(len(example_ids))[: int(len(example_ids) * fraction)]
     ] = True
     return example_ids[~held_out], example_ids[held_out]
-
-
-def as_list(files: list[str] | str | None) -> list[str]:
-    return [files] if isinstance(files, str) else list(files or [])
 
 
 def sample_val_conversations(count: int, seed: int) -> Iterator[Conversation]:
@@ -53,7 +50,7 @@ def validation_examples(
     if val_files := as_list(data.get("val")):
         examples = encoder.encode_conversations(file_conversations(val_files, fmt), accounting)
         return list(examples), ", ".join(val_files)
-    if data.get("name") == "sample":
+    if data.get("name", "sample") == "sample":
         examples = encoder.encode_conversations(sample_val_conversations(data["num_val"], seed), accounting)
         return list(examples), f"sample held-out split (seed {seed}, {data['num_val']} conversations)"
     fraction = data.get("val_fraction") or 0.0

@@ -14,12 +14,10 @@ letting documents see each other.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -45,13 +43,13 @@ class LoraSettings:
 class HFModelConfig:
     """The `model` section for `model=hf` (conf/model/hf.yaml)."""
 
-    name: str  # "hf"
+    name: Literal["hf"]
     path: str  # a local directory holding config.json and the weights
     # float32 | bfloat16 | float16, or a Lightning precision ("bf16-true" loads bf16; "*-mixed" and "32-true"
     # load fp32 master weights). hf.yaml sets ${hardware.precision}.
     dtype: str | int | None = None
     attn_implementation: str | None = None  # null: transformers' default (sdpa); eager also packs
-    lora: dict[str, Any] | None = None  # LoraSettings' keys, or null for full fine-tuning
+    lora: LoraSettings | None = None  # null: full fine-tuning
     vocab_size: int | None = None  # the tokenizer's, filled in by the trainer: checked, never used to resize
 
 
@@ -73,15 +71,6 @@ def load_dtype(value: str | int | None) -> torch.dtype:
     if text in EXPLICIT_DTYPES:
         return EXPLICIT_DTYPES[text]
     return TRUE_PRECISIONS.get(text, torch.float32)
-
-
-def lora_settings(values: Mapping[str, Any] | None) -> LoraSettings | None:
-    if values is None:
-        return None
-    known = {field.name for field in dataclasses.fields(LoraSettings)}
-    if unknown := sorted(set(values) - known):
-        raise HFModelError(f"model.lora: unknown keys {unknown}; expected some of {sorted(known)}")
-    return LoraSettings(**values)
 
 
 def packed_attention_mask(document_ids: Tensor, implementation: str) -> Tensor:
@@ -191,18 +180,12 @@ class HFCausalLM(nn.Module):
         return copy.deepcopy(self.model).merge_and_unload()
 
 
-def build_hf_model(cfg: Mapping[str, Any]) -> HFCausalLM:
-    """The model for `model=hf`: the pretrained weights from `cfg["path"]`, LoRA-wrapped when `lora` is set.
+def build_hf_model(config: HFModelConfig) -> HFCausalLM:
+    """The model for `model=hf`: the pretrained weights from `config.path`, LoRA-wrapped when `lora` is set.
 
     `vocab_size` (the tokenizer's) never resizes the model: the checkpoint's embedding rows rule, and a
     tokenizer with ids beyond them is refused.
     """
-    known = {field.name for field in dataclasses.fields(HFModelConfig)}
-    if unknown := sorted(set(cfg) - known):
-        raise HFModelError(
-            f"unknown model config keys {unknown} for model=hf; expected some of {sorted(known)}"
-        )
-    config = HFModelConfig(**cfg)
     path = Path(config.path)
     if not (path / "config.json").is_file():
         raise HFModelError(
@@ -222,7 +205,7 @@ def build_hf_model(cfg: Mapping[str, Any]) -> HFCausalLM:
             f"the tokenizer has {config.vocab_size} ids but {path}'s embedding has only {rows} rows; use the "
             f"tokenizer that belongs to the model (tokenizer.path={path})"
         )
-    lora = lora_settings(config.lora)
+    lora = config.lora
     if lora is not None:
         try:
             from peft import LoraConfig, get_peft_model

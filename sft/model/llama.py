@@ -14,7 +14,6 @@ Architectural choices (Llama 2/3's, so a checkpoint exports by renaming nothing)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 class LlamaConfig:
     """Hyperparameters under transformers' names, so `to_hf_dict` is a copy."""
 
-    vocab_size: int
+    vocab_size: int | None  # null in the YAML: filled from the tokenizer (build_model refuses None)
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -325,22 +324,3 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             matmul_params += config.vocab_size * config.hidden_size
         return 6 * matmul_params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
-
-
-def build_model(cfg: Mapping[str, Any]) -> nn.Module:
-    """The model for a Hydra `model` group option: LlamaConfig's keys plus an optional `name`, or
-    `name: hf` for a pretrained transformers directory (sft.model.hf).
-
-    `vocab_size` is null in the YAML; the caller fills it from the tokenizer.
-    """
-    if cfg.get("name") == "hf":
-        from sft.model.hf import build_hf_model  # transformers is an optional extra
-
-        return build_hf_model(cfg)
-    values = {key: value for key, value in cfg.items() if key != "name"}
-    known = {field.name for field in dataclasses.fields(LlamaConfig)}
-    if unknown := sorted(set(values) - known):
-        raise ValueError(f"unknown model config keys {unknown}; expected some of {sorted(known)}")
-    if values.get("vocab_size") is None:
-        raise ValueError("model.vocab_size is not set: fill it from the tokenizer before building the model")
-    return LlamaForCausalLM(LlamaConfig(**values))

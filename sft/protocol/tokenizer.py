@@ -10,7 +10,9 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -140,4 +142,22 @@ def check_template_tokens(template: ChatTemplate, tokenizer: Tokenizer) -> None:
                 f"template {template.name!r} with this tokenizer trains the wrong tokens for probe message "
                 f"{index} (assistant, {messages[index].content!r}): {problem}. Use a tokenizer whose tokens "
                 "split where assistant turns begin and end."
+            )
+
+
+@dataclass
+class TokenizerConfig:
+    """The `tokenizer` section: `bpe` trains a byte-level BPE on the training conversations (cached by
+    content); `file` loads a tokenizer.json (or a model directory holding one)."""
+
+    name: Literal["bpe", "file"] = "bpe"
+    vocab_size: int = 1024  # bpe only
+    path: str | None = None  # file only
+
+    def __post_init__(self) -> None:
+        if self.name == "bpe" and self.vocab_size < 257:
+            raise ValueError(f"tokenizer.vocab_size={self.vocab_size}: expected > 256 (the byte alphabet)")
+        if self.name == "file" and not self.path:
+            raise ValueError(
+                "tokenizer.path: required with tokenizer=file (a tokenizer.json or its directory)"
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 ROLES = ("system", "user", "assistant", "tool")
 # A lone UTF-16 surrogate (valid in JSON as "\\ud800") cannot be encoded as UTF-8, so no tokenizer takes it.
@@ -60,6 +60,21 @@ class RenderedChat:
     assistant_spans: list[tuple[int, int]]  # sorted, disjoint; one per trained assistant message
 
 
+@dataclass
+class TemplateConfig:
+    """The `template` section (conf/template/): a builtin by name, or `jinja` with a `path` or `source`
+    (sft.protocol.templates.load_template checks the combination)."""
+
+    name: str = "chatml"  # chatml | llama3 | microlm | jinja
+    path: str | None = None
+    source: str | None = None
+    eot: str | None = None  # end-of-turn marker; defaults to eos_token
+    bos_token: str | None = None  # default: from the path's tokenizer_config.json
+    eos_token: str | None = None
+    special_tokens: list[str] = field(default_factory=list)  # extra control tokens that must be single ids
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra template variables
+
+
 @dataclass(slots=True)
 class ProtocolConfig:
     """The `protocol` config section; everything here is part of the store's cache key."""
@@ -69,11 +84,12 @@ class ProtocolConfig:
     role_map: dict[str, str] = field(default_factory=dict)
     merge_consecutive: bool = False
     strip_content: bool = False
-    mask: str = "all_assistant"  # all_assistant | last_turn | all_tokens (train on every token: ablations)
-    special_in_content: str = "reject"  # reject | allow
-    max_seq_len: int = 2048
-    truncation: str = "right"  # right | drop | turns
-    on_error: str = "raise"  # raise | skip
+    # all_tokens trains on every token (ablations)
+    mask: Literal["all_assistant", "last_turn", "all_tokens"] = "all_assistant"
+    special_in_content: Literal["reject", "allow"] = "reject"
+    max_seq_len: int = 2048  # tokens per example and packed row; the accounting says what a cut costs
+    truncation: Literal["right", "drop", "turns"] = "right"
+    on_error: Literal["raise", "skip"] = "raise"
     seed: int = 0
 
     def __post_init__(self) -> None:

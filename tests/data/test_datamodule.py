@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import asdict
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from sft.data.build import protocol_config
+from sft.cli.schemas import PrepareConfig
+from sft.config import load_config
+from sft.data.build import prepare
 from sft.data.datamodule import SFTDataModule
 from sft.data.sampler import ResumableBatchSampler
 from sft.data.validation import validation_examples
@@ -31,26 +34,29 @@ def write_conversations(path, count: int, tag: str) -> str:
     return str(path)
 
 
-def make_config(tmp_path, files, **data) -> dict:
-    return {
-        "seed": 7,
-        "tokenizer": {"name": "bpe", "vocab_size": 300, "path": None},
-        "template": {"name": "chatml"},
-        "protocol": {"max_seq_len": 256, "seed": 7},
-        "data": {
-            "name": "jsonl",
-            "train": files,
-            "val": None,
-            "format": "auto",
-            "mix": None,
-            "val_fraction": 0.0,
-            "batch_size": 3,
-            "packing": True,
-            "num_workers": 0,
-            "cache_dir": str(tmp_path / "cache"),
-            **data,
+def make_config(tmp_path, files, **data) -> PrepareConfig:
+    return load_config(
+        {
+            "seed": 7,
+            "tokenizer": {"name": "bpe", "vocab_size": 300, "path": None},
+            "template": {"name": "chatml"},
+            "protocol": {"max_seq_len": 256, "seed": 7},
+            "data": {
+                "name": "jsonl",
+                "train": files,
+                "val": None,
+                "format": "auto",
+                "mix": None,
+                "val_fraction": 0.0,
+                "batch_size": 3,
+                "packing": True,
+                "num_workers": 0,
+                "cache_dir": str(tmp_path / "cache"),
+                **data,
+            },
         },
-    }
+        PrepareConfig,
+    )
 
 
 @pytest.fixture
@@ -62,10 +68,7 @@ def two_files(tmp_path):
 
 
 def setup_module_for(config) -> SFTDataModule:
-    datamodule = SFTDataModule(config)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    return datamodule
+    return SFTDataModule(config, prepare(config))
 
 
 def examples_of(dataset) -> dict[int, tuple]:
@@ -105,7 +108,7 @@ def test_rank_shards_are_disjoint_and_cover_the_epoch(tmp_path, two_files, packi
     seen = Counter()
     for rank in range(world_size):
         sampler = ResumableBatchSampler(
-            datamodule._plan(dataset, world_size), seed=7, rank=rank, world_size=world_size, shuffle=False
+            datamodule._plan(dataset, world_size), seed=7, rank=rank, world_size=world_size
         )
         for batch in sampler:
             seen.update(batch)
@@ -187,7 +190,6 @@ def examples_per_optimizer_step(datamodule, world_size: int, accumulation: int) 
                 seed=7,
                 rank=rank,
                 world_size=world_size,
-                shuffle=False,
             )
         )
         for rank in range(world_size)
@@ -220,11 +222,11 @@ def test_batch_size_accumulation_and_ranks_give_the_same_optimizer_steps(tmp_pat
 
 def first_step_loss(tmp_path, files, batch_size: int, accumulation: int) -> float:
     config = make_config(tmp_path, files, packing=False, batch_size=batch_size)
-    datamodule = setup_module_for(config)
+    prepared = prepare(config)
+    datamodule = SFTDataModule(config, prepared)
     torch.manual_seed(0)
     model = {
-        "name": "llama",
-        "vocab_size": datamodule.tokenizer.get_vocab_size(),
+        "vocab_size": prepared.tokenizer.get_vocab_size(),
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_hidden_layers": 1,
@@ -263,12 +265,11 @@ def test_validation_examples_are_the_datamodules_held_out_examples(tmp_path, two
     data = {"val_fraction": 0.25} if split == "val_fraction" else {"val": two_files[1:]}
     files = two_files if split == "val_fraction" else two_files[:1]
     config = make_config(tmp_path, files, packing=False, **data)
-    datamodule = setup_module_for(config)
-    dataset = datamodule.val_dataset
+    prepared = prepare(config)
+    dataset = SFTDataModule(config, prepared).val_dataset
     trained = [dataset.index[int(i)] for i in dataset.example_ids]
-    prepared = datamodule.prepared
-    encoder = ConversationEncoder(prepared.tokenizer, prepared.template, protocol_config(config["protocol"]))
-    examples, description = validation_examples(config["data"], config["seed"], encoder, Accounting())
+    encoder = ConversationEncoder(prepared.tokenizer, prepared.template, config.protocol)
+    examples, description = validation_examples(asdict(config.data), config.seed, encoder, Accounting())
     assert len(examples) == len(trained) > 0
     for example, (ids, labels) in zip(examples, trained, strict=True):
         assert example.input_ids.tolist() == ids.tolist() and example.labels.tolist() == labels.tolist()
@@ -278,4 +279,4 @@ def test_validation_examples_are_the_datamodules_held_out_examples(tmp_path, two
 def test_a_run_without_validation_data_says_how_to_give_some(tmp_path, two_files):
     config = make_config(tmp_path, two_files)
     with pytest.raises(ValueError, match=r"no validation data .* data\.val=\[\.\.\.\]"):
-        validation_examples(config["data"], 7, None, Accounting())
+        validation_examples(asdict(config.data), 7, None, Accounting())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 from sft.cli.train import checkpoint_step
-from tests.helpers import SMALL, metric_rows, summary, train
+from tests.helpers import SMALL, metric_rows, run_cli, summary, train
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +47,13 @@ def test_a_30_step_run_with_the_default_schedule_validates_and_keeps_a_best_chec
     assert summary(run_dir)["best_checkpoint"].endswith("best-step30.ckpt")
     lr = metric_rows(run_dir, "train/lr")
     assert lr[2] == max(lr.values()) and lr[29] < lr[2]  # warmed up, then decayed
+
+    # sft-eval with the checkpoint alone scores the run's own validation data with its protocol
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "sft.cli.eval", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}"]
+    subprocess.run([*command, f"out={report}", "device=cpu"], check=True, capture_output=True, timeout=600)
+    logged = summary(run_dir)["metrics"]["val/loss"]
+    assert math.isclose(json.loads(report.read_text())["metrics"]["val/loss"], logged, rel_tol=1e-4)
 
 
 def test_two_cpu_processes_match_one_process_over_the_same_global_batch(tmp_path, cache_dir):
@@ -96,9 +104,14 @@ def test_kill_and_resume_continues_with_identical_losses(tmp_path, cache_dir, mo
     assert metric_rows(uninterrupted, "epoch")[resumed_from] == (0 if kill_at < 11 else 1)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path, cache_dir):
+def files_of(directory) -> dict[str, bytes]:
+    return {str(path): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_bare_resume_command_continues_the_run(tmp_path, cache_dir):
     """SIGINT after step 3's line: the step in flight finishes, last.ckpt saves it, the exit code is the
-    shell's for SIGINT, and the printed command continues the run to the losses of an uninterrupted one."""
+    shell's for SIGINT. A resume that would change the model is refused with no file in the run directory
+    changed; the printed command alone (no original overrides) continues to an uninterrupted run's losses."""
     common = ["trainer.max_steps=12", "trainer.val_check_interval=6", "eval.exact_match=false"]
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     train(uninterrupted, cache_dir, *common)
@@ -113,9 +126,14 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path,
     assert process.wait(timeout=600) == 130, "".join(lines)
     (resume,) = [line.split()[2:] for line in lines if line.startswith("resume with:")]
     assert resume == ["sft-train", "ckpt_path=last", f"hydra.run.dir={interrupted}"]
-    saved_at = checkpoint_step(str(interrupted / "checkpoints" / "last.ckpt"))
-    assert 3 <= saved_at < 12
-    train(interrupted, cache_dir, *common, "ckpt_path=last")
+    assert 3 <= checkpoint_step(str(interrupted / "checkpoints" / "last.ckpt")) < 12
+
+    before = files_of(interrupted)
+    refused = run_cli([*resume[1:], "model=gpt-small"], check=False)
+    assert refused.returncode != 0 and "model.hidden_size (the run has 128)" in refused.stderr
+    assert files_of(interrupted) == before
+
+    run_cli(resume[1:])
     want, got = metric_rows(uninterrupted, "train/loss"), metric_rows(interrupted, "train/loss")
     assert got.keys() == want.keys() == set(range(12))
     for step in range(12):

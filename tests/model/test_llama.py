@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from sft.model.llama import KVCache, LlamaConfig, LlamaForCausalLM, build_model
+from sft.model import build_model
+from sft.model.llama import KVCache, LlamaConfig, LlamaForCausalLM
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 
