@@ -1,9 +1,9 @@
 """Resident memory of a training process's data path against dataset size: it must not grow with the data.
 
-    .venv/bin/python scripts/bench_memory.py [--sizes 10000 100000 1000000] [--trace]
+    .venv/bin/python scripts/bench_memory.py [--sizes 10000 100000 1000000] [--format parquet] [--trace]
 
-For each size, short synthetic conversations (~60 tokens) are written to a JSONL file, then a FRESH
-subprocess imports torch and lightning, and runs SFTDataModule as training does: prepare_data() (BPE
+For each size, short synthetic conversations (~60 tokens) are written to a JSONL (or Parquet) file, then a
+FRESH subprocess imports torch and lightning, and runs SFTDataModule as training does: prepare_data() (BPE
 training, encoding, the store) → setup() (memory maps, best-fit packing at max_seq_len 512) → one full
 epoch of train_dataloader() (batch size 32). It reads /proc/self/status: RSS after the imports (the fixed
 cost), the peak of each phase (VmHWM, reset between phases via /proc/self/clear_refs), RSS after setup and
@@ -15,6 +15,7 @@ store: page cache, shared between ranks and workers and reclaimable), since only
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import re
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 WORDS = (
@@ -29,17 +31,35 @@ WORDS = (
     "hot word but what some we can out other were all there when up use your how said an each which she do"
 ).split()
 PHASES = ("prepare", "setup", "iterate")
+PARQUET_ROWS = 100_000
 
 
-def write_conversations(path: Path, count: int, seed: int = 0) -> None:
-    """`count` one-exchange conversations of random words, streamed to disk (no list of them in memory)."""
+def conversations(count: int, seed: int = 0) -> Iterator[dict]:
+    """`count` one-exchange conversations of random words, one at a time."""
     rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as handle:
-        for _ in range(count):
-            question = " ".join(rng.choices(WORDS, k=rng.randint(10, 30))).capitalize() + "?"
-            answer = " ".join(rng.choices(WORDS, k=rng.randint(10, 40))).capitalize() + "."
-            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-            handle.write(json.dumps({"messages": messages}) + "\n")
+    for _ in range(count):
+        question = " ".join(rng.choices(WORDS, k=rng.randint(10, 30))).capitalize() + "?"
+        answer = " ".join(rng.choices(WORDS, k=rng.randint(10, 40))).capitalize() + "."
+        yield {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def write_conversations(path: Path, count: int, data_format: str = "jsonl") -> None:
+    """The conversations streamed to disk (no list of them in memory), as JSONL or as Parquet written in
+    row groups of PARQUET_ROWS (the reader streams them in record batches)."""
+    if data_format == "jsonl":
+        with open(path, "w", encoding="utf-8") as handle:
+            for record in conversations(count):
+                handle.write(json.dumps(record) + "\n")
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = conversations(count)
+    first = pa.Table.from_pylist(list(itertools.islice(records, PARQUET_ROWS)))
+    with pq.ParquetWriter(path, first.schema) as writer:
+        writer.write_table(first)
+        while rows := list(itertools.islice(records, PARQUET_ROWS)):
+            writer.write_table(pa.Table.from_pylist(rows, schema=first.schema))
 
 
 def memory_mb() -> dict[str, float]:
@@ -144,6 +164,7 @@ def tables(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", help="input file kind")
     parser.add_argument("--trace", action="store_true", help="print tracemalloc's top allocation sites")
     parser.add_argument("--child", nargs=2, metavar=("DATA", "CACHE_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,8 +174,8 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as directory:
         for size in args.sizes:
-            data = Path(directory) / f"conversations-{size}.jsonl"
-            write_conversations(data, size)
+            data = Path(directory) / f"conversations-{size}.{args.format}"
+            write_conversations(data, size, args.format)
             command = [sys.executable, __file__, "--child", str(data), str(Path(directory) / "cache")]
             completed = subprocess.run(
                 command + ["--trace"] * args.trace, stdout=subprocess.PIPE, text=True, check=True

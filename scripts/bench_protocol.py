@@ -1,6 +1,7 @@
 """Protocol speed: JSONL → (input_ids, labels) with our pipeline, against transformers and bare encoding.
 
-    .venv/bin/python scripts/bench_protocol.py [--copies 10] [--synthetic 20000] [--hf-rows 3000]
+    .venv/bin/python scripts/bench_protocol.py [--copies 10] [--synthetic 20000] [--hf-rows 3000] \
+        [--real-data ../shared/data] [--stages]
 
 On the same data and tokenizer (a byte-level BPE trained here on the real data), whole-process times:
   ours          ConversationEncoder over read_conversations: read, validate, render, encode, label
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from sft.protocol.labels import IGNORE_INDEX
+from sft.protocol.labels import IGNORE_INDEX, labels_from_encoding
 from sft.protocol.pipeline import ENCODE_CHUNK, Accounting, ConversationEncoder, read_conversations
 from sft.protocol.templates import BUILTINS
 from sft.protocol.tokenizer import train_bpe
@@ -45,11 +46,11 @@ WORDS = (
 ).split()
 
 
-def real_records(copies: int) -> list[str]:
+def real_records(folder: Path, copies: int) -> list[str]:
     """The shared demo sets (a JSON array and a JSONL file) as JSONL lines, repeated `copies` times;
-    none where the project has no ../shared/data."""
+    none where there is no such folder."""
     lines = []
-    for path in sorted(REAL_DATA.glob("*.json*")):
+    for path in sorted(folder.glob("*.json*")):
         if path.suffix == ".json":
             lines += [json.dumps(record, ensure_ascii=False) for record in json.loads(path.read_text())]
         else:
@@ -149,6 +150,35 @@ def bench(name: str, path: str, tokenizer: Tokenizer, hf_tokenizer, args: argpar
     ]
 
 
+def stage_cpu(encoder: ConversationEncoder, path: str, repeats: int) -> dict[str, float]:
+    """CPU seconds of each stage on its own, single-threaded (best of `repeats`), beside bare encode_batch
+    (all of the Rust tokenizer's threads): where the time goes that the pipeline adds to tokenizing."""
+    conversations = list(read_conversations(path))
+    prepared = [encoder.prepare(item, index) for index, item in enumerate(conversations)]
+    encodings = encoder.tokenizer.encode_batch(
+        [rendered.text for _, rendered in prepared], add_special_tokens=False
+    )
+    stages = {
+        "read + parse records": lambda: list(read_conversations(path)),
+        "normalize + render": lambda: [
+            encoder.prepare(item, index) for index, item in enumerate(conversations)
+        ],
+        "labels": lambda: [
+            labels_from_encoding(encoding, rendered.assistant_spans)
+            for encoding, (_, rendered) in zip(encodings, prepared, strict=True)
+        ],
+        "bare encode_batch": lambda: run_bare(encoder.tokenizer, [rendered.text for _, rendered in prepared]),
+        "ours, whole": lambda: run_ours(encoder, path),
+    }
+    best = {}
+    for name, run in stages.items():
+        for _ in range(repeats):
+            started = time.process_time()
+            run()
+            best[name] = min(best.get(name, float("inf")), time.process_time() - started)
+    return best
+
+
 def print_table(rows: list[dict]) -> None:
     print("| data | method | rows | rows/s | tokens/s | CPU s per 1M tokens | time per token, ours / this |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -176,13 +206,17 @@ def main() -> None:
         "--check-rows", type=int, default=300, help="conversations compared with transformers"
     )
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--real-data", type=Path, default=REAL_DATA, help="the dev data sets' folder")
+    parser.add_argument(
+        "--stages", action="store_true", help="also the CPU time of each stage beside bare encode_batch"
+    )
     args = parser.parse_args()
 
     from transformers import PreTrainedTokenizerFast  # an optional dependency: only the benchmark needs it
 
     with tempfile.TemporaryDirectory() as directory:
         datasets = {
-            f"real ×{args.copies}": real_records(args.copies),
+            f"real ×{args.copies}": real_records(args.real_data, args.copies),
             "synthetic": synthetic_records(args.synthetic),
         }
         datasets = {name: lines for name, lines in datasets.items() if lines}
@@ -205,6 +239,16 @@ def main() -> None:
         rows = []
         for name, path in paths.items():
             rows += bench(name, path, tokenizer, hf_tokenizer, args)
+        if args.stages:
+            encoder = ConversationEncoder(
+                tokenizer, chatml, ProtocolConfig(max_seq_len=1 << 30, on_error="skip")
+            )
+            for name, path in paths.items():
+                cpu = stage_cpu(encoder, path, args.repeats)
+                bare = cpu["bare encode_batch"]
+                print(f"CPU seconds, {name}:")
+                for stage, seconds in cpu.items():
+                    print(f"  {stage:22s} {seconds:7.3f}  {seconds / bare:5.2f}× bare encode_batch")
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(
         f"tokenizer: byte-level BPE, vocab {tokenizer.get_vocab_size()}; template chatml; "

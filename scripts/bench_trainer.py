@@ -100,7 +100,7 @@ def main() -> None:
     tokens = sum(int(batch["real_tokens"]) for batch in batches[1:])
     model = new_module(config, vocab_size).model
     flops_per_token = model.flops_per_token(config.protocol.max_seq_len)
-    peak = config.hardware.peak_flops
+    peak = config.hardware.peak_flops["fp32"]  # both loops run in fp32
     print(
         f"model {type(config.model).__name__}: {model.num_parameters():,} parameters; {args.steps} steps of "
         f"{config.data.batch_size} rows x {config.protocol.max_seq_len} tokens; torch threads "

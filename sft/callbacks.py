@@ -17,6 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from sft.atomic import atomic_file
 from sft.checkpoint import load_checkpoint
 from sft.evaluate import EvalItem, exact_match_counts
+from sft.hardware import gathered_parameters
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -44,9 +45,10 @@ class ExactMatchCallback(L.Callback):
         if trainer.sanity_checking:
             return
         mine = self.items[trainer.global_rank :: trainer.world_size]
-        correct, total = exact_match_counts(
-            module.model, mine, module.tokenizer, module.template, self.max_new_tokens
-        )
+        with gathered_parameters(module.model):  # a sharded model: ranks generate different lengths
+            correct, total = exact_match_counts(
+                module.model, mine, module.tokenizer, module.template, self.max_new_tokens
+            )
         counts = trainer.strategy.reduce(
             torch.tensor([correct, total], dtype=torch.float64, device=module.device), reduce_op="sum"
         )

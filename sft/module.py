@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
+from sft.hardware import fully_shard_model, is_sharded
 from sft.loss import masked_token_loss_sum
 from sft.model import build_model, model_config_from_dict
 from sft.optim import OptimConfig, lr_at_step
@@ -135,6 +137,12 @@ class SFTModule(L.LightningModule):
         if "rng" in saved:
             set_rng_state(saved["rng"])
 
+    def configure_model(self) -> None:
+        """Under `strategy: fsdp` (ModelParallelStrategy gives the module a device mesh): shard each decoder
+        layer, then the root. Lightning may call this again (e.g. validate after fit): shard once."""
+        if self.device_mesh is not None and not is_sharded(self.model):
+            fully_shard_model(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision))
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(
             batch["input_ids"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids")
@@ -195,13 +203,15 @@ class SFTModule(L.LightningModule):
             self._log_interval(loss, grad_norm, optimizer)
 
     def _clip_gradients(self, parameters: list[torch.nn.Parameter]) -> torch.Tensor:
-        """Clip to `optim.grad_clip` by the global norm; under FSDP only the sharded root module sees every
-        rank's shards, so it computes the norm (each rank alone would clip by a different factor)."""
+        """Clip to `optim.grad_clip` by the global norm. Under FSDP each gradient is a DTensor shard: the
+        norm over the shards is partial, and `full_tensor()` sums it over the ranks, so every rank clips by
+        the same factor as one process would."""
         max_norm = self.optim_config.grad_clip or float("inf")
-        sharded_root = getattr(self.trainer.strategy, "model", None)
-        if hasattr(sharded_root, "clip_grad_norm_"):
-            return sharded_root.clip_grad_norm_(max_norm)
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, grad_norm)
+        return grad_norm
 
     def _stop_on_non_finite(self, loss: float, grad_norm: float) -> None:
         """Keep the last good weights (no update is applied) in a checkpoint, then stop with a clear error."""

@@ -287,3 +287,60 @@ def fit_tiny(callbacks: list[L.Callback], validate: bool = False, **trainer_kwar
     val_loader = loader if validate else None
     trainer.fit(SFTModule(MODEL, OPTIM), train_dataloaders=loader, val_dataloaders=val_loader)
     return trainer
+
+
+# ---- models ----------------------------------------------------------------------------------------------
+
+
+def tiny_decoder():
+    """A 2-layer Llama of vocabulary 64 and context 40 with peaked logits (greedy runs vary by token)."""
+    from sft.model.llama import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=40,
+        initializer_range=0.2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+# ---- tables: Parquet, Arrow, a datasets cache (needs the [data] extra) -----------------------------------
+
+
+def arrow_table(rows: list[dict]):
+    """Rows under one schema unified over all of them (Table.from_pylist would take the first row's keys)."""
+    import pyarrow as pa
+
+    return pa.Table.from_struct_array(pa.array(rows))
+
+
+def cache_hf_dataset(cache_root, repo_id: str, parquet: str, split: str = "train") -> None:
+    """Put a Parquet file into a datasets cache exactly where `load_dataset(repo_id)` leaves a Hub download
+    (`org___name/default/0.0.0/<commit>/name-split.arrow` + dataset_info.json), without any network."""
+    import glob
+    import os
+    import shutil
+
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    namespace, name = repo_id.split("/")
+    build_dir = os.path.join(str(cache_root), ".build")
+    builder = Parquet(
+        cache_dir=build_dir,
+        dataset_name=name,
+        config_name="default",
+        hash="0" * 40,
+        data_files={split: [parquet]},
+    )
+    builder.download_and_prepare()
+    [built] = glob.glob(os.path.join(build_dir, name, "*", "0.0.0", "0" * 40))
+    target = os.path.join(str(cache_root), f"{namespace}___{name}", "default", "0.0.0")
+    os.makedirs(target)
+    shutil.move(built, target)
+    shutil.rmtree(build_dir)

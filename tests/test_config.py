@@ -22,9 +22,10 @@ from lightning.pytorch.strategies import Strategy, StrategyRegistry
 from omegaconf import OmegaConf, open_dict
 
 from sft.cli.schemas import TrainConfig
-from sft.cli.train import build_logger, trainer_kwargs
+from sft.cli.train import build_logger
 from sft.config import ConfigError, load_config, to_dict
 from sft.data.build import data_files
+from sft.hardware import plan_hardware, trainer_kwargs
 from sft.model import build_model
 from sft.protocol.templates import load_template
 from sft.protocol.tokenizer import load_tokenizer, train_bpe
@@ -53,7 +54,8 @@ def test_the_tree_has_the_groups_and_options_the_docs_promise():
         ("tokenizer", "bpe"), ("tokenizer", "file"), ("template", "chatml"), ("template", "llama3"),
         ("template", "microlm"), ("template", "jinja"), ("data", "sample"), ("data", "jsonl"),
         ("hardware", "cpu"), ("hardware", "gpu"), ("hardware", "ddp"), ("hardware", "ddp_cpu"),
-        ("hardware", "bf16"), ("hardware", "fsdp"), ("logger", "csv"), ("logger", "tensorboard"),
+        ("hardware", "bf16"), ("hardware", "fsdp"), ("hardware", "fsdp_cpu"), ("hardware", "cpu_bf16"),
+        ("logger", "csv"), ("logger", "tensorboard"),
         ("logger", "wandb"), ("hydra/launcher", "slurm"), ("hydra/launcher", "local"),
         ("experiment", "tiny_cpu_smoke"), ("experiment", "small_gpu_bf16"),
     ]:  # fmt: skip
@@ -88,7 +90,7 @@ def validate_config(cfg) -> TrainConfig:
 def check_trainer_kwargs(config: TrainConfig, tmp_path: Path) -> None:
     """CPU options build a real Trainer; GPU ones (not runnable here) must name a known precision and
     strategy and only arguments lightning.Trainer takes."""
-    kwargs = trainer_kwargs(config)
+    kwargs = trainer_kwargs(config, plan_hardware(config.hardware))
     assert set(kwargs) <= set(typing.get_type_hints(L.Trainer.__init__)), set(kwargs)
     if kwargs["accelerator"] == "cpu":
         trainer = L.Trainer(**kwargs, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
@@ -302,4 +304,4 @@ def test_documented_commands_compose_and_validate(args):
     with open_dict(cfg):
         del cfg["hydra"]
     config = validate_config(cfg)
-    assert trainer_kwargs(config)["accelerator"] in ("cpu", "gpu")
+    assert trainer_kwargs(config, plan_hardware(config.hardware))["accelerator"] in ("cpu", "gpu")

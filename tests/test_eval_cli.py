@@ -44,7 +44,7 @@ def test_sample_report_through_the_console_entry(checkpoint, tmp_path, monkeypat
     assert metrics["val/perplexity"] == pytest.approx(math.exp(metrics["val/loss"]))
     assert 0.0 <= metrics["eval/exact_match"] <= 1.0
     assert "val/loss" in capsys.readouterr().out
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["report.json"]  # no outputs/ or logs
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report.html", "report.json"]  # no outputs/
 
 
 def test_loss_is_the_trained_token_mean_whatever_the_batching(checkpoint):
@@ -62,7 +62,7 @@ def test_loss_is_the_trained_token_mean_whatever_the_batching(checkpoint):
         loss_sum, trained_tokens = eval_cli.trained_token_loss(bundle.model, examples, batch_size)
         assert trained_tokens == tokens
         assert loss_sum == pytest.approx(total, rel=1e-5)
-    config.eval.exact_match = False
+    config.eval.exact_match = config.eval.generate = False
     report = eval_cli.evaluate_checkpoint(config)
     assert report["metrics"]["val/loss"] == pytest.approx(total / tokens, rel=1e-5)
     assert "eval/exact_match" not in report["metrics"]

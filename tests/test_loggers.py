@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from sft.cli.train import cluster_plugins, resume_from, sweep_safe
+from sft.cli.train import cluster_plugins, resume_from
 from sft.protocol.labels import IGNORE_INDEX
 from sft.redaction import REDACTED, redact_secrets
 from sft.wandb_generations import held_out_items
@@ -89,17 +89,6 @@ def test_an_interactive_allocation_is_not_a_slurm_job(monkeypatch, job_name):
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_JOB_NAME", job_name)
     assert cluster_plugins() == []
-
-
-def test_ddp_inside_a_local_sweep_spawns_instead_of_relaunching_the_sweep(monkeypatch):
-    for name in [key for key in os.environ if key.startswith("SLURM_")]:
-        monkeypatch.delenv(name)
-    kwargs = {"strategy": "ddp", "devices": 2}
-    assert sweep_safe(kwargs, multirun=True) == {"strategy": "ddp_spawn", "devices": 2}
-    assert sweep_safe(kwargs, multirun=False) == kwargs
-    monkeypatch.setenv("SLURM_NTASKS", "2")
-    monkeypatch.setenv("SLURM_JOB_NAME", "sft")
-    assert sweep_safe(kwargs, multirun=True) == kwargs  # SLURM starts the processes itself
 
 
 def test_resumed_csv_logger_keeps_the_rows_before_the_checkpoint(tmp_path):

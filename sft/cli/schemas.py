@@ -30,15 +30,18 @@ class HardwareConfig:
     accelerator: str = "cpu"
     devices: int | str | list[int] = 1
     num_nodes: int = 1
-    strategy: str | dict[str, Any] = "auto"  # a Lightning strategy name, or a `_target_` mapping
-    precision: str | int = "32-true"
-    peak_flops: float = 0.0  # one device's peak, for train/mfu (0: not logged)
+    strategy: str = "auto"  # a Lightning strategy name, or fsdp (FSDP2, sft.hardware)
+    precision: str | int = "32-true"  # a Lightning precision, or auto (sft.hardware.resolve_precision)
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32 on GPUs
+    # One device's dense matmul FLOP/s per compute dtype (fp32, tf32, bf16, fp16), for train/mfu: the run's
+    # precision picks its figure (sft.hardware.compute_dtype); none for it, no MFU.
+    peak_flops: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1:
             raise ValueError(f"hardware.num_nodes={self.num_nodes}: expected >= 1")
-        if self.peak_flops < 0:
-            raise ValueError(f"hardware.peak_flops={self.peak_flops}: expected >= 0")
+        if negative := sorted(dtype for dtype, value in self.peak_flops.items() if value <= 0):
+            raise ValueError(f"hardware.peak_flops.{negative[0]}: expected > 0 (delete the key for no MFU)")
 
 
 @dataclass
@@ -88,16 +91,28 @@ class CheckpointConfig:
 
 @dataclass
 class SampleEvalConfig:
-    """Greedy exact match on held-out sample conversations (data=sample only)."""
+    """Greedy exact match on held-out sample conversations (data=sample only), and generation on data.val:
+    each trained assistant turn generated and scored (sft.generation_eval) by sft-eval, and every
+    `generate_every_n_steps` optimizer steps during training (0: never)."""
 
     exact_match: bool = True
     max_items: int = 200
     max_new_tokens: int = 32
+    generate: bool = True  # sft-eval: the gen/* scores, the report's items and the HTML page
+    generate_every_n_steps: int = 0
+    batch_size: int = 16  # prompts generated together (equal-length prompts share a batch)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        for key in ("max_items", "max_new_tokens"):
+        for key in ("max_items", "max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"eval.{key}={getattr(self, key)}: expected >= 1")
+        if self.generate_every_n_steps < 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"eval: expected generate_every_n_steps >= 0, temperature >= 0 and 0 < top_p <= 1, got "
+                f"{self.generate_every_n_steps}, {self.temperature}, {self.top_p}"
+            )
 
 
 @dataclass

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -35,6 +34,7 @@ from sft.data.build import EmptyDataError, prepare
 from sft.data.datamodule import SFTDataModule
 from sft.data.store import StoreError
 from sft.evaluate import sample_eval_items
+from sft.hardware import HardwareError, hardware_callbacks, plan_hardware, trainer_kwargs
 from sft.module import SFTModule
 from sft.protocol.pipeline import DataError
 from sft.redaction import redact_secrets
@@ -59,34 +59,12 @@ def build_logger(config: TrainConfig, run_dir: Path, record: dict[str, Any], res
     return wandb_logger(config.logger, run_dir, record, resumable=config.ckpt_path is not None)
 
 
-def trainer_kwargs(config: TrainConfig) -> dict[str, Any]:
-    hardware = config.hardware
-    kwargs = {
-        key: getattr(hardware, key)
-        for key in ("accelerator", "devices", "num_nodes", "strategy", "precision")
-    }
-    if isinstance(kwargs["strategy"], dict):  # a `_target_` mapping, e.g. conf/hardware/fsdp.yaml
-        kwargs["strategy"] = hydra.utils.instantiate(kwargs["strategy"], _convert_="all")
-    # The datamodule shards every epoch itself (disjoint, resumable); Lightning must not re-wrap its samplers.
-    return {**kwargs, "use_distributed_sampler": False, **config.trainer}
-
-
 def cluster_plugins() -> list:
     """Under SLURM, Lightning saves `hpc_ckpt_N.ckpt` in the run directory on SIGUSR1 (sent before the time
     limit, conf/hydra/launcher/slurm.yaml) and requeues the job, which resumes there (see resume_from)."""
     if not SLURMEnvironment.detect():
         return []
     return [SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)]
-
-
-def sweep_safe(kwargs: dict[str, Any], multirun: bool) -> dict[str, Any]:
-    """Under `-m` off SLURM, `strategy=ddp` becomes `ddp_spawn`: Lightning's `ddp` re-launches the command
-    line for each extra process, and a re-launched `sft-train -m ...` (or submitit's local job) would run the
-    whole sweep again. On SLURM, SLURM starts one process per device and nothing is re-launched."""
-    if multirun and kwargs["strategy"] == "ddp" and not SLURMEnvironment.detect():
-        print("strategy=ddp inside a -m sweep: using ddp_spawn (ddp would re-run the sweep in each process)")
-        return {**kwargs, "strategy": "ddp_spawn"}
-    return kwargs
 
 
 def resume_from(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -201,7 +179,9 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
     datamodule = SFTDataModule(config, prepared)
     tokenizer = prepared.tokenizer
     model_config = dataclasses.replace(config.model, vocab_size=tokenizer.get_vocab_size())
-    module = SFTModule(model_config, config.optim, peak_flops=config.hardware.peak_flops)
+    hardware = plan_hardware(config.hardware)
+    log.record(hardware.describe())
+    module = SFTModule(model_config, config.optim, peak_flops=hardware.peak_flops or 0.0)
     section = run_section(redact_secrets(plain(config)))
     module.attach(tokenizer, dataclasses.asdict(config.template), section)
     log.record(model_line(module))
@@ -227,6 +207,10 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
     if config.data.name == "sample" and config.eval.exact_match:
         items = sample_eval_items(config.seed, config.data.num_val, config.eval.max_items)
         callbacks.append(ExactMatchCallback(items, config.eval.max_new_tokens))
+    if config.eval.generate_every_n_steps:
+        from sft.generation_callback import GenerationEvalCallback
+
+        callbacks.append(GenerationEvalCallback(config))
     if config.logger.name == "wandb":
         from sft.wandb_generations import WandbExtras
 
@@ -238,9 +222,9 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
         trainer = L.Trainer(
             default_root_dir=run_dir,
             logger=build_logger(config, run_dir, record or {}, checkpoint_step(ckpt_path)),
-            callbacks=callbacks,
+            callbacks=[*callbacks, *hardware_callbacks(config.hardware)],
             plugins=[AtomicCheckpointIO(), *cluster_plugins()],
-            **sweep_safe(trainer_kwargs(config), multirun=HydraConfig.get().mode == RunMode.MULTIRUN),
+            **trainer_kwargs(config, hardware, multirun=HydraConfig.get().mode == RunMode.MULTIRUN),
         )
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -256,6 +240,7 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
         "metrics_csv": str(run_dir / "metrics.csv") if config.logger.name == "csv" else None,
         "metrics": final_metrics(trainer),
         "packing_efficiency": datamodule.packing_efficiency,
+        "hardware": hardware.record(),
         "data": prepared.accounting.to_dict(),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -283,7 +268,7 @@ def run(config: TrainConfig, cfg: DictConfig) -> float | None:
     """Returns the final val/loss: the objective a Hydra sweeper (hydra/sweeper=optuna_lr) minimises."""
     try:
         return train(config, config_record(cfg))["metrics"].get("val/loss")
-    except (CheckpointError, DataError, EmptyDataError, StoreError) as error:
+    except (CheckpointError, DataError, EmptyDataError, HardwareError, StoreError) as error:
         sys.exit(f"sft-train: {error}")  # the user's data or file, not a crash: no traceback
 
 

@@ -14,8 +14,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 from sft.atomic import atomic_file
 from sft.data import sample
 from sft.data.config import DataConfig
+from sft.data.ranks import PrepareRanks, artifact_lock, prepare_in_turn
 from sft.data.store import (
     StoreError,
     StoreWriter,
@@ -41,6 +42,7 @@ from sft.protocol.pipeline import (
     ConversationEncoder,
     read_conversations,
 )
+from sft.protocol.sources import resolve_source
 from sft.protocol.templates import ChatTemplate, check_template, load_template
 from sft.protocol.tokenizer import (
     TokenizerConfig,
@@ -98,23 +100,20 @@ def data_files(
         raise ValueError("data.train is not set: give a list of files, e.g. data.train=[a.jsonl,b.jsonl]")
     for key, paths in (("data.train", train), ("data.val", val)):
         for path in paths:
-            if Path(path).is_dir():
-                raise ValueError(
-                    f"{key}: {path} is a directory, not a data file; list the files in it, "
-                    f"e.g. {key}=[{Path(path) / 'part1.jsonl'}]"
-                )
-            if not Path(path).exists():
-                raise FileNotFoundError(f"{key}: data file not found: {path}")
-            if not Path(path).is_file():
-                raise ValueError(f"{key}: {path} is not a regular file")
+            try:
+                resolve_source(path)  # a file, a Parquet folder or glob, a save_to_disk folder, hf://
+            except (OSError, ValueError) as error:
+                raise type(error)(f"{key}: {error}") from None
     return train, val
 
 
-def rendered_texts(paths: list[str], fmt: str, encoder: ConversationEncoder) -> Iterator[str]:
+def rendered_texts(
+    paths: list[str], fmt: str, encoder: ConversationEncoder, columns: Mapping[str, str] | None = None
+) -> Iterator[str]:
     """Rendered conversations for tokenizer training, each with the system-prompt decision its store makes
     (indexed within its file); bad records are left to the real pass to report."""
     for path in paths:
-        for index, item in enumerate(read_conversations(path, fmt)):
+        for index, item in enumerate(read_conversations(path, fmt, columns)):
             if not isinstance(item, ProtocolError):
                 try:
                     yield encoder.prepare(item, index)[1].text
@@ -141,6 +140,7 @@ def build_tokenizer(
     fmt: str,
     cache_dir: Path,
     writable: bool = True,
+    columns: Mapping[str, str] | None = None,
 ) -> Tokenizer:
     """`file`: load it. `bpe`: train on the rendered training conversations, cached by content hash (a
     cached file that cannot be read, e.g. cut short, is trained again)."""
@@ -154,8 +154,10 @@ def build_tokenizer(
             "template": template.fingerprint,
             "protocol": {key: getattr(protocol, key) for key in RENDERING_KEYS},
             "format": fmt,
+            "columns": dict(columns or {}),
         }
-        path = cache_dir / "tokenizers" / f"{cache_key(parts, train_files)}.json"
+        files = [file for name in train_files for file in resolve_source(name).files]
+        path = cache_dir / "tokenizers" / f"{cache_key(parts, files)}.json"
         tokenizer = None
         if path.is_file():
             try:
@@ -169,7 +171,7 @@ def build_tokenizer(
                 None, template, dataclasses.replace(protocol, special_in_content="allow")
             )
             tokenizer = train_bpe(
-                rendered_texts(train_files, fmt, text_encoder),
+                rendered_texts(train_files, fmt, text_encoder, columns),
                 tokenizer_cfg.vocab_size,
                 template.special_tokens,
             )
@@ -194,9 +196,15 @@ def _progress() -> Progress:
 
 
 def build_store(
-    path: str, encoder: ConversationEncoder, fmt: str, cache_dir: Path, writable: bool = True
+    path: str,
+    encoder: ConversationEncoder,
+    fmt: str,
+    cache_dir: Path,
+    writable: bool = True,
+    columns: Mapping[str, str] | None = None,
 ) -> tuple[TokenStore, Accounting]:
-    """The store for one file, from the cache when its key matches, else encoded and written atomically.
+    """The store for one data entry (a file, a Parquet folder or glob, an hf:// name: sft.protocol.sources),
+    from the cache when its key matches, else encoded and written atomically.
 
     The store's accounting keeps places relative to the file (":4", " record 3"): a store serves every
     file with the same bytes, so what it reports is named after the file as this run gives it."""
@@ -206,8 +214,10 @@ def build_store(
         "tokenizer": tokenizer_fingerprint(encoder.tokenizer),
         "protocol": dataclasses.asdict(encoder.config),
         "format": fmt,
+        "columns": dict(columns or {}),
     }
-    key = cache_key(parts, [path])
+    source = resolve_source(path)
+    key = cache_key(parts, source.files)
     store_dir = cache_dir / "stores" / key
     if is_complete(store_dir):
         store = TokenStore(store_dir, source=path)
@@ -215,7 +225,7 @@ def build_store(
     if not writable:
         raise read_only_error(cache_dir, f"a store for {path}")
     accounting = Accounting()
-    size = max(Path(path).stat().st_size, 1)
+    size = max(source.size_bytes, 1)
     started = time.perf_counter()
     tokens = 0
     with (
@@ -223,7 +233,7 @@ def build_store(
         StoreWriter(store_dir, vocab_size=encoder.tokenizer.get_vocab_size()) as writer,
     ):
         task = progress.add_task(f"preparing {Path(path).name}", total=size, rows=0, tokens_per_s=0.0)
-        for example in encoder.encode_file(path, fmt, accounting):
+        for example in encoder.encode_file(source, fmt, accounting, columns):
             writer.add(example.input_ids, example.labels)
             tokens += len(example.input_ids)
             if accounting.kept % 1000 == 0:
@@ -257,10 +267,13 @@ def prepare(cfg: PrepareConfig) -> PreparedData:
     cache_dir = Path(cfg.data.cache_dir)
     template = load_template(dataclasses.asdict(cfg.template))
     check_template(template)
+    ranks = PrepareRanks.from_environment(cfg.data.prepare_per_node)
+    if ranks.world_size > 1:  # every rank prepares its share at once (sft.data.ranks): no cache-wide lock
+        return _prepare_locked(cfg, cache_dir, cfg.data.format, cfg.protocol, template, True, ranks)
     with cache_lock(cache_dir) as writable:
         if writable:  # under the lock nobody else is preparing: leftovers of killed preparers can go
             remove_abandoned_stores(cache_dir / "stores")
-        return _prepare_locked(cfg, cache_dir, cfg.data.format, cfg.protocol, template, writable)
+        return _prepare_locked(cfg, cache_dir, cfg.data.format, cfg.protocol, template, writable, ranks)
 
 
 @contextmanager
@@ -293,18 +306,30 @@ def _prepare_locked(
     protocol: ProtocolConfig,
     template: ChatTemplate,
     writable: bool,
+    ranks: PrepareRanks,
 ) -> PreparedData:
+    columns = cfg.data.columns
     train_files, val_files = data_files(cfg.data, cache_dir, cfg.seed, writable)
-    tokenizer = build_tokenizer(cfg.tokenizer, template, protocol, train_files, fmt, cache_dir, writable)
+    with artifact_lock(cache_dir / "tokenizers" / "bpe") if writable else nullcontext():
+        tokenizer = build_tokenizer(
+            cfg.tokenizer, template, protocol, train_files, fmt, cache_dir, writable, columns
+        )
     encoder = ConversationEncoder(tokenizer, template, protocol)
+    entries = train_files + val_files
+    built = prepare_in_turn(
+        entries,
+        [resolve_source(entry).size_bytes for entry in entries],
+        lambda entry: build_store(entry, encoder, fmt, cache_dir, writable, columns),
+        ranks,
+        cache_dir / "locks" if writable else None,
+    )
     accounting = Accounting()
-    stores: dict[str, list[TokenStore]] = {"train": [], "val": []}
-    for split, files in (("train", train_files), ("val", val_files)):
-        for path in files:
-            store, file_accounting = build_store(path, encoder, fmt, cache_dir, writable)
-            stores[split].append(store)
-            accounting.merge(file_accounting)
-    return PreparedData(tokenizer, template, stores["train"], stores["val"], accounting)
+    for _, entry_accounting in built:
+        accounting.merge(entry_accounting)
+    stores = [store for store, _ in built]
+    return PreparedData(
+        tokenizer, template, stores[: len(train_files)], stores[len(train_files) :], accounting
+    )
 
 
 def export_jsonl(stores: list[TokenStore], path: str | os.PathLike) -> int:

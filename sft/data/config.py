@@ -13,8 +13,9 @@ class DataConfig:
     """`sample`: the embedded generated conversations (sft/data/sample.py); `jsonl`: your files."""
 
     name: Literal["sample", "jsonl"] = "sample"
-    train: list[str] | str | None = None  # jsonl: the training files
-    val: list[str] | str | None = None  # jsonl: held-out files; otherwise val_fraction of train
+    train: list[str] | str | None = None  # jsonl: the training entries (files, Parquet, hf://: sources.py)
+    val: list[str] | str | None = None  # jsonl: held-out entries; otherwise val_fraction of train
+    columns: dict[str, str] | None = None  # field <- column renames, e.g. {messages: conversation}
     num_train: int = 6000  # sample: conversations generated for training
     num_val: int = 200  # sample: held-out conversations
     format: str = "auto"  # auto | messages | sharegpt | alpaca | prompt_completion
@@ -24,6 +25,7 @@ class DataConfig:
     packing: bool = True
     num_workers: int = 0
     cache_dir: str = ".cache/sft"
+    prepare_per_node: bool = True  # ranks started together split each node's entries; False: the job's
 
     def __post_init__(self) -> None:
         problems = []

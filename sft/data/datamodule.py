@@ -92,6 +92,32 @@ def rank_units(global_batches: list[np.ndarray], world_size: int, accumulation: 
     return units
 
 
+def validation_batches(row_count: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's validation batches: every row once over all ranks (val loss is a global token mean), and
+    the same number of batches on every rank (a sharded model's forward is a collective). A rank with one
+    row fewer than the others gets the padding row `row_count` (see ZeroWeightPadded) in its place."""
+    mine = list(range(rank, row_count, world_size))
+    mine += [row_count] * (-(-row_count // world_size) - len(mine))
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+class ZeroWeightPadded(Dataset):
+    """The rows of `dataset`, then one padding row: a copy of row 0 with no trained token (labels all
+    IGNORE_INDEX), so it runs through the model like any row and adds nothing to the loss."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset) + 1
+
+    def __getitem__(self, row: int) -> dict[str, np.ndarray]:
+        if row < len(self.dataset):
+            return self.dataset[row]
+        padding = self.dataset[0]
+        return {**padding, "labels": np.full_like(padding["labels"], IGNORE_INDEX)}
+
+
 class PackedPlan:
     """Each epoch: shuffle the packed rows, cut them into global batches of batch_size × world_size ×
     accumulation rows, each split into micro-batches (a class, not a lambda: it pickles for spawned ranks)."""
@@ -223,11 +249,8 @@ class SFTDataModule(L.LightningDataModule):
         if self.val_dataset is None:
             return []
         rank, world_size = self._world()
-        # Every held-out row once over all ranks (no padding repeats: val loss is a global token mean).
-        batch_size = self.data_config.batch_size
-        rows = np.arange(len(self.val_dataset))[rank::world_size]
-        batches = [rows[i : i + batch_size].tolist() for i in range(0, len(rows), batch_size)]
-        return DataLoader(self.val_dataset, batch_sampler=batches, collate_fn=collate_rows)
+        batches = validation_batches(len(self.val_dataset), self.data_config.batch_size, rank, world_size)
+        return DataLoader(ZeroWeightPadded(self.val_dataset), batch_sampler=batches, collate_fn=collate_rows)
 
     # ---- resume --------------------------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

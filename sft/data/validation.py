@@ -16,6 +16,7 @@ from sft.data.config import as_list
 from sft.data.sample import generate_conversations
 from sft.protocol.pipeline import Accounting, ConversationEncoder, EncodedExample, read_conversations
 from sft.protocol.records import record_to_conversation
+from sft.protocol.sources import resolve_source
 from sft.protocol.types import Conversation, ProtocolError
 
 
@@ -36,9 +37,11 @@ def sample_val_conversations(count: int, seed: int) -> Iterator[Conversation]:
         yield record_to_conversation(record, source="sample-val", line=line)
 
 
-def file_conversations(files: list[str], fmt: str) -> Iterator[Conversation | ProtocolError]:
+def file_conversations(
+    files: list[str], fmt: str, columns: Mapping[str, str] | None
+) -> Iterator[Conversation | ProtocolError]:
     for path in files:
-        yield from read_conversations(path, fmt)
+        yield from read_conversations(resolve_source(path), fmt, columns)
 
 
 def validation_examples(
@@ -46,9 +49,9 @@ def validation_examples(
 ) -> tuple[list[EncodedExample], str]:
     """(the validation examples of a run with this `data` section and `seed`, what they are) encoded in
     memory; `accounting` covers every line read (for a val_fraction split: the whole training data)."""
-    fmt = data.get("format", "auto")
+    fmt, columns = data.get("format", "auto"), data.get("columns")
     if val_files := as_list(data.get("val")):
-        examples = encoder.encode_conversations(file_conversations(val_files, fmt), accounting)
+        examples = encoder.encode_conversations(file_conversations(val_files, fmt, columns), accounting)
         return list(examples), ", ".join(val_files)
     if data.get("name", "sample") == "sample":
         examples = encoder.encode_conversations(sample_val_conversations(data["num_val"], seed), accounting)
@@ -59,7 +62,8 @@ def validation_examples(
             "the run had no validation data (no data.val, data.val_fraction=0); give files: data.val=[...]"
         )
     train_files = as_list(data.get("train"))
-    examples = list(encoder.encode_conversations(file_conversations(train_files, fmt), accounting))
+    conversations = file_conversations(train_files, fmt, columns)
+    examples = list(encoder.encode_conversations(conversations, accounting))
     _, held_out = split_val(np.arange(len(examples)), fraction, seed)
     description = f"data.val_fraction={fraction} of {', '.join(train_files)} (seed {seed})"
     return [examples[i] for i in held_out], description

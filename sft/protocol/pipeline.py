@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -20,7 +20,8 @@ from tokenizers import Encoding, Tokenizer
 
 from sft.protocol.labels import IGNORE_INDEX, labels_from_encoding
 from sft.protocol.normalize import normalize_conversations
-from sft.protocol.records import BLANK_LINE, iter_raw_records, record_to_conversation
+from sft.protocol.records import BLANK_LINE, record_to_conversation
+from sft.protocol.sources import DataSource, read_records
 from sft.protocol.system import maybe_add_system_prompt
 from sft.protocol.templates import ChatTemplate, render_chat_prompt
 from sft.protocol.types import (
@@ -105,11 +106,14 @@ class Accounting:
     def relative_to(self, source: str) -> Accounting:
         """A copy whose places drop the file name `source` (":4", " record 3"): what a store keeps, since
         the store is shared by every file with the same bytes, whatever it is called."""
-        return self._replace_places(lambda place: place.removeprefix(source))
+        return self._replace_places(
+            lambda place: place[len(source) :] if _is_relative(place.removeprefix(source)) else place
+        )
 
     def located_in(self, source: str) -> Accounting:
-        """The inverse of `relative_to`: places under the name this run gave the file."""
-        return self._replace_places(lambda place: source + place)
+        """The inverse of `relative_to`: places under the name this run gave the file. A place in one of
+        an entry's several files (a Parquet folder, an hf:// split) keeps its file's path."""
+        return self._replace_places(lambda place: source + place if _is_relative(place) else place)
 
     def _replace_places(self, change) -> Accounting:
         copy = Accounting.from_dict(self.to_dict())
@@ -132,6 +136,10 @@ class Accounting:
             for reason, count in sorted(counter.items()):
                 lines.append(f"  {title} {count} {reason}: {', '.join(self.where.get(reason, []))}")
         return "\n".join(lines)
+
+
+def _is_relative(place: str) -> bool:
+    return place.startswith((":", " record"))
 
 
 @dataclass(slots=True)
@@ -336,13 +344,22 @@ class ConversationEncoder:
         if chunk:
             yield chunk
 
-    def encode_file(self, path: str, fmt: str, accounting: Accounting) -> Iterator[EncodedExample]:
-        yield from self.encode_conversations(read_conversations(path, fmt), accounting)
+    def encode_file(
+        self,
+        path: str | DataSource,
+        fmt: str,
+        accounting: Accounting,
+        columns: Mapping[str, str] | None = None,
+    ) -> Iterator[EncodedExample]:
+        yield from self.encode_conversations(read_conversations(path, fmt, columns), accounting)
 
 
-def read_conversations(path: str, fmt: str = "auto") -> Iterator[Conversation | ProtocolError]:
-    """Each record of a file as a Conversation, or as the ProtocolError (with `.where`) that it raised."""
-    for raw in iter_raw_records(path):
+def read_conversations(
+    path: str | DataSource, fmt: str = "auto", columns: Mapping[str, str] | None = None
+) -> Iterator[Conversation | ProtocolError]:
+    """Each record of a data entry (sources.py) as a Conversation, or as the ProtocolError (with `.where`)
+    that it raised; `columns` renames fields first."""
+    for raw in read_records(path, columns):
         try:
             if raw.error is not None:
                 raise raw.error

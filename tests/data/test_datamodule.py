@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -163,6 +164,28 @@ def test_explicit_val_files_and_their_batches_cover_each_row_once(tmp_path, two_
     datamodule = setup_module_for(config)
     rows = [row for batch in datamodule.val_dataloader().batch_sampler for row in batch]
     assert sorted(rows) == list(range(len(datamodule.val_dataset)))
+
+
+@pytest.mark.parametrize("world_size", [3, 6])
+def test_every_rank_runs_the_same_validation_batches_and_padding_trains_nothing(
+    tmp_path, two_files, world_size
+):
+    """A sharded model's forward is a collective: a rank with one batch fewer would hang the others."""
+    datamodule = setup_module_for(make_config(tmp_path, two_files[:1], val=two_files[1:], packing=False))
+    rows, trained = [], 0
+    batch_counts = set()
+    for rank in range(world_size):
+        datamodule.trainer = SimpleNamespace(global_rank=rank, world_size=world_size)
+        loader = datamodule.val_dataloader()
+        batches = list(loader)
+        batch_counts.add(len(batches))
+        rows += [row for batch in loader.batch_sampler for row in batch]
+        trained += sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in batches)
+    row_count = len(datamodule.val_dataset)
+    assert row_count % world_size and len(batch_counts) == 1  # uneven rows, yet even batches
+    assert sorted(row for row in rows if row < row_count) == list(range(row_count))
+    want = sum(int((datamodule.val_dataset[r]["labels"] != IGNORE_INDEX).sum()) for r in range(row_count))
+    assert trained == want  # the padding rows add no trained token: val loss is unchanged
 
 
 def test_collate_keeps_document_ids_only_where_a_row_holds_several_examples(tmp_path, two_files):

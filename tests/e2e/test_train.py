@@ -9,8 +9,12 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
+from sft.cli.schemas import TrainConfig
 from sft.cli.train import checkpoint_step
+from sft.config import load_config
+from sft.hardware import plan_hardware
 from tests.helpers import SMALL, metric_rows, run_cli, summary, train
 
 pytestmark = pytest.mark.slow
@@ -35,6 +39,12 @@ def test_a_run_writes_checkpoint_metrics_and_summary(tmp_path, cache_dir):
     assert set(metric_rows(run_dir, "train/loss")) == {0, 1, 2, 3}
     assert "summary:" in result.stdout and str(run_dir) in result.stdout
     assert result_summary["data"]["read"] == result_summary["data"]["kept"] == 256
+    # The precision `auto` picked on this CPU, why, and the peak of that precision as MFU's denominator.
+    hardware = plan_hardware(
+        load_config(OmegaConf.load(run_dir / ".hydra/config.yaml"), TrainConfig).hardware
+    )
+    assert result_summary["hardware"] == hardware.record()
+    assert 0 < result_summary["metrics"]["train/mfu"] <= 1
 
 
 def test_a_30_step_run_with_the_default_schedule_validates_and_keeps_a_best_checkpoint(tmp_path, cache_dir):
@@ -59,7 +69,7 @@ def test_a_30_step_run_with_the_default_schedule_validates_and_keeps_a_best_chec
 def test_two_cpu_processes_match_one_process_over_the_same_global_batch(tmp_path, cache_dir):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     common = ["trainer.max_steps=2", "trainer.val_check_interval=2", "eval.exact_match=false"]
-    train(single, cache_dir, "hardware=cpu", "data.batch_size=4", *common)
+    train(single, cache_dir, "hardware=cpu", "hardware.precision=32-true", "data.batch_size=4", *common)
     train(ddp, cache_dir, "hardware=ddp_cpu", "data.batch_size=2", *common)
     for metric in ("train/loss", "train/grad_norm", "train/trained_tokens"):
         one, two = metric_rows(single, metric), metric_rows(ddp, metric)

@@ -5,24 +5,10 @@ from __future__ import annotations
 import torch
 
 from sft.model.generate import generate
-from sft.model.llama import LlamaConfig, LlamaForCausalLM
+from sft.model.llama import LlamaForCausalLM
+from tests.helpers import tiny_decoder as tiny_model
 
 PROMPT = [5, 17, 3, 42, 8]
-
-
-def tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=40,
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def naive_greedy(model: LlamaForCausalLM, prompt: list[int], max_new_tokens: int) -> list[int]:

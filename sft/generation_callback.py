@@ -1,0 +1,98 @@
+"""`eval.generate_every_n_steps`: during training, generate data.val's trained assistant turns and log the
+scores (`gen/exact_match`, `gen/token_f1`, ...; a `wandb.Table` of the items with logger=wandb).
+
+Generation runs on one process whatever the strategy: a sharded (FSDP2) model is gathered into a full copy
+on rank 0 (every rank takes part in the gather), DDP's rank 0 uses its own replica; the other ranks wait.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+
+from sft.data.build import data_files
+from sft.generation_eval import GenerationItem, GenerationSettings, evaluate_generations, generation_items
+from sft.protocol.pipeline import ConversationEncoder, read_conversations
+
+if TYPE_CHECKING:
+    from sft.config import TrainConfig
+
+
+class GenerationEvalCallback(L.Callback):
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.every_n_steps = config.eval.generate_every_n_steps
+        self.settings = GenerationSettings.from_section(config.eval)
+        self._items: list[GenerationItem] | None = None
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps or step == self._last_step:
+            return  # after accumulation, several micro-batches end on the same optimizer step
+        self._last_step = step
+        model = single_process_model(module)
+        if trainer.is_global_zero:
+            self._generate(trainer, module, model, step)
+        trainer.strategy.barrier("generation_eval")
+
+    def _generate(self, trainer: L.Trainer, module: L.LightningModule, model: torch.nn.Module, step: int):
+        items = self._load_items(module)
+        if not items:
+            return
+        generator = torch.Generator().manual_seed(self.config.seed)
+        generations, metrics = evaluate_generations(
+            model, module.tokenizer, module.template.eot, items, self.settings, generator
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            if hasattr(logger, "log_table"):  # W&B
+                columns = ["step", "where", "prompt", "reference", "generation", "exact_match", "token_f1"]
+                rows = [
+                    [step, item.where, item.prompt, item.reference, generation.text]
+                    + [generation.scores["exact_match"], generation.scores["token_f1"]]
+                    for item, generation in zip(items, generations, strict=True)
+                ]
+                logger.log_table("gen/items", columns=columns, data=rows, step=step)
+
+    def _load_items(self, module: L.LightningModule) -> list[GenerationItem]:
+        """data.val's items (the sample's held-out split with data=sample), read once."""
+        if self._items is None:
+            data = self.config.data
+            _, val = data_files(data, Path(data.cache_dir), self.config.seed)
+            if not val:
+                warnings.warn(
+                    "eval.generate_every_n_steps needs data.val files: nothing to generate", stacklevel=2
+                )
+            conversations = itertools.chain.from_iterable(
+                read_conversations(entry, data.format, data.columns) for entry in val
+            )
+            encoder = ConversationEncoder(module.tokenizer, module.template, self.config.protocol)
+            self._items = generation_items(conversations, encoder, self.config.eval.max_items)
+        return self._items
+
+
+def single_process_model(module: L.LightningModule) -> torch.nn.Module:
+    """A model that one process can run alone: the module's own, or, when its parameters are sharded
+    (DTensor), a full copy gathered to rank 0's CPU (a collective: call it on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    model = module.model
+    if not any(isinstance(parameter, DTensor) for parameter in model.parameters()):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from sft.model import build_model
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if not state:  # only rank 0 receives the gathered weights, and only rank 0 generates
+        return model
+    full = build_model(dict(module.hparams["model_config"]))
+    full.load_state_dict(state)
+    return full.eval()

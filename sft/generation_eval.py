@@ -1,0 +1,203 @@
+"""Generation-based evaluation on your conversations: each trained assistant turn is generated from its
+inference prompt (greedy by default, batched, KV cache) and scored against the reference (sft.scoring).
+
+The prompt is `render(messages[:k], add_generation_prompt=True)` and the reference is what training
+trains for turn k (its span in `render(messages[:k + 1])`, without the end-of-turn marker): exactly what
+the model must produce at inference (invariant 1). Shared by `sft-eval` and the training callback; no
+Lightning here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from sft.model.generate import sample_next_token
+from sft.model.llama import KVCache
+from sft.protocol.pipeline import ConversationEncoder
+from sft.protocol.templates import render_chat_prompt
+from sft.protocol.types import Conversation, ProtocolError
+from sft.scoring import mean_scores, score_generation
+
+METRIC_PREFIX = "gen/"
+
+
+@dataclass
+class GenerationItem:
+    """One trained assistant turn to generate: `turn` is its index among the conversation's messages."""
+
+    where: str
+    turn: int
+    prompt: str
+    prompt_ids: list[int]
+    reference: str
+    reference_calls: list[Any] | None = None
+
+
+@dataclass
+class Generation:
+    text: str
+    stopped: bool  # ended with the end-of-turn token (else cut at max_new_tokens or the context)
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+def generation_items(
+    conversations: Iterable[Conversation | ProtocolError], encoder: ConversationEncoder, max_items: int
+) -> list[GenerationItem]:
+    """Up to `max_items` items, in input order, from conversations prepared exactly as training prepares
+    them (normalization, system prompt decision, mask strategy). Bad records are skipped: the loss pass
+    over the same input accounts for them."""
+    items: list[GenerationItem] = []
+    template, tokenizer = encoder.template, encoder.tokenizer
+    for index, conversation in enumerate(conversations):
+        if isinstance(conversation, ProtocolError):
+            continue
+        try:
+            conversation, _ = encoder.prepare(conversation, index)
+        except ProtocolError:
+            continue
+        messages = conversation.messages
+        for turn, message in enumerate(messages):
+            if len(items) >= max_items:
+                return items
+            if message.role != "assistant" or not message.train:
+                continue
+            prompt = render_chat_prompt(messages[:turn], template, conversation.tools, True).text
+            whole = render_chat_prompt(messages[: turn + 1], template, conversation.tools)
+            start, end = whole.assistant_spans[-1]
+            reference = whole.text[start:end].removesuffix(template.eot)
+            items.append(
+                GenerationItem(
+                    where=conversation.where,
+                    turn=turn,
+                    prompt=prompt,
+                    prompt_ids=tokenizer.encode(prompt, add_special_tokens=False).ids,
+                    reference=reference,
+                    reference_calls=getattr(message, "tool_calls", None),
+                )
+            )
+    return items
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    stop_ids: set[int],
+    batch_size: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """The new ids of each prompt (a stop id, when reached, is the last), as `generate` gives them one by
+    one. Prompts of equal length decode together: no padding, so each row sees exactly the positions and
+    attention it would alone; a batch ends when every row has stopped."""
+    by_length: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(index)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for length, indices in sorted(by_length.items()):
+        for start in range(0, len(indices), batch_size):
+            rows = indices[start : start + batch_size]
+            batch = [prompts[row] for row in rows]
+            new_ids = _decode_equal_length(
+                model, batch, max_new_tokens, stop_ids, temperature, top_p, generator
+            )
+            for row, ids in zip(rows, new_ids, strict=True):
+                outputs[row] = ids
+    return outputs
+
+
+def _decode_equal_length(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: set[int],
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> list[list[int]]:
+    length = len(prompts[0])
+    room = model.config.max_position_embeddings - length
+    if length == 0 or room <= 0:
+        return [[] for _ in prompts]  # nothing to condition on, or no room left: an empty generation
+    max_new_tokens = min(max_new_tokens, room)
+    device = next(model.parameters()).device
+    kv_cache = KVCache(max_len=length + max_new_tokens)
+    input_ids = torch.tensor(prompts, device=device)
+    new_ids: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        logits = model(input_ids, kv_cache=kv_cache)[:, -1]
+        if temperature == 0.0:
+            next_ids = logits.argmax(dim=-1).tolist()
+        else:
+            next_ids = [sample_next_token(row, temperature, top_p, generator) for row in logits]
+        for row, token in enumerate(next_ids):
+            if not finished[row]:
+                new_ids[row].append(token)
+                finished[row] = token in stop_ids
+        if all(finished):
+            break
+        input_ids = torch.tensor(next_ids, device=device)[:, None]
+    return new_ids
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How items are generated (the `eval` section's keys of the same names)."""
+
+    max_new_tokens: int = 32
+    batch_size: int = 16  # prompts decoded together (equal lengths share a batch)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+
+    @classmethod
+    def from_section(cls, section: Any) -> GenerationSettings:
+        """From the `eval` config section, a mapping or an object with these attributes."""
+        get = (
+            section.get if isinstance(section, dict) else lambda key, default: getattr(section, key, default)
+        )
+        return cls(*(get(f.name, f.default) for f in fields(cls)))
+
+
+def evaluate_generations(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    eot: str,
+    items: Sequence[GenerationItem],
+    settings: GenerationSettings,
+    generator: torch.Generator | None = None,
+) -> tuple[list[Generation], dict[str, float]]:
+    """Generate every item and score it; returns the generations and the mean scores (`gen/...`)."""
+    stop_id = tokenizer.token_to_id(eot)
+    was_training = model.training
+    model.eval()
+    try:
+        new_ids = generate_batch(
+            model,
+            [item.prompt_ids for item in items],
+            settings.max_new_tokens,
+            {stop_id},
+            settings.batch_size,
+            settings.temperature,
+            settings.top_p,
+            generator,
+        )
+    finally:
+        model.train(was_training)
+    generations = []
+    for item, ids in zip(items, new_ids, strict=True):
+        stopped = bool(ids) and ids[-1] == stop_id
+        text = tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=False)
+        generations.append(
+            Generation(text, stopped, score_generation(text, item.reference, item.reference_calls))
+        )
+    metrics = {
+        METRIC_PREFIX + name: value for name, value in mean_scores(g.scores for g in generations).items()
+    }
+    return generations, metrics

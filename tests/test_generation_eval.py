@@ -1,0 +1,153 @@
+"""Generation-based evaluation: items are the trained assistant turns with their inference prompts, batched
+generation equals one-by-one generation, the HTML page escapes everything, and `sft-eval ckpt=[a,b]` puts
+a trained and an untrained checkpoint side by side on the same items."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from sft.cli import eval as eval_cli
+from sft.eval_report import render_html
+from sft.generation_eval import generate_batch, generation_items
+from sft.loss import masked_token_loss_sum
+from sft.model.generate import generate
+from sft.protocol.pipeline import Accounting, ConversationEncoder, read_conversations
+from sft.protocol.templates import BUILTINS, render_chat_prompt
+from sft.protocol.types import ProtocolConfig
+from tests.helpers import tiny_decoder, write_checkpoint
+
+HELD_OUT = [
+    {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Reverse: 3 1 2"},
+            {"role": "assistant", "content": "2 1 3"},
+            {"role": "user", "content": "Sort it"},
+            {"role": "assistant", "content": "Not trained", "train": False},
+            {"role": "user", "content": "Sort it, please"},
+            {"role": "assistant", "content": "1 2 3"},
+        ]
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    path = tmp_path_factory.mktemp("held-out") / "held_out.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in HELD_OUT), encoding="utf-8")
+    return str(path)
+
+
+def test_items_are_the_trained_turns_with_their_inference_prompts(held_out, tokenizer):
+    template = BUILTINS["chatml"]
+    encoder = ConversationEncoder(tokenizer, template, ProtocolConfig())
+    items = generation_items(read_conversations(held_out), encoder, max_items=10)
+    assert [(item.where, item.turn) for item in items] == [
+        (f"{held_out}:1", 1),
+        (f"{held_out}:2", 2),
+        (f"{held_out}:2", 6),
+    ]
+    assert [item.reference for item in items] == ["Hi there.", "2 1 3", "1 2 3"]
+    for item in items:
+        assert item.prompt.endswith("<|im_start|>assistant\n")
+        assert item.prompt_ids == tokenizer.encode(item.prompt, add_special_tokens=False).ids
+    # What training trains on: the prompt, then the reference through the end-of-turn marker.
+    whole = render_chat_prompt(
+        encoder.prepare(next(iter(read_conversations(held_out))), 0)[0].messages, template
+    )
+    assert whole.text.startswith(items[0].prompt + items[0].reference + template.eot)
+    assert len(generation_items(read_conversations(held_out), encoder, max_items=2)) == 2
+
+
+def test_batched_generation_equals_one_by_one_generation():
+    model = tiny_decoder()
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 64, (length,), generator=generator).tolist() for length in (3, 5, 5, 5, 2, 5)]
+    stop_ids = {generate(model, prompts[1], 8, set())[3]}  # a token that one row reaches mid-way
+    expected = [generate(model, prompt, 8, stop_ids) for prompt in prompts]
+    assert generate_batch(model, prompts, 8, stop_ids, batch_size=2) == expected
+    assert any(ids[-1] in stop_ids for ids in expected) and any(len(ids) == 8 for ids in expected)
+    long_prompt = [1] * 40  # the context is full: nothing to generate
+    assert generate_batch(model, [long_prompt], 8, stop_ids, batch_size=2) == [[]]
+
+
+def test_the_page_escapes_every_text():
+    hostile = '<script>alert("x")</script> & <b>'
+    generation = {"text": hostile, "stopped": False, "scores": {"exact_match": 0.0}}
+    report = {
+        "checkpoints": [{"ckpt": hostile, "data": hostile, "metrics": {"gen/exact_match": 0.0}}],
+        "items": [
+            {
+                "where": hostile,
+                "turn": 1,
+                "prompt": hostile,
+                "reference": hostile,
+                "generations": [generation],
+            }
+        ],
+    }
+    page = render_html(report)
+    assert "<script>" not in page and "<b>" not in page
+    escaped = "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &lt;b&gt;"
+    assert page.count(escaped) == 7  # data, ckpt (twice), where, prompt, reference, generation
+    assert page.startswith("<!doctype html>") and "http" not in page  # self-contained
+
+
+def memorize(path: str, tokenizer, steps: int = 60):
+    """A `steer` for write_checkpoint: a few AdamW steps on the trained tokens of a file, so that greedy
+    decoding reproduces their answers."""
+
+    def train(model):
+        encoder = ConversationEncoder(tokenizer, BUILTINS["chatml"], ProtocolConfig())
+        examples = list(encoder.encode_file(path, "auto", Accounting()))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(steps):
+            for example in examples:
+                ids, labels = (torch.from_numpy(a)[None] for a in (example.input_ids, example.labels))
+                loss_sum, count = masked_token_loss_sum(model(ids), labels)
+                optimizer.zero_grad()
+                (loss_sum / count).backward()
+                optimizer.step()
+
+    return train
+
+
+def test_two_checkpoints_side_by_side_on_the_same_items(held_out, tokenizer, tmp_path, monkeypatch, capsys):
+    trained = write_checkpoint(tmp_path / "trained.ckpt", tokenizer, steer=memorize(held_out, tokenizer))
+    untrained = write_checkpoint(tmp_path / "untrained.ckpt", tokenizer)
+    out = tmp_path / "report.json"
+    argv = [f"ckpt=[{trained},{untrained}]", f"data.val=[{held_out}]", "eval.max_new_tokens=12"]
+    monkeypatch.setattr(sys, "argv", ["sft-eval", *argv, f"out={out}", "device=cpu"])
+    monkeypatch.chdir(tmp_path)
+    eval_cli.main()
+    report = json.loads(out.read_text())
+    first, second = report["checkpoints"]
+    assert (first["ckpt"], second["ckpt"]) == (str(trained), str(untrained))
+    assert first["metrics"]["gen/exact_match"] == 1.0 and first["metrics"]["gen/token_f1"] == 1.0
+    assert second["metrics"]["gen/exact_match"] < 1.0
+    assert first["metrics"]["val/loss"] < second["metrics"]["val/loss"]
+    assert [item["reference"] for item in report["items"]] == ["Hi there.", "2 1 3", "1 2 3"]
+    for item in report["items"]:
+        mine, theirs = item["generations"]
+        assert mine["text"] == item["reference"] and mine["stopped"]
+        assert mine["scores"]["exact_match"] == 1.0
+    printed = capsys.readouterr().out
+    assert "3 items, 2 checkpoints" in printed and "gen/exact_match" in printed
+    page = (tmp_path / "report.html").read_text()
+    assert str(trained) in page and str(untrained) in page and "Hi there." in page
+
+
+def test_batched_generation_equals_one_by_one_with_a_transformers_model(tmp_path):
+    pytest.importorskip("transformers", minversion="4.56")
+    from sft.model import build_model
+    from tests.helpers import make_model_dir
+
+    model = build_model({"name": "hf", "path": str(make_model_dir(tmp_path / "tiny-llama"))}).eval()
+    prompts = [[5, 17, 42], [9, 9, 1], [3, 4], [8, 8, 8]]
+    expected = [generate(model, prompt, 6, set()) for prompt in prompts]
+    assert generate_batch(model, prompts, 6, set(), batch_size=4) == expected

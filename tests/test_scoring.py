@@ -1,0 +1,113 @@
+"""Each generation score on hand-checked cases: exact, normalized, token F1, and tool calls."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from sft.scoring import (
+    exact_match,
+    mean_scores,
+    normalized_exact_match,
+    score_generation,
+    token_f1,
+    tool_call,
+    tool_call_scores,
+    tool_calls_in_text,
+)
+
+
+def test_exact_match_ignores_only_surrounding_whitespace():
+    assert exact_match(" Paris\n", "Paris") == 1.0
+    assert exact_match("paris", "Paris") == 0.0
+    assert exact_match("Pa ris", "Paris") == 0.0
+
+
+def test_normalized_exact_match_follows_squad():
+    assert normalized_exact_match("The  Eiffel tower!", "eiffel Tower") == 1.0
+    assert normalized_exact_match("an apple", "apple.") == 1.0
+    assert normalized_exact_match("apples", "apple") == 0.0
+
+
+@pytest.mark.parametrize(
+    "generated, reference, expected",
+    [
+        ("the cat sat", "cat sat down", 2 * (2 / 2) * (2 / 3) / (2 / 2 + 2 / 3)),  # articles dropped
+        ("x y y", "y y z", 2 / 3),  # a repeated word counts as often as both have it
+        ("x y", "z", 0.0),
+        ("", "", 1.0),
+        ("", "word", 0.0),
+        ("The.", "", 1.0),  # both normalize to nothing
+    ],
+)
+def test_token_f1(generated, reference, expected):
+    assert token_f1(generated, reference) == pytest.approx(expected)
+
+
+def test_tool_call_reads_the_openai_shapes():
+    plain = {"name": "get", "arguments": {"city": "Oslo"}}
+    assert tool_call(plain) == plain
+    assert tool_call({"name": "get", "arguments": '{"city": "Oslo"}'}) == plain
+    assert (
+        tool_call({"type": "function", "function": {"name": "get", "arguments": {"city": "Oslo"}}}) == plain
+    )
+    assert tool_call({"name": "get"}) == {"name": "get", "arguments": {}}
+    assert tool_call(SimpleNamespace(name="get", arguments={"city": "Oslo"}, id="call_1")) == plain
+    assert tool_call({"arguments": {}}) is None
+    assert tool_call({"name": "get", "arguments": "{not json"}) is None
+
+
+def test_tool_calls_in_text_reads_every_block_and_marks_the_broken_ones():
+    text = (
+        'Sure.<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>{oops}</tool_call>'
+    )
+    assert tool_calls_in_text(text) == [{"name": "a", "arguments": {"x": 1}}, None]
+    assert tool_calls_in_text("no calls here") == []
+
+
+def call_text(name: str, arguments: dict) -> str:
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
+
+
+REFERENCE_CALLS = [{"name": "weather", "arguments": {"city": "Oslo", "unit": "C"}}]
+
+
+@pytest.mark.parametrize(
+    "generated, expected",
+    [
+        (call_text("weather", {"unit": "C", "city": "Oslo"}), (1.0, 1.0, 1.0)),  # key order does not count
+        (call_text("weather", {"city": "Bergen", "unit": "C"}), (1.0, 1.0, 0.0)),
+        (call_text("forecast", {"city": "Oslo", "unit": "C"}), (1.0, 0.0, 0.0)),
+        ("<tool_call>{'name': 'weather'}</tool_call>", (0.0, 0.0, 0.0)),  # not JSON
+        ("It is sunny in Oslo.", (0.0, 0.0, 0.0)),  # no call at all
+        (call_text("weather", {"city": "Oslo", "unit": "C"}) * 2, (1.0, 0.0, 0.0)),  # one call too many
+    ],
+)
+def test_tool_call_scores(generated, expected):
+    scores = tool_call_scores(generated, REFERENCE_CALLS)
+    assert (scores["tool_call_parses"], scores["tool_call_name"], scores["tool_call_arguments"]) == expected
+
+
+def test_reference_calls_come_from_the_structured_field_or_the_reference_text():
+    generated = call_text("weather", {"city": "Oslo", "unit": "C"})
+    from_text = score_generation(generated, call_text("weather", {"unit": "C", "city": "Oslo"}))
+    assert from_text["tool_call_arguments"] == 1.0 and from_text["exact_match"] == 0.0
+    structured = [
+        {"type": "function", "function": {"name": "weather", "arguments": '{"city":"Oslo","unit":"C"}'}}
+    ]
+    assert score_generation(generated, "", structured)["tool_call_arguments"] == 1.0
+    assert "tool_call_parses" not in score_generation("Hi", "Hello")  # no calls: no tool-call scores
+
+
+def test_mean_scores_average_tool_call_scores_over_tool_call_items_only():
+    means = mean_scores(
+        [
+            {"exact_match": 1.0, "tool_call_name": 1.0},
+            {"exact_match": 0.0},
+            {"exact_match": 0.0, "tool_call_name": 0.0},
+            {"exact_match": 1.0},
+        ]
+    )
+    assert means == {"exact_match": 0.5, "tool_call_name": 0.5}
