@@ -199,6 +199,15 @@ def hf_export_model(
     return exported.to(DTYPES[dtype])
 
 
+def give_normal_permissions(directory: Path) -> None:
+    """Files as any file the user writes (0666 less the umask): safetensors writes its file 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def export_checkpoint(
     ckpt: str | os.PathLike,
     out: str | os.PathLike,
@@ -225,4 +234,5 @@ def export_checkpoint(
                 (staging / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", "utf-8")
             else:
                 (staging / name).write_text(content, encoding="utf-8")
+        give_normal_permissions(staging)
     return out

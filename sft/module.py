@@ -104,12 +104,17 @@ class SFTModule(L.LightningModule):
         self._row_length = 0  # tokens per row of the last micro-batch: the attention term of the FLOPs
         self.tokenizer = None  # set by attach(): saved into every checkpoint so it is usable on its own
         self.template_config: dict[str, Any] | None = None
+        self.run_section: dict[str, Any] = {}  # sft.checkpoint.run_section: protocol, data, config, versions
         self.trained_tokens_seen = 0.0
 
-    def attach(self, tokenizer, template_config: dict[str, Any]) -> None:
-        """Give the module what chat and evaluation need: the tokenizer and template it was trained with."""
+    def attach(
+        self, tokenizer, template_config: dict[str, Any], run_section: dict[str, Any] | None = None
+    ) -> None:
+        """Give the module what chat, evaluation and resume need: the tokenizer and template it was trained
+        with, and the run's section of every checkpoint (sft.checkpoint)."""
         self.tokenizer = tokenizer
         self.template_config = standalone_config(load_template(template_config))
+        self.run_section = run_section or {}
 
     @property
     def template(self):
@@ -117,6 +122,7 @@ class SFTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sft"] = {
+            **self.run_section,
             "tokenizer": self.tokenizer.to_str() if self.tokenizer is not None else None,
             "template": self.template_config,
             "trained_tokens_seen": self.trained_tokens_seen,

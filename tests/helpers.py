@@ -11,12 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from sft.cli.inspect import BOUNDARY, TRAINED_CLOSE, TRAINED_OPEN
+from sft.data.datamodule import collate_rows
 from sft.evaluate import prompt_ids
 from sft.model.generate import generate
 from sft.module import SFTModule
+from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.templates import BUILTINS
 
 # ---- tokenizers -----------------------------------------------------------------------------------------
@@ -207,7 +212,6 @@ SMALL = [
     "eval.max_new_tokens=8",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
-    "optim.warmup_steps=2",
 ]
 
 
@@ -235,6 +239,62 @@ def metric_rows(run_dir: Path, name: str) -> dict[int, float]:
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+# ---- a tiny SFTModule fit in-process ----------------------------------------------------------------
+
+MODEL = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": True,
+}
+# Chunks of 3 trained positions: references that take the full logits test the chunking too.
+OPTIM = {
+    "lr": 1e-3,
+    "weight_decay": 0.1,
+    "warmup_steps": 1,
+    "min_lr_ratio": 0.1,
+    "grad_clip": 1e9,
+    "loss_chunk_tokens": 3,
+}
+
+
+def make_examples(count: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Rows of different lengths with very different trained-token counts, so that a mean of
+    per-micro-batch means would differ clearly from the global token mean."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        length = 6 + 9 * i
+        ids = rng.integers(0, MODEL["vocab_size"], length)
+        labels = np.full(length, IGNORE_INDEX)
+        trained = slice(length - 2 - 4 * i, length)
+        labels[trained] = ids[trained]
+        rows.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "position_ids": np.arange(length),
+                "document_ids": np.zeros(length, dtype=np.int64),
+            }
+        )
+    return rows
+
+
+def fit_tiny(callbacks: list[L.Callback], validate: bool = False, **trainer_kwargs) -> L.Trainer:
+    """SFTModule on the four example rows (batches of 2), with the given callbacks; the trainer after fit."""
+    torch.manual_seed(0)
+    settings = {"accelerator": "cpu", "logger": False, "enable_model_summary": False, **trainer_kwargs}
+    trainer = L.Trainer(callbacks=callbacks, **settings)
+    loader = DataLoader(make_examples(), batch_size=2, collate_fn=collate_rows)
+    val_loader = loader if validate else None
+    trainer.fit(SFTModule(MODEL, OPTIM), train_dataloaders=loader, val_dataloaders=val_loader)
+    return trainer
 
 
 # ---- models ----------------------------------------------------------------------------------------------

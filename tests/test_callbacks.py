@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from sft.callbacks import AtomicCheckpointIO
+from sft.callbacks import AtomicCheckpointIO, LastCheckpoint, ValidateAtEnd
 from sft.checkpoint import CheckpointError
+from tests.helpers import fit_tiny
 
 
 class ExplodesWhilePickled:
@@ -51,3 +53,29 @@ def test_chat_eval_and_export_do_not_import_lightning():
     assert (
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
     )
+
+
+@pytest.mark.parametrize("interval", [10, 2])
+def test_a_run_shorter_than_its_validation_interval_still_ends_validated(tmp_path, interval):
+    """3 steps, validation every 10 (never reached) or every 2: validation runs at step 3 either way, so
+    the run has a final val/loss and a best checkpoint scored with it."""
+    best = ModelCheckpoint(
+        dirpath=tmp_path, filename="best-step{step}", auto_insert_metric_name=False, monitor="val/loss"
+    )
+    trainer = fit_tiny(
+        [best, ValidateAtEnd()],
+        validate=True,
+        max_steps=3,
+        val_check_interval=interval,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+    )
+    assert trainer.global_step == 3
+    assert "val/loss" in trainer.callback_metrics
+    assert best.best_model_path.endswith("best-step3.ckpt")
+
+
+def test_last_checkpoint_holds_the_final_step_when_the_interval_does_not_divide_the_run(tmp_path):
+    fit_tiny([LastCheckpoint(tmp_path, every_n_train_steps=2)], max_steps=3, enable_progress_bar=False)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sft.checkpoint import load_for_inference
+from sft.cli import chat as chat_cli
 from sft.cli.chat import ChatSession, run_repl
 from sft.evaluate import prompt_ids
 from sft.protocol.labels import IGNORE_INDEX
@@ -132,3 +134,24 @@ def test_a_reply_keeps_its_reasoning_apart_so_history_renders_as_the_template_re
             skip_special_tokens=False,
         )
         assert ("<think>\nWhy.\n</think>\n\nBecause." in text) == kept and "Because.<|im_end|>" in text
+
+
+def chat_config(checkpoint, **settings) -> chat_cli.ChatConfig:
+    return chat_cli.ChatConfig(**{"ckpt": str(checkpoint), "device": "cpu", "max_new_tokens": 20, **settings})
+
+
+def test_one_shot_flags_a_reply_cut_at_max_new_tokens(steered, capsys):
+    checkpoint, reply_ids = steered
+    chat_cli.chat(chat_config(checkpoint, system=SYSTEM, prompt=QUESTION, max_new_tokens=len(reply_ids)))
+    assert capsys.readouterr().err == f"(cut at max_new_tokens={len(reply_ids)})\n"
+    chat_cli.chat(chat_config(checkpoint, system=SYSTEM, prompt=QUESTION))
+    assert capsys.readouterr().err == ""
+
+
+def test_the_system_prompt_defaults_to_the_one_training_always_added(steered, tokenizer, tmp_path, capsys):
+    checkpoint, reply_ids = steered
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["sft"]["protocol"] = {"system_prompt": SYSTEM, "system_prompt_prob": 1.0}
+    torch.save(saved, tmp_path / "with_protocol.ckpt")
+    chat_cli.chat(chat_config(tmp_path / "with_protocol.ckpt", prompt=QUESTION))
+    assert capsys.readouterr().out == tokenizer.decode(reply_ids, skip_special_tokens=False) + "\n"

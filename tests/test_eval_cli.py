@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from hydra import compose, initialize_config_module
 from sft.checkpoint import load_for_inference
 from sft.cli import eval as eval_cli
 from sft.config import load_config
+from sft.data.validation import validation_examples
 from sft.loss import full_logits_loss_sum
 from sft.protocol.pipeline import Accounting, ConversationEncoder
 from tests.helpers import write_checkpoint
@@ -49,8 +51,7 @@ def test_loss_is_the_trained_token_mean_whatever_the_batching(checkpoint):
     bundle = load_for_inference(checkpoint)
     config = eval_config(f"ckpt={checkpoint}", "data.num_val=6")
     encoder = ConversationEncoder(bundle.tokenizer, bundle.template, config.protocol)
-    conversations = eval_cli.eval_conversations(config.data, config.seed)
-    examples = list(encoder.encode_conversations(conversations, Accounting()))
+    examples, _ = validation_examples(asdict(config.data), config.seed, encoder, Accounting())
     total, tokens = 0.0, 0
     with torch.no_grad():
         for example in examples:  # one at a time, no padding

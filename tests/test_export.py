@@ -4,6 +4,8 @@ our training ids and trained-token mask; generation stops at the end-of-turn tok
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 
 import pytest
@@ -126,6 +128,16 @@ def test_a_template_that_renders_differently_is_refused():
         check_chat_template(
             builtin_jinja_source(BUILTINS["chatml"]), BUILTINS["microlm"], None, "<|endoftext|>"
         )
+
+
+def test_exported_files_have_the_permissions_of_any_file_the_user_writes(tmp_path, tokenizer):
+    _, out = export(tmp_path, tokenizer)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()} == {
+        path.name: 0o666 & ~umask for path in out.iterdir()
+    }
 
 
 def test_an_existing_directory_is_never_overwritten(tmp_path, tokenizer):

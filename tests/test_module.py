@@ -12,48 +12,7 @@ from sft.data.collate import collate_rows
 from sft.loss import full_logits_loss_sum
 from sft.module import SFTModule
 from sft.protocol.labels import IGNORE_INDEX
-
-MODEL = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-    "tie_word_embeddings": True,
-}
-# Chunks of 3 trained positions: the reference below takes the full logits, so chunking is under test too.
-OPTIM = {
-    "lr": 1e-3,
-    "weight_decay": 0.1,
-    "warmup_steps": 1,
-    "min_lr_ratio": 0.1,
-    "grad_clip": 1e9,
-    "loss_chunk_tokens": 3,
-}
-
-
-def make_examples(count: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Rows of different lengths with very different trained-token counts, so that a mean of
-    per-micro-batch means would differ clearly from the global token mean."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(count):
-        length = 6 + 9 * i
-        ids = rng.integers(0, MODEL["vocab_size"], length)
-        labels = np.full(length, IGNORE_INDEX)
-        trained = slice(length - 2 - 4 * i, length)
-        labels[trained] = ids[trained]
-        rows.append(
-            {
-                "input_ids": ids,
-                "labels": labels,
-                "position_ids": np.arange(length),
-                "document_ids": np.zeros(length, dtype=np.int64),
-            }
-        )
-    return rows
+from tests.helpers import MODEL, OPTIM, make_examples
 
 
 class GradientCapture(SFTModule):

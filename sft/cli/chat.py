@@ -20,7 +20,7 @@ from typing import TextIO
 
 import torch
 
-from sft.checkpoint import CheckpointError, InferenceBundle, load_for_inference
+from sft.checkpoint import CheckpointError, InferenceBundle, load_for_inference, trained_system_prompt
 from sft.cli.entry import run_cli
 from sft.config import register_defaults
 from sft.evaluate import generate_reply, split_reasoning
@@ -118,9 +118,15 @@ def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO = sys.stdou
         except ValueError as error:
             print(f"({error}; /reset to start a new conversation)", file=sys.stderr)
             continue
-        print(reply, file=out, flush=True)
-        if not stopped:
-            print(f"(cut at max_new_tokens={session.max_new_tokens})", file=sys.stderr)
+        print_reply(reply, stopped, session.max_new_tokens, out)
+
+
+def print_reply(reply: str, stopped: bool, max_new_tokens: int, out: TextIO | None = None) -> None:
+    """The reply on `out` (stdout); a reply that did not end with the end-of-turn token is flagged on
+    stderr."""
+    print(reply, file=out or sys.stdout, flush=True)
+    if not stopped:
+        print(f"(cut at max_new_tokens={max_new_tokens})", file=sys.stderr)
 
 
 Text = str | int | float | bool | None  # Hydra reads `prompt=42` as a number: any scalar, used as text
@@ -132,7 +138,7 @@ class ChatConfig:
 
     ckpt: str  # an sft-train checkpoint (.ckpt); its tokenizer and template are inside
     prompt: Text = None  # one user message: print the reply and exit
-    system: Text = None  # a system prompt for every conversation
+    system: Text = None  # a system prompt for every conversation; None: the one training always added
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
@@ -156,9 +162,10 @@ def chat(config: ChatConfig) -> None:
         bundle = load_for_inference(config.ckpt, device=resolve_device(config.device))
     except CheckpointError as error:
         sys.exit(f"sft-chat: {error}")
+    system = trained_system_prompt(bundle.section) if config.system is None else str(config.system)
     session = ChatSession(
         bundle,
-        system=None if config.system is None else str(config.system),
+        system=system,
         max_new_tokens=config.max_new_tokens,
         temperature=config.temperature,
         top_p=config.top_p,
@@ -166,10 +173,10 @@ def chat(config: ChatConfig) -> None:
     )
     if config.prompt is not None:
         try:
-            reply, _ = session.respond(str(config.prompt))
+            reply, stopped = session.respond(str(config.prompt))
         except ValueError as error:
             sys.exit(f"sft-chat: {error}")
-        print(reply)
+        print_reply(reply, stopped, session.max_new_tokens)
         return
     if sys.stdin.isatty():
         print(f"chatting with {config.ckpt} ({bundle.template.name} template); {COMMANDS}", file=sys.stderr)

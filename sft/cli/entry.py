@@ -44,10 +44,29 @@ def parse_overrides(overrides: list[str]):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
+    parser = OverridesParser.create()
     try:
-        return OverridesParser.create().parse_overrides(overrides)
+        return parser.parse_overrides(overrides)
     except OverrideParseException as error:
-        raise ConfigError(f"cannot parse the command line: {error}") from None
+        hint = quoting_hint(parser, overrides)
+        raise ConfigError(f"cannot parse the command line: {error}{hint}") from None
+
+
+def quoting_hint(parser, overrides: list[str]) -> str:
+    """For the first `key=value` Hydra cannot parse: the same value in Hydra's quotes inside the shell's."""
+    from hydra.errors import OverrideParseException
+
+    for override in overrides:
+        key, separator, value = override.partition("=")
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException:
+            if separator and "'" not in value:
+                return (
+                    "\n  values with <|…|>, ?, [, ], commas or quotes need Hydra's quotes inside the "
+                    f"shell's: \"{key}='{value}'\" (README: Hydra quoting)"
+                )
+    return ""
 
 
 def config_groups() -> set[str]:
@@ -139,16 +158,28 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
         )
 
 
-def run_cli(program: str, config_name: str, schema: type, run: Callable[[Any, DictConfig], Any]) -> Any:
+def run_cli(
+    program: str,
+    config_name: str,
+    schema: type,
+    run: Callable[[Any, DictConfig], Any],
+    arguments: Callable[[list[str]], list[str]] | None = None,
+) -> Any:
     """Check `sys.argv` against `schema`, then run `run(typed_config, composed_cfg)` under `hydra.main`.
-    A config problem ends the program with one line per problem, never a traceback."""
+    A config problem ends the program with one line per problem, never a traceback. `arguments` may
+    rewrite the checked command line for Hydra (sft-train's resume, sft.resume); the program's own
+    `sys.argv` is back in place while `run` runs (Lightning's DDP re-launches it)."""
+    command_line = list(sys.argv)
     try:
         check_command_line(sys.argv[1:], config_name, schema)
+        if arguments is not None:
+            sys.argv = [sys.argv[0], *arguments(sys.argv[1:])]
     except ConfigError as error:
         sys.exit(f"{program}: {error}")
 
     @hydra.main(version_base="1.3", config_path="pkg://sft.conf", config_name=config_name)
     def hydra_entry(cfg: DictConfig) -> Any:
+        sys.argv = command_line
         try:
             config = load_config(cfg, schema)
         except ConfigError as error:

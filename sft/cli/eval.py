@@ -15,14 +15,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sft.checkpoint import CheckpointError, load_for_inference
+from sft.checkpoint import CheckpointError, follow_checkpoint, load_for_inference
 from sft.cli.chat import resolve_device
 from sft.cli.entry import run_cli
 from sft.cli.schemas import SampleEvalConfig
@@ -30,6 +31,7 @@ from sft.config import register_defaults
 from sft.data.collate import collate_rows, example_row
 from sft.data.config import DataConfig, as_list
 from sft.data.sample import generate_conversations
+from sft.data.validation import validation_examples
 from sft.eval_report import report_items, write_html, write_json
 from sft.evaluate import exact_match_counts, sample_eval_items
 from sft.generation_eval import GenerationSettings, evaluate_generations, generation_items
@@ -38,6 +40,7 @@ from sft.protocol.pipeline import Accounting, ConversationEncoder, EncodedExampl
 from sft.protocol.records import record_to_conversation
 from sft.protocol.sources import resolve_source
 from sft.protocol.types import ProtocolConfig
+from sft.schedule import command_line_keys
 
 
 @dataclass
@@ -104,16 +107,21 @@ def trained_token_loss(
     return loss_sum, trained_tokens
 
 
-def evaluate_checkpoint(config: EvalRunConfig) -> dict[str, Any]:
-    """The report: metrics under training's names, what was evaluated, and the accounting of every line."""
+def evaluate_checkpoint(config: EvalRunConfig, explicit: set[str] | None = None) -> dict[str, Any]:
+    """The report: metrics under training's names, what was evaluated, and the accounting of every line.
+
+    `explicit`: the keys the command line set; the rest of `data`, `protocol` and `seed` follow the run
+    (its checkpoint's section: its own validation data, max_seq_len, system prompt). None: `config` as is."""
     bundle = load_for_inference(config.ckpt, device=resolve_device(config.device))
-    data = config.data
-    encoder = ConversationEncoder(bundle.tokenizer, bundle.template, config.protocol)
+    given = {"seed": config.seed, "data": asdict(config.data), "protocol": asdict(config.protocol)}
+    followed = given if explicit is None else follow_checkpoint(bundle.section, given, explicit)
+    data, seed = followed["data"], followed["seed"]
+    encoder = ConversationEncoder(bundle.tokenizer, bundle.template, ProtocolConfig(**followed["protocol"]))
     accounting = Accounting()
-    examples = list(encoder.encode_conversations(eval_conversations(data, config.seed), accounting))
+    examples, description = validation_examples(data, seed, encoder, accounting)
     if not examples:
         raise ValueError("nothing to evaluate: no example kept\n" + accounting.summary())
-    loss_sum, trained_tokens = trained_token_loss(bundle.model, examples, data.batch_size)
+    loss_sum, trained_tokens = trained_token_loss(bundle.model, examples, config.data.batch_size)
     val_loss = loss_sum / trained_tokens
     metrics: dict[str, float] = {
         "val/loss": val_loss,
@@ -122,15 +130,15 @@ def evaluate_checkpoint(config: EvalRunConfig) -> dict[str, Any]:
     }
     report: dict[str, Any] = {
         "ckpt": config.ckpt,
-        "data": data.val or f"sample held-out split (seed {config.seed}, {data.num_val} conversations)",
+        "data": description,
         "examples": len(examples),
         "metrics": metrics,
         "accounting": accounting.to_dict(),
     }
     if config.eval.generate:
         report["items"] = generation_report(bundle, encoder, config, metrics)
-    if not data.val and config.eval.exact_match:
-        items = sample_eval_items(config.seed, data.num_val, config.eval.max_items)
+    if data.get("name", "sample") == "sample" and not data.get("val") and config.eval.exact_match:
+        items = sample_eval_items(seed, data["num_val"], config.eval.max_items)
         correct, total = exact_match_counts(
             bundle.model, items, bundle.tokenizer, bundle.template, config.eval.max_new_tokens
         )
@@ -203,7 +211,7 @@ def run(config: EvalRunConfig, cfg: DictConfig) -> None:
             page = report
             print_comparison(report)
         else:
-            report = evaluate_checkpoint(config)
+            report = evaluate_checkpoint(config, command_line_keys(list(HydraConfig.get().overrides.task)))
             page = side_by_side([dict(report)])
             print_report(report)
     except CheckpointError as error:

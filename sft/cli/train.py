@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import signal
 import sys
 import time
@@ -17,10 +18,18 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from sft.callbacks import AtomicCheckpointIO, ExactMatchCallback
-from sft.checkpoint import CheckpointError, load_checkpoint
+from sft.callbacks import (
+    AtomicCheckpointIO,
+    CheckpointOnInterrupt,
+    ExactMatchCallback,
+    LastCheckpoint,
+    TrainingInterrupted,
+    ValidateAtEnd,
+)
+from sft.checkpoint import CheckpointError, load_checkpoint, run_section
 from sft.cli.entry import run_cli
 from sft.cli.schemas import TrainConfig
+from sft.console import ProgressLog, RunLog, StepProgressBar, model_line, quiet_lightning
 from sft.data.build import EmptyDataError, prepare
 from sft.data.datamodule import SFTDataModule
 from sft.data.store import StoreError
@@ -29,7 +38,9 @@ from sft.hardware import HardwareError, hardware_callbacks, plan_hardware, train
 from sft.module import SFTModule
 from sft.protocol.pipeline import DataError
 from sft.redaction import redact_secrets
-from sft.wandb_logger import finish_wandb
+from sft.resume import SAVED_CONFIG, read_run_file, resume_arguments, write_run_file
+from sft.schedule import command_line_keys, fit_schedule
+from sft.wandb_logger import display_path, finish_wandb
 
 
 def build_logger(config: TrainConfig, run_dir: Path, record: dict[str, Any], resume_step: int | None):
@@ -108,34 +119,78 @@ def with_absolute_path(model_config: Any) -> Any:
     return dataclasses.replace(model_config, path=str(Path(path).resolve())) if path else model_config
 
 
+def fit_to_run(config: TrainConfig, log: RunLog) -> tuple[TrainConfig, dict[str, Any]]:
+    """The config with the default warmup and validation interval scaled to the run's length (each change
+    printed), or a ConfigError naming the keys; and {key: the composed value} of what was changed."""
+    hydra_config = HydraConfig.get()
+    trainer = config.trainer
+    fitted = fit_schedule(
+        trainer.get("max_steps", -1),
+        trainer.get("accumulate_grad_batches", 1),
+        config.optim.warmup_steps,
+        trainer.get("val_check_interval"),
+        explicit=command_line_keys(list(hydra_config.overrides.task)),
+        swept=set(hydra_config.sweeper.get("params") or {}),
+    )
+    for note in fitted.notes:
+        log.record(f"note: {note}")
+    for warning in fitted.warnings:
+        log.record(f"warning: {warning}", stream=sys.stderr)
+    changed = {}
+    if fitted.warmup_steps != config.optim.warmup_steps:
+        changed["optim.warmup_steps"] = config.optim.warmup_steps
+    if "val_check_interval" in trainer and fitted.val_check_interval != trainer["val_check_interval"]:
+        changed["trainer.val_check_interval"] = trainer["val_check_interval"]
+    if "val_check_interval" in trainer:
+        trainer = {**trainer, "val_check_interval": fitted.val_check_interval}
+    optim = dataclasses.replace(config.optim, warmup_steps=fitted.warmup_steps)
+    return dataclasses.replace(config, optim=optim, trainer=trainer), changed
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run: its config is read back from the run directory."""
+    return f"sft-train ckpt_path=last hydra.run.dir={shlex.quote(display_path(run_dir))}"
+
+
+def plain(config: TrainConfig) -> dict[str, Any]:
+    """The typed config as plain containers (what the run file and the checkpoint section hold)."""
+    return {field.name: to_plain(getattr(config, field.name)) for field in dataclasses.fields(config)}
+
+
+def to_plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
 def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Prepare data, build the model, fit, and write summary.json; returns the summary."""
     started = time.perf_counter()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    log = RunLog(run_dir / "train.log")
+    if HydraConfig.get().job.config_name == SAVED_CONFIG:  # a resume: the run's own, fitted config
+        fitted = read_run_file(run_dir)["fitted"]
+    else:
+        config, fitted = fit_to_run(config, log)
+    config = dataclasses.replace(config, model=with_absolute_path(config.model))
+    write_run_file(run_dir, redact_secrets(plain(config)), fitted)  # what a resume reads back
     L.seed_everything(config.seed, workers=True)
 
     prepared = prepare(config)  # before the model: the tokenizer fixes the vocabulary size
-    print(prepared.accounting.summary())
+    log.record(prepared.accounting.summary())
     datamodule = SFTDataModule(config, prepared)
     tokenizer = prepared.tokenizer
-    model_config = dataclasses.replace(
-        with_absolute_path(config.model), vocab_size=tokenizer.get_vocab_size()
-    )
+    model_config = dataclasses.replace(config.model, vocab_size=tokenizer.get_vocab_size())
     hardware = plan_hardware(config.hardware)
-    print(hardware.describe())
+    log.record(hardware.describe())
     module = SFTModule(model_config, config.optim, peak_flops=hardware.peak_flops or 0.0)
-    module.attach(tokenizer, dataclasses.asdict(config.template))
+    section = run_section(redact_secrets(plain(config)))
+    module.attach(tokenizer, dataclasses.asdict(config.template), section)
+    log.record(model_line(module))
     tokenizer.save(str(run_dir / "tokenizer.json"))
     (run_dir / "template.json").write_text(json.dumps(dataclasses.asdict(config.template), indent=2))
 
     checkpoint_dir = run_dir / "checkpoints"
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(  # last.ckpt, the resume point, every N optimizer steps and at the end
-            dirpath=checkpoint_dir,
-            save_top_k=0,
-            save_last=True,
-            every_n_train_steps=config.checkpoint.every_n_train_steps,
-        ),
+        LastCheckpoint(checkpoint_dir, config.checkpoint.every_n_train_steps),  # the resume point
         ModelCheckpoint(  # saved when a validation ends, so it is scored with its own val/loss
             dirpath=checkpoint_dir,
             filename="best-step{step}",
@@ -143,7 +198,12 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
             monitor="val/loss",
             save_top_k=1,
         ),
+        ValidateAtEnd(),
+        CheckpointOnInterrupt(checkpoint_dir / "last.ckpt"),
+        ProgressLog(log, config.trainer.get("log_every_n_steps", 50)),
     ]
+    if config.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar(config.trainer.get("log_every_n_steps", 50)))
     if config.data.name == "sample" and config.eval.exact_match:
         items = sample_eval_items(config.seed, config.data.num_val, config.eval.max_items)
         callbacks.append(ExactMatchCallback(items, config.eval.max_new_tokens))
@@ -158,17 +218,21 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
     ckpt_path = resume_from(config.ckpt_path, run_dir)
     if ckpt_path == "last":
         ckpt_path = str(checkpoint_dir / "last.ckpt") if (checkpoint_dir / "last.ckpt").is_file() else None
-    trainer = L.Trainer(
-        default_root_dir=run_dir,
-        logger=build_logger(config, run_dir, record or {}, checkpoint_step(ckpt_path)),
-        callbacks=[*callbacks, *hardware_callbacks(config.hardware)],
-        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
-        **trainer_kwargs(config, hardware, multirun=HydraConfig.get().mode == RunMode.MULTIRUN),
-    )
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    finally:
-        finish_wandb(failed=sys.exc_info()[0] is not None)  # -m jobs share a process: never leave a run open
+    with quiet_lightning(resuming=ckpt_path is not None):
+        trainer = L.Trainer(
+            default_root_dir=run_dir,
+            logger=build_logger(config, run_dir, record or {}, checkpoint_step(ckpt_path)),
+            callbacks=[*callbacks, *hardware_callbacks(config.hardware)],
+            plugins=[AtomicCheckpointIO(), *cluster_plugins()],
+            **trainer_kwargs(config, hardware, multirun=HydraConfig.get().mode == RunMode.MULTIRUN),
+        )
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except TrainingInterrupted as stop:
+            log.record(f"{stop}\nresume with: {resume_command(run_dir)}")
+            raise SystemExit(stop.exit_code) from None
+        finally:
+            finish_wandb(failed=sys.exc_info()[0] is not None)  # -m jobs share a process: end their runs
 
     summary = {
         "run_dir": str(run_dir),
@@ -188,14 +252,15 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
         summary["adapter"] = str(adapter)
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(
-            f"run directory: {run_dir}\ncheckpoint:    {summary['checkpoint']}\n"
-            f"metrics:       {summary['metrics_csv'] or config.logger.name}\n"
-            f"summary:       {run_dir / 'summary.json'}"
-        )
-        for key, value in summary["metrics"].items():
-            print(f"  {key:28s} {value:.4f}")
-        print(f"  {'seconds':28s} {summary['seconds']}")
+        lines = [
+            f"run directory: {run_dir}",
+            f"checkpoint:    {summary['checkpoint']}",
+            f"metrics:       {summary['metrics_csv'] or config.logger.name}",
+            f"summary:       {run_dir / 'summary.json'}",
+            *(f"  {key:28s} {value:.4f}" for key, value in summary["metrics"].items()),
+            f"  {'seconds':28s} {summary['seconds']}",
+        ]
+        log.record("\n".join(lines))
     return summary
 
 
@@ -208,7 +273,7 @@ def run(config: TrainConfig, cfg: DictConfig) -> float | None:
 
 
 def main() -> float | None:
-    return run_cli("sft-train", "train", TrainConfig, run)
+    return run_cli("sft-train", "train", TrainConfig, run, arguments=resume_arguments)
 
 
 if __name__ == "__main__":

@@ -192,8 +192,9 @@ def _progress() -> Progress:
         BarColumn(),
         TextColumn("{task.fields[rows]} rows · {task.fields[tokens_per_s]:,.0f} tokens/s"),
         TimeElapsedColumn(),
-        console=Console(stderr=True),  # stdout keeps only the summary, for scripts that read it
+        console=(console := Console(stderr=True)),  # stdout keeps only the summary, for scripts
         transient=True,
+        disable=not console.is_terminal,  # piped, a transient bar would leave only blank lines
     )
 
 

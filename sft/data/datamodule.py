@@ -20,6 +20,7 @@ from sft.data.collate import collate_rows
 from sft.data.packing import best_fit_decreasing, group_by_length, packing_efficiency
 from sft.data.sampler import ResumableBatchSampler
 from sft.data.store import TokenStore
+from sft.data.validation import split_val
 from sft.protocol.labels import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -172,17 +173,6 @@ def mixed_example_ids(
         if count > 0:
             drawn.append(rng.choice(candidates, size=count))
     return np.concatenate(drawn)
-
-
-def split_val(example_ids: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A deterministic held-out split (train, val) of `fraction` of the examples."""
-    if fraction <= 0:
-        return example_ids, example_ids[:0]  # no copy of the ids: memory must not scale with the data twice
-    held_out = np.zeros(len(example_ids), dtype=bool)
-    held_out[
-        np.random.default_rng([seed, 0x5E1]).permutation(len(example_ids))[: int(len(example_ids) * fraction)]
-    ] = True
-    return example_ids[~held_out], example_ids[held_out]
 
 
 class SFTDataModule(L.LightningDataModule):

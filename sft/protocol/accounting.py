@@ -17,6 +17,8 @@ class Accounting:
     read: int = 0
     kept: int = 0
     truncated: int = 0  # kept, but cut to max_seq_len
+    truncated_tokens: int = 0  # tokens those kept examples lost
+    longest: int = 0  # tokens of the longest example before any cut: the max_seq_len that keeps all whole
     rows: int = 0  # examples written (a split conversation gives several)
     split: int = 0  # conversations written as one row per trained turn (see protocol.turns)
     split_rows: int = 0  # the rows those gave
@@ -35,6 +37,8 @@ class Accounting:
         self.read += other.read
         self.kept += other.kept
         self.truncated += other.truncated
+        self.truncated_tokens += other.truncated_tokens
+        self.longest = max(self.longest, other.longest)
         self.rows += other.rows
         self.split += other.split
         self.split_rows += other.split_rows
@@ -50,6 +54,8 @@ class Accounting:
             "read": self.read,
             "kept": self.kept,
             "truncated": self.truncated,
+            "truncated_tokens": self.truncated_tokens,
+            "longest": self.longest,
             "rows": self.rows,
             "split": self.split,
             "split_rows": self.split_rows,
@@ -65,6 +71,8 @@ class Accounting:
             read=data["read"],
             kept=data["kept"],
             truncated=data["truncated"],
+            truncated_tokens=data["truncated_tokens"],
+            longest=data["longest"],
             rows=data["rows"],
             split=data["split"],
             split_rows=data["split_rows"],
@@ -96,8 +104,13 @@ class Accounting:
         lines = [
             f"read {self.read} = kept {self.kept} + skipped {sum(self.skipped.values())} "
             f"+ dropped {sum(self.dropped.values())}"
-            + (f" ({self.truncated} kept truncated)" if self.truncated else "")
         ]
+        if self.truncated:
+            lines.append(
+                f"  truncated {self.truncated} kept to protocol.max_seq_len: {self.truncated_tokens:,} "
+                f"tokens cut (the longest example has {self.longest:,}; protocol.max_seq_len={self.longest} "
+                "keeps every example whole)"
+            )
         if self.split:
             lines.append(
                 f"  split {self.split} conversations into {self.split_rows} rows, one per trained turn (the "

@@ -34,7 +34,7 @@ from sft.protocol.types import (
     message_strings,
 )
 
-PROTOCOL_VERSION = 3  # bump when a change to this package changes the tokens or labels it produces
+PROTOCOL_VERSION = 4  # bump when a change to this package changes the tokens or labels it produces
 ENCODE_CHUNK = 2048  # texts per encode_batch call: large enough for both cores, small enough to stay fast
 
 
@@ -178,7 +178,9 @@ class ConversationEncoder:
     ) -> EncodedExample | None:
         """The example as encoded, cut or shortened to max_seq_len, or None (counted) when it is dropped."""
         ids, labels = labels_from_encoding(encoding, rendered.assistant_spans)
-        truncated = len(ids) > self.config.max_seq_len
+        full_length = len(ids)
+        accounting.longest = max(accounting.longest, full_length)
+        truncated = full_length > self.config.max_seq_len
         if truncated:
             if self.config.truncation == "drop":
                 accounting.note(accounting.dropped, "too_long", conversation.where)
@@ -191,11 +193,13 @@ class ConversationEncoder:
                 ids, labels = shortened
             else:
                 ids, labels = ids[: self.config.max_seq_len], labels[: self.config.max_seq_len]
-        if not np.any(labels != IGNORE_INDEX):
-            accounting.note(accounting.dropped, "no_trained_tokens", conversation.where)
+        if not np.any(labels != IGNORE_INDEX):  # every trained token lay beyond max_seq_len, or never was
+            reason = "truncated_to_nothing" if truncated else "no_trained_tokens"
+            accounting.note(accounting.dropped, reason, conversation.where)
             return None
         accounting.kept += 1
         accounting.truncated += truncated
+        accounting.truncated_tokens += full_length - len(ids)
         return EncodedExample(ids, labels, conversation.where)
 
     def _drop_oldest_turns(self, conversation: Conversation) -> tuple[np.ndarray, np.ndarray] | None:
@@ -310,9 +314,11 @@ class ConversationEncoder:
         kept = [example for example in examples if example is not None]
         for turn, example in enumerate(kept, start=1):
             example.split = (turn, len(kept))
+        accounting.longest = max(accounting.longest, *(outcome.longest for outcome in outcomes))
         if kept:
             accounting.kept += 1
             accounting.truncated += any(outcome.truncated for outcome in outcomes)
+            accounting.truncated_tokens += sum(outcome.truncated_tokens for outcome in outcomes)
             accounting.rows += len(kept)
             accounting.split += 1
             accounting.split_rows += len(kept)

@@ -115,7 +115,7 @@ class ProtocolConfig:
     # all_tokens trains on every token (ablations)
     mask: Literal["all_assistant", "last_turn", "all_tokens"] = "all_assistant"
     special_in_content: Literal["reject", "allow"] = "reject"
-    max_seq_len: int = 512
+    max_seq_len: int = 2048  # tokens per example and packed row; the accounting says what a cut costs
     truncation: Literal["right", "drop", "turns"] = "right"
     # auto: one row when every trained turn renders as at inference, else one per trained turn
     turns: Literal["auto", "whole", "per_turn"] = "auto"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import lightning as L
@@ -17,8 +18,10 @@ from sft.config import load_config
 from sft.data.build import prepare
 from sft.data.datamodule import SFTDataModule
 from sft.data.sampler import ResumableBatchSampler
+from sft.data.validation import validation_examples
 from sft.module import SFTModule
 from sft.protocol.labels import IGNORE_INDEX
+from sft.protocol.pipeline import Accounting, ConversationEncoder
 
 
 def write_conversations(path, count: int, tag: str) -> str:
@@ -275,3 +278,28 @@ def test_unpacked_first_step_loss_is_the_same_whether_batched_or_accumulated(tmp
     assert first_step_loss(tmp_path, two_files, batch_size=1, accumulation=4) == pytest.approx(
         batched, rel=1e-5
     )
+
+
+# ---- sft-eval's validation examples are the ones training validated on -------------------------------
+
+
+@pytest.mark.parametrize("split", ["val_fraction", "val_files"])
+def test_validation_examples_are_the_datamodules_held_out_examples(tmp_path, two_files, split):
+    data = {"val_fraction": 0.25} if split == "val_fraction" else {"val": two_files[1:]}
+    files = two_files if split == "val_fraction" else two_files[:1]
+    config = make_config(tmp_path, files, packing=False, **data)
+    prepared = prepare(config)
+    dataset = SFTDataModule(config, prepared).val_dataset
+    trained = [dataset.index[int(i)] for i in dataset.example_ids]
+    encoder = ConversationEncoder(prepared.tokenizer, prepared.template, config.protocol)
+    examples, description = validation_examples(asdict(config.data), config.seed, encoder, Accounting())
+    assert len(examples) == len(trained) > 0
+    for example, (ids, labels) in zip(examples, trained, strict=True):
+        assert example.input_ids.tolist() == ids.tolist() and example.labels.tolist() == labels.tolist()
+    assert ("val_fraction=0.25" in description) == (split == "val_fraction")
+
+
+def test_a_run_without_validation_data_says_how_to_give_some(tmp_path, two_files):
+    config = make_config(tmp_path, two_files)
+    with pytest.raises(ValueError, match=r"no validation data .* data\.val=\[\.\.\.\]"):
+        validation_examples(asdict(config.data), 7, None, Accounting())

@@ -204,12 +204,18 @@ def test_truncation_right_cuts_and_counts(tmp_path, tokenizer):
     [example], accounting = encode(tokenizer, write_jsonl(tmp_path / "a.jsonl", LONG), max_seq_len=full - 5)
     assert len(example.input_ids) == full - 5 and accounting.truncated == 1
     assert example.labels.tolist() == full_example.labels[: full - 5].tolist()
+    assert (accounting.truncated_tokens, accounting.longest) == (5, full)
+    assert accounting.summary().splitlines()[1] == (
+        f"  truncated 1 kept to protocol.max_seq_len: 5 tokens cut (the longest example has {full}; "
+        f"protocol.max_seq_len={full} keeps every example whole)"
+    )
 
 
-def test_truncation_right_that_cuts_every_trained_token_drops_not_truncates(tmp_path, tokenizer):
+def test_truncation_right_that_cuts_every_trained_token_drops_and_says_so(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "a.jsonl", chat(("system", "Be brief. " * 10), "Hi", "Hello!"))
     examples, accounting = encode(tokenizer, path, max_seq_len=8)
-    assert examples == [] and accounting.dropped == {"no_trained_tokens": 1} and accounting.truncated == 0
+    assert examples == [] and accounting.dropped == {"truncated_to_nothing": 1} and accounting.truncated == 0
+    assert accounting.truncated_tokens == 0 and accounting.longest > 8
 
 
 def test_truncation_drop(tmp_path, tokenizer):
@@ -233,6 +239,7 @@ def test_truncation_turns_keeps_the_system_prompt_and_drops_the_oldest_exchange(
         "<|im_start|>assistant\nA2<|im_end|>\n"
     )
     assert trained_texts(tokenizer, example.labels) == ["A2<|im_end|>"] and accounting.truncated == 1
+    assert accounting.truncated_tokens == full - len(example.input_ids)
 
 
 def test_truncation_turns_drops_what_is_too_long_even_alone(tmp_path, tokenizer):

@@ -20,7 +20,7 @@ from jinja2 import nodes
 
 from sft.protocol.templates import sandbox
 from sft.protocol.templates.base import ChatTemplate
-from sft.protocol.templates.turns import inference_rows
+from sft.protocol.templates.turns import SET_EOT, inference_rows
 from sft.protocol.types import Message, ProtocolError, RenderedChat, TemplateError, ToolCall, message_strings
 
 DEFAULT_DATE = "2026-01-01"  # what `strftime_now` returns unless template.date says otherwise
@@ -72,7 +72,7 @@ class JinjaTemplate(ChatTemplate):
         markers = [eot] if isinstance(eot, str) else list(eot or [])
         markers = markers or ([eos_token] if eos_token else [])
         if not markers or not all(isinstance(marker, str) and marker for marker in markers):
-            raise TemplateError("template=jinja needs an end-of-turn marker: set template.eot (or eos_token)")
+            raise TemplateError(f"template=jinja needs an end-of-turn marker: {SET_EOT} (or eos_token)")
         self._eot_markers = tuple(dict.fromkeys(markers))
         self.eot = self._eot_markers[0]
         self._stop_tokens = tuple(stop) if stop else self._eot_markers

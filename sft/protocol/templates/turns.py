@@ -19,7 +19,10 @@ from sft.protocol.types import Message, ProtocolError, RenderedChat, TemplateErr
 if TYPE_CHECKING:
     from sft.protocol.templates.jinja import JinjaTemplate
 
-SET_EOT = "set template.eot to the marker(s) this template ends assistant turns with"
+SET_EOT = (
+    "set template.eot to the marker(s) this template ends assistant turns with, in Hydra quotes inside the "
+    "shell's: \"template.eot='<|im_end|>'\""
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

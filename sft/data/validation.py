@@ -1,0 +1,69 @@
+"""Which examples a run validates on, shared by SFTDataModule and sft-eval (no torch, no Lightning).
+
+The files in `data.val`; else the embedded sample's held-out split (`data=sample`); else a seeded
+`data.val_fraction` of the training examples, held out before mixing. sft-eval rebuilds exactly these from
+a checkpoint's `data` section, so `sft-eval ckpt=...` scores what training's `val/loss` scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from sft.data.config import as_list
+from sft.data.sample import generate_conversations
+from sft.protocol.pipeline import Accounting, ConversationEncoder, EncodedExample, read_conversations
+from sft.protocol.records import record_to_conversation
+from sft.protocol.sources import resolve_source
+from sft.protocol.types import Conversation, ProtocolError
+
+
+def split_val(example_ids: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic held-out split (train, val) of `fraction` of the examples."""
+    if fraction <= 0:
+        return example_ids, example_ids[:0]  # no copy of the ids: memory must not scale with the data twice
+    held_out = np.zeros(len(example_ids), dtype=bool)
+    held_out[
+        np.random.default_rng([seed, 0x5E1]).permutation(len(example_ids))[: int(len(example_ids) * fraction)]
+    ] = True
+    return example_ids[~held_out], example_ids[held_out]
+
+
+def sample_val_conversations(count: int, seed: int) -> Iterator[Conversation]:
+    """The embedded sample's held-out conversations, as training writes them to its val file."""
+    for line, record in enumerate(generate_conversations(count, seed, split="val"), start=1):
+        yield record_to_conversation(record, source="sample-val", line=line)
+
+
+def file_conversations(
+    files: list[str], fmt: str, columns: Mapping[str, str] | None
+) -> Iterator[Conversation | ProtocolError]:
+    for path in files:
+        yield from read_conversations(resolve_source(path), fmt, columns)
+
+
+def validation_examples(
+    data: Mapping[str, Any], seed: int, encoder: ConversationEncoder, accounting: Accounting
+) -> tuple[list[EncodedExample], str]:
+    """(the validation examples of a run with this `data` section and `seed`, what they are) encoded in
+    memory; `accounting` covers every line read (for a val_fraction split: the whole training data)."""
+    fmt, columns = data.get("format", "auto"), data.get("columns")
+    if val_files := as_list(data.get("val")):
+        examples = encoder.encode_conversations(file_conversations(val_files, fmt, columns), accounting)
+        return list(examples), ", ".join(val_files)
+    if data.get("name", "sample") == "sample":
+        examples = encoder.encode_conversations(sample_val_conversations(data["num_val"], seed), accounting)
+        return list(examples), f"sample held-out split (seed {seed}, {data['num_val']} conversations)"
+    fraction = data.get("val_fraction") or 0.0
+    if fraction <= 0:
+        raise ValueError(
+            "the run had no validation data (no data.val, data.val_fraction=0); give files: data.val=[...]"
+        )
+    train_files = as_list(data.get("train"))
+    conversations = file_conversations(train_files, fmt, columns)
+    examples = list(encoder.encode_conversations(conversations, accounting))
+    _, held_out = split_val(np.arange(len(examples)), fraction, seed)
+    description = f"data.val_fraction={fraction} of {', '.join(train_files)} (seed {seed})"
+    return [examples[i] for i in held_out], description
