@@ -83,7 +83,7 @@ def test_a_typo_or_wrong_type_fails_fast_naming_the_key(tmp_path, cache_dir):
     # Without `+`, Hydra's struct mode refuses the key itself, also by name.
     hydra_refusal = train(tmp_path / "run2", cache_dir, "optim.lrr=1", check=False)
     assert hydra_refusal.returncode != 0 and "optim.lrr" in hydra_refusal.stderr
-    assert time.perf_counter() - started < 60
+    assert time.perf_counter() - started < 120  # two start-ups, no data preparation
 
 
 def test_wandb_offline_run_has_config_metrics_parameter_count_and_generations(tmp_path, cache_dir):
