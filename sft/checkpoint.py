@@ -158,12 +158,15 @@ def versions() -> dict[str, str | int]:
     }
 
 
-def run_section(config: dict[str, Any]) -> dict[str, Any]:
+def run_section(config: dict[str, Any], precision: str) -> dict[str, Any]:
     """The run-wide part of the checkpoint's section (see the module docstring) for a resolved config whose
-    secrets are already redacted; the module adds the tokenizer, template and training state at each save."""
+    secrets are already redacted; the module adds the tokenizer, template and training state at each save.
+    `precision`: Lightning's flag the run trained and validated with (`auto` resolved), so that sft-eval
+    scores the way validation did."""
     recorded = absolute_paths(config)
     return {
         "format": SECTION_FORMAT,
+        "precision": precision,
         "protocol": recorded["protocol"],
         "data": recorded["data"],
         "config": recorded,

@@ -24,18 +24,19 @@ GIVEN = {
 
 
 def test_the_section_records_paths_absolute_and_versions(tmp_path):
-    section = run_section(RUN)
+    section = run_section(RUN, "bf16-mixed")
     torch.save({"sft": section}, tmp_path / "c.ckpt")
     assert torch.load(tmp_path / "c.ckpt", weights_only=True)["sft"] == section
     assert section["data"]["train"] == [str(Path("a.jsonl").absolute())]
     assert section["config"]["tokenizer"]["path"] == str(Path("tok.json").absolute())
     assert section["config"]["template"]["path"] is None
     assert {"sft", "python", "torch", "lightning", "protocol"} <= set(section["versions"])
+    assert section["precision"] == "bf16-mixed"  # sft-eval scores under validation's autocast
     assert RUN["data"]["train"] == ["a.jsonl"]  # the run's own config is left as it is
 
 
 def test_evaluation_follows_the_run_unless_told_otherwise():
-    section = run_section(RUN)
+    section = run_section(RUN, "bf16-mixed")
     followed = follow_checkpoint(section, GIVEN, explicit={"ckpt"})
     assert followed == {"seed": 7, "protocol": section["protocol"], "data": section["data"]}
     given = {**GIVEN, "data": {**GIVEN["data"], "val": ["held_out.jsonl"]}}

@@ -81,3 +81,16 @@ def test_user_files_go_through_the_protocol_with_accounting(checkpoint, tmp_path
     assert report["examples"] == 2
     assert report["accounting"]["skipped"] == {"unknown_format": 1}
     assert report["metrics"]["val/loss"] > 0 and "eval/exact_match" not in report["metrics"]
+
+
+def test_scoring_runs_under_the_autocast_validation_ran_under():
+    """A bf16-mixed run validated under bf16 autocast: sft-eval must score the same way (1e-4 of the logged
+    val/loss); full-precision runs and older checkpoints (no precision recorded) score in fp32."""
+    cpu = torch.device("cpu")
+    weights = torch.randn(8, 8)
+    for precision, dtype in (("bf16-mixed", torch.bfloat16), ("16-mixed", torch.bfloat16)):
+        with eval_cli.validation_autocast(precision, cpu):
+            assert (weights @ weights).dtype == dtype
+    for precision in ("32-true", None):
+        with eval_cli.validation_autocast(precision, cpu):
+            assert (weights @ weights).dtype == torch.float32

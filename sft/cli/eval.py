@@ -12,6 +12,7 @@ Examples run alone (right-padded), which gives the same per-token losses as the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -86,11 +87,22 @@ def eval_conversations(data: EvalDataConfig, seed: int):
         yield from read_conversations(resolve_source(path), data.format, data.columns)
 
 
+def validation_autocast(precision: str | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast Lightning's validation ran under for this precision flag (`16-mixed` is bf16 on a CPU),
+    so the val/loss sft-eval reports is the one training logged; none for full-precision runs."""
+    if precision == "bf16-mixed" or (precision == "16-mixed" and device.type == "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "16-mixed":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
 @torch.inference_mode()
 def trained_token_loss(
-    model: torch.nn.Module, examples: list[EncodedExample], batch_size: int
+    model: torch.nn.Module, examples: list[EncodedExample], batch_size: int, precision: str | None = None
 ) -> tuple[float, int]:
-    """(summed loss, trained tokens) over the examples, in length-sorted right-padded batches."""
+    """(summed loss, trained tokens) over the examples, in length-sorted right-padded batches, under the
+    autocast of the run's `precision`."""
     device = next(model.parameters()).device
     ordered = sorted(examples, key=lambda example: len(example.input_ids))
     loss_sum, trained_tokens = 0.0, 0
@@ -99,9 +111,10 @@ def trained_token_loss(
             [example_row(e.input_ids, e.labels) for e in ordered[start : start + batch_size]]
         )
         # Causal attention: right padding is never seen by the real tokens, and its labels are ignored.
-        batch_loss, batch_tokens = batch_loss_sum(
-            model, {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device)}
-        )
+        with validation_autocast(precision, device):
+            batch_loss, batch_tokens = batch_loss_sum(
+                model, {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device)}
+            )
         loss_sum += float(batch_loss)
         trained_tokens += int(batch_tokens)
     return loss_sum, trained_tokens
@@ -121,7 +134,8 @@ def evaluate_checkpoint(config: EvalRunConfig, explicit: set[str] | None = None)
     examples, description = validation_examples(data, seed, encoder, accounting)
     if not examples:
         raise ValueError("nothing to evaluate: no example kept\n" + accounting.summary())
-    loss_sum, trained_tokens = trained_token_loss(bundle.model, examples, config.data.batch_size)
+    precision = bundle.section.get("precision")  # older checkpoints: fp32
+    loss_sum, trained_tokens = trained_token_loss(bundle.model, examples, config.data.batch_size, precision)
     val_loss = loss_sum / trained_tokens
     metrics: dict[str, float] = {
         "val/loss": val_loss,

@@ -182,7 +182,7 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
     hardware = plan_hardware(config.hardware)
     log.record(hardware.describe())
     module = SFTModule(model_config, config.optim, peak_flops=hardware.peak_flops or 0.0)
-    section = run_section(redact_secrets(plain(config)))
+    section = run_section(redact_secrets(plain(config)), hardware.precision)
     module.attach(tokenizer, dataclasses.asdict(config.template), section)
     log.record(model_line(module))
     tokenizer.save(str(run_dir / "tokenizer.json"))

@@ -50,9 +50,9 @@ def test_a_run_writes_checkpoint_metrics_and_summary(tmp_path, cache_dir):
 def test_a_30_step_run_with_the_default_schedule_validates_and_keeps_a_best_checkpoint(tmp_path, cache_dir):
     """The defaults (warmup 30, validation every 350) are written for 700 steps: scaled to this run."""
     run_dir = tmp_path / "run"
-    # fp32, as sft-eval runs: its val/loss must then match the logged one to 1e-4
-    fp32 = "hardware.precision=32-true"
-    result = train(run_dir, cache_dir, "trainer.max_steps=30", "eval.exact_match=false", fp32)
+    # bf16 autocast: sft-eval scores under the run's own precision, so its val/loss matches to 1e-4
+    bf16 = "hardware.precision=bf16-mixed"
+    result = train(run_dir, cache_dir, "trainer.max_steps=30", "eval.exact_match=false", bf16)
     assert "note: optim.warmup_steps: 30 -> 3" in result.stdout
     assert "note: trainer.val_check_interval: 350 -> 15 batches" in result.stdout
     assert set(metric_rows(run_dir, "val/loss")) == {14, 29}
