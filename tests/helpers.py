@@ -20,6 +20,7 @@ from sft.cli.inspect import BOUNDARY, TRAINED_CLOSE, TRAINED_OPEN
 from sft.data.datamodule import collate_rows
 from sft.evaluate import prompt_ids
 from sft.model.generate import generate
+from sft.model.llama import LlamaConfig, LlamaForCausalLM
 from sft.module import SFTModule
 from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.templates import BUILTINS
@@ -352,3 +353,79 @@ def cache_hf_dataset(cache_root, repo_id: str, parquet: str, split: str = "train
     os.makedirs(target)
     shutil.move(built, target)
     shutil.rmtree(build_dir)
+
+
+# ---- the project's Llama, tiny (tests/model) ----
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    values = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=72,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+    )
+    return LlamaConfig(**(values | overrides))
+
+
+def tiny_model(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    # A larger init than the default 0.02 so attention is far from uniform and mask mistakes show.
+    return LlamaForCausalLM(tiny_config(initializer_range=0.2, **overrides)).eval()
+
+
+def random_ids(batch: int, seq_len: int, vocab: int = 97, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def packed_batch(seed: int = 3) -> dict[str, torch.Tensor]:
+    """Two rows: three packed documents plus padding, and one document; about half the tokens trained."""
+    input_ids = random_ids(2, 24, seed=seed)
+    document_ids = torch.tensor([[0] * 7 + [1] * 9 + [2] * 5 + [-1] * 3, [0] * 24])
+    position_ids = torch.tensor([[*range(7), *range(9), *range(5), 0, 0, 0], [*range(24)]])
+    labels = input_ids.clone()
+    trained = torch.rand(2, 24, generator=torch.Generator().manual_seed(seed)) < 0.5
+    labels[~trained | (document_ids < 0)] = IGNORE_INDEX
+    labels[0, [0, 7, 16]] = IGNORE_INDEX  # a document's first token is never a target
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "document_ids": document_ids,
+    }
+
+
+def loss_and_grads(model, loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss_sum, count = loss_fn()
+    (loss_sum / count).backward()
+    return loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_relative_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        scale = want[name].abs().max().clamp_min(1e-12)
+        assert float((got[name] - want[name]).abs().max() / scale) < rtol, name
+
+
+# ---- model=hf sections (tests/test_hf.py, tests/model/test_hf_training.py) ----
+
+
+def hf_section(model_dir: Path, **values) -> dict:
+    return {
+        "name": "hf",
+        "path": str(model_dir),
+        "dtype": None,
+        "attn_implementation": None,
+        "lora": None,
+        **values,
+    }
+
+
+LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}

@@ -126,7 +126,7 @@ def test_a_reply_keeps_its_reasoning_apart_so_history_renders_as_the_template_re
         eot="<|im_end|>",
     )
     for template, kept in ((BUILTINS["chatml"], True), (strips_history, False)):
-        session = ChatSession(InferenceBundle(None, tokenizer, template, {}, {}))
+        session = ChatSession(InferenceBundle(None, tokenizer, template, {}, {}, {}))
         assert session.respond("Why?") == ("<think>\nWhy.\n</think>\n\nBecause.", True)
         assert session.history[-1] == {"role": "assistant", "content": "Because.", "reasoning": "Why."}
         text = tokenizer.decode(

@@ -19,23 +19,12 @@ from sft.model import build_model  # noqa: E402
 from sft.model.generate import generate  # noqa: E402
 from sft.model.hf import HFCausalLM, HFModelError  # noqa: E402
 from sft.model.llama import KVCache  # noqa: E402
-from tests.helpers import make_model_dir  # noqa: E402
+from tests.helpers import LORA, hf_section, make_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("tiny-llama"))
-
-
-def hf_section(model_dir: Path, **values) -> dict:
-    return {
-        "name": "hf",
-        "path": str(model_dir),
-        "dtype": None,
-        "attn_implementation": None,
-        "lora": None,
-        **values,
-    }
 
 
 @pytest.mark.parametrize(
@@ -185,9 +174,6 @@ def test_export_of_a_fine_tuned_hf_model_loads_in_transformers_with_equal_logits
     messages = [{"role": "user", "content": "Hello, how are you?"}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert prompt == "<|im_start|>user\nHello, how are you?<|im_end|>\n<|im_start|>assistant\n"
-
-
-LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 
 
 def test_lora_trains_only_the_adapter_and_exports_merged_or_alone(model_dir, tmp_path):

@@ -17,8 +17,7 @@ from sft.model.attention import (
     flex_attention,
     plan_attention,
 )
-from tests.model.test_llama import tiny_model
-from tests.model.test_loss import assert_relative_close, loss_and_grads, packed_batch
+from tests.helpers import assert_relative_close, loss_and_grads, packed_batch, tiny_model
 
 # Two rows: four documents and padding (its own id), then a single document.
 DOCUMENT_IDS = torch.tensor([[0] * 40 + [1] * 70 + [2] * 3 + [3] * 100 + [-1] * 43, [5] * 256])

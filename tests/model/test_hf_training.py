@@ -14,8 +14,14 @@ transformers = pytest.importorskip("transformers", minversion="4.56")
 from sft.loss import batch_loss_sum, full_logits_loss_sum  # noqa: E402
 from sft.model import build_model  # noqa: E402
 from sft.model.hf import HFModelError  # noqa: E402
-from tests.model.test_loss import assert_relative_close, loss_and_grads, packed_batch  # noqa: E402
-from tests.test_hf import LORA, hf_section, make_model_dir  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    LORA,
+    assert_relative_close,
+    hf_section,
+    loss_and_grads,
+    make_model_dir,
+    packed_batch,
+)
 
 SMALL = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2

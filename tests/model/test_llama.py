@@ -9,34 +9,10 @@ import torch
 import yaml
 
 from sft.model import build_model
-from sft.model.llama import KVCache, LlamaConfig, LlamaForCausalLM
+from sft.model.llama import KVCache, LlamaForCausalLM
+from tests.helpers import random_ids, tiny_config, tiny_model
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
-
-
-def tiny_config(**overrides) -> LlamaConfig:
-    values = dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=72,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-    )
-    return LlamaConfig(**(values | overrides))
-
-
-def tiny_model(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    # A larger init than the default 0.02 so attention is far from uniform and mask mistakes show.
-    return LlamaForCausalLM(tiny_config(initializer_range=0.2, **overrides)).eval()
-
-
-def random_ids(batch: int, seq_len: int, vocab: int = 97, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
 def test_state_dict_names_are_hf_llama_names():

@@ -9,38 +9,7 @@ import torch.nn.functional as F
 
 from sft.loss import batch_loss_sum, full_logits_loss_sum, trained_positions, trained_token_loss_sum
 from sft.protocol.labels import IGNORE_INDEX
-from tests.model.test_llama import random_ids, tiny_model
-
-
-def packed_batch(seed: int = 3) -> dict[str, torch.Tensor]:
-    """Two rows: three packed documents plus padding, and one document; about half the tokens trained."""
-    input_ids = random_ids(2, 24, seed=seed)
-    document_ids = torch.tensor([[0] * 7 + [1] * 9 + [2] * 5 + [-1] * 3, [0] * 24])
-    position_ids = torch.tensor([[*range(7), *range(9), *range(5), 0, 0, 0], [*range(24)]])
-    labels = input_ids.clone()
-    trained = torch.rand(2, 24, generator=torch.Generator().manual_seed(seed)) < 0.5
-    labels[~trained | (document_ids < 0)] = IGNORE_INDEX
-    labels[0, [0, 7, 16]] = IGNORE_INDEX  # a document's first token is never a target
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "document_ids": document_ids,
-    }
-
-
-def loss_and_grads(model, loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad()
-    loss_sum, count = loss_fn()
-    (loss_sum / count).backward()
-    return loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_relative_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float) -> None:
-    assert got.keys() == want.keys()
-    for name in want:
-        scale = want[name].abs().max().clamp_min(1e-12)
-        assert float((got[name] - want[name]).abs().max() / scale) < rtol, name
+from tests.helpers import assert_relative_close, loss_and_grads, packed_batch, random_ids, tiny_model
 
 
 def full_logits_reference(model, batch):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sft.data.prefix_tree import build_prefix_tree
+from sft.model.attention import AttentionPlan
 from sft.model.llama import LlamaConfig, LlamaForCausalLM, rotary_cos_sin
 from sft.protocol.labels import IGNORE_INDEX
 
@@ -30,7 +31,7 @@ def hidden_states(
     x = decoder.embed_tokens(ids[None])
     cos, sin = rotary_cos_sin(positions[None], model.config.head_dim, model.config.rope_theta, x.dtype)
     for layer in decoder.layers:
-        x = layer(x, cos, sin, mask, None)
+        x = layer(x, cos, sin, AttentionPlan(mask=mask), None)
     return decoder.norm(x)
 
 
