@@ -11,14 +11,12 @@ import torch.distributed as dist
 from sft.generation_callback import single_process_model
 from sft.model import build_model
 from sft.model.generate import generate
+from tests.helpers import MODEL
 
+# The shared tiny Llama, untied, with a short context and a large init (far-from-uniform attention).
 MODEL_CONFIG = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    **MODEL,
+    "tie_word_embeddings": False,
     "max_position_embeddings": 40,
     "initializer_range": 0.2,
 }
