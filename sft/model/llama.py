@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sft.model.attention import AttentionPlan, PackedAttention, attend, plan_attention
+from sft.model.attention import AttentionPlan, PackedAttention, attend, padded_causal_mask, plan_attention
 
 
 @dataclass
@@ -241,10 +241,16 @@ class LlamaModel(nn.Module):
         position_ids: Tensor | None = None,
         document_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
         seq_len = input_ids.shape[1]
         num_past, position_ids = cache_and_positions(input_ids, position_ids, document_ids, kv_cache)
-        plan = plan_attention(seq_len, num_past, document_ids, self.config.packed_attention, input_ids.device)
+        if attention_mask is not None:  # left-padded rows decoded together (sft.model.generate)
+            plan = AttentionPlan(mask=padded_causal_mask(attention_mask, seq_len))
+        else:
+            plan = plan_attention(
+                seq_len, num_past, document_ids, self.config.packed_attention, input_ids.device
+            )
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         recompute = self.config.activation_checkpointing and torch.is_grad_enabled()
@@ -286,6 +292,7 @@ class LlamaForCausalLM(nn.Module):
         document_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
         return_hidden: bool = False,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, T, vocab] in fp32 for `input_ids` [B, T]; with `return_hidden` the final hidden states
         [B, T, hidden] instead, for `output_logits` at the positions that need them (training calls the
@@ -296,8 +303,10 @@ class LlamaForCausalLM(nn.Module):
         each example's logits exactly as if it ran alone (with its positions restarting at 0). Ids must be
         unique per example within a row; padding may be its own id (e.g. -1).
         kv_cache: the new tokens attend to the cached ones, then are appended to the cache.
+        attention_mask [B, past + T]: 0 at left padding (rows of unequal length decoded together), which no
+        token attends; give each row its own `position_ids`.
         """
-        hidden = self.model(input_ids, position_ids, document_ids, kv_cache)
+        hidden = self.model(input_ids, position_ids, document_ids, kv_cache, attention_mask)
         return hidden if return_hidden else self.output_logits(hidden)
 
     def output_logits(self, hidden: Tensor) -> Tensor:
