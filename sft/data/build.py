@@ -172,10 +172,11 @@ def build_tokenizer(
         if tokenizer is None:
             if not writable:
                 raise read_only_error(cache_dir, f"the tokenizer {path.name}")
-            where = f" on rank {ranks.rank} of {ranks.world_size}" if ranks.world_size > 1 else ""
-            print(
-                f"sft: training the BPE tokenizer ({tokenizer_cfg.vocab_size} tokens){where}", file=sys.stderr
-            )
+            if ranks.world_size > 1:  # which of the ranks trains it (once: the others wait, then load it)
+                print(
+                    f"sft: training the BPE tokenizer on rank {ranks.rank} of {ranks.world_size}",
+                    file=sys.stderr,
+                )
             text_encoder = ConversationEncoder(
                 None, template, dataclasses.replace(protocol, special_in_content="allow")
             )
