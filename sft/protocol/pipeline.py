@@ -25,6 +25,7 @@ from sft.protocol.sources import DataSource, read_records
 from sft.protocol.system import maybe_add_system_prompt
 from sft.protocol.templates import ChatTemplate
 from sft.protocol.types import (
+    JSON_TEXT,
     Conversation,
     Message,
     ProtocolConfig,
@@ -62,14 +63,22 @@ def apply_mask_strategy(messages: list[Message], mask: str) -> list[Message]:
     ]
 
 
-def special_token_pattern(tokenizer: Tokenizer, control_tokens: Iterable[str] = ()) -> re.Pattern | None:
-    """A regex matching the literal text of every special added token and of the template's control
-    tokens: `encode` would turn any of them into a control id if a user typed it."""
+def control_token_texts(tokenizer: Tokenizer, control_tokens: Iterable[str] = ()) -> set[str]:
+    """The literal text of every special added token and of the template's control tokens: `encode`
+    would turn any of them into a control id if a user typed it."""
     specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
-    specials.update(control_tokens)
-    if not specials:
-        return None
-    return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+    return specials | set(control_tokens)
+
+
+def special_token_pattern(tokenizer: Tokenizer, control_tokens: Iterable[str] = ()) -> re.Pattern | None:
+    """A regex matching any of `control_token_texts`; None when there are none."""
+    specials = control_token_texts(tokenizer, control_tokens)
+    return literal_pattern(specials) if specials else None
+
+
+def literal_pattern(texts: Iterable[str]) -> re.Pattern:
+    """A regex matching any of `texts`, the longest first."""
+    return re.compile("|".join(re.escape(text) for text in sorted(texts, key=len, reverse=True)))
 
 
 def data_strings(conversation: Conversation) -> Iterator[tuple[str, str]]:
@@ -81,6 +90,37 @@ def data_strings(conversation: Conversation) -> Iterator[tuple[str, str]]:
     for name, value in (("tools", conversation.tools), ("template variables", conversation.variables)):
         for text in _strings(value):
             yield f"the record's {name}", text
+
+
+class ControlTokenScan:
+    """Whether a conversation's strings hold a control token, in one regex search over all of them.
+
+    The strings are joined with a character no control token holds, so no match spans two of them. The
+    record's tools and template variables go in as their JSON text (one C call, not a walk over every
+    nested string) when no control token holds a character that JSON escapes (`"`, `\\`, controls): then
+    each of their strings appears in it verbatim, and a match outside a string only sends the caller to
+    the exact per-string check, which names the string (or finds nothing)."""
+
+    def __init__(self, texts: set[str]):
+        self.pattern = literal_pattern(texts)
+        self.joiner = next(chr(code) for code in range(0x110000) if all(chr(code) not in t for t in texts))
+        self.json_verbatim = not any(char in '"\\' or char < " " for text in texts for char in text)
+
+    def maybe_found(self, conversation: Conversation) -> bool:
+        texts = [text for message in conversation.messages for text in message_strings(message)]
+        for value in (conversation.tools, conversation.variables):
+            texts += self._texts(value)
+        return self.pattern.search(self.joiner.join(texts)) is not None
+
+    def _texts(self, value: object) -> list[str]:
+        if not value:
+            return []
+        if self.json_verbatim:
+            try:
+                return [JSON_TEXT.encode(value)]
+            except (TypeError, ValueError):  # not JSON (a set, a cycle): walk it
+                pass
+        return list(_strings(value))
 
 
 def _strings(value: object) -> Iterator[str]:
@@ -120,6 +160,11 @@ class ConversationEncoder:
             if config.special_in_content == "reject"
             else None
         )
+        self.control_scan = (
+            ControlTokenScan(control_token_texts(tokenizer, template.special_tokens))
+            if self.special_pattern is not None
+            else None
+        )
         self.requires_alternation = getattr(template, "requires_alternation", False)
         prompts = [config.system_prompt] if isinstance(config.system_prompt, str) else config.system_prompt
         for prompt in prompts or []:
@@ -136,7 +181,7 @@ class ConversationEncoder:
         conversation = normalize_conversations(
             conversation, self.config, requires_alternation=self.requires_alternation
         )
-        if self.special_pattern is not None:
+        if self.control_scan is not None and self.control_scan.maybe_found(conversation):
             for where, text in data_strings(conversation):
                 found = self.special_pattern.search(text)
                 if found:
