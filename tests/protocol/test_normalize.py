@@ -218,3 +218,21 @@ def test_merge_consecutive_joins_an_assistants_calls_and_keeps_tool_results_apar
     merged = normalize_conversations(conv, ProtocolConfig(merge_consecutive=True))
     assert roles(merged) == ["user", "assistant", "tool", "tool", "assistant"]
     assert merged.messages[1].tool_calls == tuple(calls) and merged.messages[1].reasoning == "r1"
+
+
+@pytest.mark.parametrize(
+    ("messages", "reason", "named"),
+    [
+        (
+            [Message("user", "u"), Message("assistant", "", tool_calls=(ToolCall("f", {"q": "\ud800"}),))],
+            "invalid_text",
+            "message 2",
+        ),
+        ([Message("user", "\udc00"), Message("assistant", ["not text"])], "invalid_text", "message 1"),
+        ([Message("user", ["not text"]), Message("assistant", "\ud800")], "wrong_type", "message 1"),
+    ],
+)
+def test_the_first_bad_message_is_named_whatever_the_later_ones_hold(messages, reason, named):
+    """One search over every string finds a lone surrogate; then each message is checked in order."""
+    error = normalize_error(Conversation(messages))
+    assert error.reason == reason and str(error).startswith(named + " ")

@@ -1,0 +1,65 @@
+"""The one-search control-token scan finds exactly what the per-string check finds."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sft.protocol.pipeline import ControlTokenScan, data_strings, literal_pattern
+from sft.protocol.types import Conversation, Message, ToolCall
+
+CHATML = {"<|im_start|>", "<|im_end|>"}
+PIECES = ["a", " ", "\n", '"', "\\", "<|im_", "end|>", "<|im_end|>", "true", "1", "\x00", "é", '<"q">']
+TEXT = st.lists(st.sampled_from(PIECES), max_size=4).map("".join)
+JSON_VALUE = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), TEXT),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3)),
+    max_leaves=8,
+)
+
+
+def exact_hit(conversation: Conversation, texts: set[str]) -> bool:
+    pattern = literal_pattern(texts)
+    return any(pattern.search(text) for _, text in data_strings(conversation))
+
+
+@st.composite
+def conversations(draw) -> Conversation:
+    calls = tuple(
+        ToolCall(draw(TEXT) or "f", draw(st.dictionaries(TEXT, JSON_VALUE, max_size=3)))
+        for _ in range(draw(st.integers(0, 2)))
+    )
+    messages = [
+        Message("user", draw(TEXT)),
+        Message("assistant", draw(TEXT), reasoning=draw(st.none() | TEXT), tool_calls=calls),
+    ]
+    tools = draw(st.none() | st.lists(st.dictionaries(TEXT, JSON_VALUE, max_size=3), max_size=2))
+    variables = draw(st.dictionaries(TEXT, JSON_VALUE, max_size=2))
+    return Conversation(messages, tools=tools, variables=variables)
+
+
+@settings(max_examples=400, deadline=None)
+@given(conversations(), st.sampled_from([CHATML, {"true"}, {'<"q">', "<|im_end|>"}, {"a\nb", "é"}]))
+def test_the_scan_misses_nothing_the_per_string_check_finds(conversation, texts):
+    """A hit may be false (the caller then runs the exact check), a miss never."""
+    if exact_hit(conversation, texts):
+        assert ControlTokenScan(texts).maybe_found(conversation)
+
+
+def test_no_match_spans_two_strings():
+    conversation = Conversation([Message("user", "say <|im_"), Message("assistant", "end|> done")])
+    assert not ControlTokenScan(CHATML).maybe_found(conversation)
+
+
+def test_a_token_that_json_escapes_is_found_in_nested_tools():
+    """JSON writes `<"q">` as `<\\"q\\">`: then the tools' strings are searched one by one."""
+    texts = {'<"q">'}
+    conversation = Conversation(
+        [Message("user", "u"), Message("assistant", "a")], tools=[{"f": {"description": ['x <"q">']}}]
+    )
+    scan = ControlTokenScan(texts)
+    assert not scan.json_verbatim and scan.maybe_found(conversation) and exact_hit(conversation, texts)
+
+
+def test_the_joiner_is_in_no_token():
+    assert ControlTokenScan({"\x00", "\x01<x>"}).joiner == "\x02"
