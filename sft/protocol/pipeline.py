@@ -416,6 +416,8 @@ class ConversationEncoder:
 
 def _encodes_as_prefixes(encoding: Encoding, prefixes: list[Encoding]) -> bool:
     """Each prefix text, encoded alone (as inference encodes a prompt), gives the row's first tokens."""
+    if not prefixes:  # most rows: then not even the ids are read (a list built from the Rust side)
+        return True
     ids = encoding.ids
     return all(ids[: len(prefix.ids)] == prefix.ids for prefix in prefixes)
 
