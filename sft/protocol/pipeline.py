@@ -37,6 +37,8 @@ from sft.protocol.types import (
 
 PROTOCOL_VERSION = 4  # bump when a change to this package changes the tokens or labels it produces
 ENCODE_CHUNK = 2048  # texts per encode_batch call: large enough for both cores, small enough to stay fast
+# The first chunk is this small, so the tokenizer thread starts early; each next one doubles to ENCODE_CHUNK.
+FIRST_CHUNK = 128
 
 
 class DataError(ValueError):
@@ -375,8 +377,10 @@ class ConversationEncoder:
     def _prepared_chunks(
         self, conversations: Iterable[Conversation | ProtocolError], accounting: Accounting
     ) -> Iterator[list[tuple[Conversation, list[Row]]]]:
-        """Rendered conversations in chunks of ENCODE_CHUNK; bad input raised or skipped and counted."""
+        """Rendered conversations in chunks of FIRST_CHUNK doubling to ENCODE_CHUNK; bad input raised or
+        skipped and counted."""
         chunk: list[tuple[Conversation, list[Row]]] = []
+        chunk_size = FIRST_CHUNK
         for index, item in enumerate(conversations):
             accounting.read += 1
             where = getattr(item, "where", "?")
@@ -398,9 +402,9 @@ class ConversationEncoder:
                 accounting.note(accounting.skipped, error.reason, where)
             except TemplateError as error:  # the template, not the line, is at fault: never skipped
                 raise TemplateError(f"{where}: {error}") from error
-            if len(chunk) >= ENCODE_CHUNK:
+            if len(chunk) >= chunk_size:
                 yield chunk
-                chunk = []
+                chunk, chunk_size = [], min(2 * chunk_size, ENCODE_CHUNK)
         if chunk:
             yield chunk
 

@@ -1,12 +1,22 @@
-"""The one-search control-token scan finds exactly what the per-string check finds."""
+"""The hot loop's shortcuts: the one-search control-token scan finds what the per-string check finds;
+chunks start small."""
 
 from __future__ import annotations
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sft.protocol.pipeline import ControlTokenScan, data_strings, literal_pattern
-from sft.protocol.types import Conversation, Message, ToolCall
+from sft.protocol import pipeline
+from sft.protocol.pipeline import (
+    Accounting,
+    ControlTokenScan,
+    ConversationEncoder,
+    data_strings,
+    literal_pattern,
+)
+from sft.protocol.templates import BUILTINS
+from sft.protocol.types import Conversation, Message, ProtocolConfig, ToolCall
 
 CHATML = {"<|im_start|>", "<|im_end|>"}
 PIECES = ["a", " ", "\n", '"', "\\", "<|im_", "end|>", "<|im_end|>", "true", "1", "\x00", "é", '<"q">']
@@ -63,3 +73,29 @@ def test_a_token_that_json_escapes_is_found_in_nested_tools():
 
 def test_the_joiner_is_in_no_token():
     assert ControlTokenScan({"\x00", "\x01<x>"}).joiner == "\x02"
+
+
+def test_the_first_chunks_are_small_so_tokenizing_starts_early(tokenizer, monkeypatch):
+    """Chunks double from FIRST_CHUNK to ENCODE_CHUNK; the examples are those of one big chunk."""
+    monkeypatch.setattr(pipeline, "FIRST_CHUNK", 2)
+    monkeypatch.setattr(pipeline, "ENCODE_CHUNK", 8)
+    encoder = ConversationEncoder(tokenizer, BUILTINS["chatml"], ProtocolConfig())
+    sizes = []
+    encode_texts = encoder._encode_texts
+    monkeypatch.setattr(
+        encoder, "_encode_texts", lambda chunk: sizes.append(len(chunk)) or encode_texts(chunk)
+    )
+    conversations = [
+        Conversation([Message("user", f"question {n}"), Message("assistant", "answer " * (n + 1))])
+        for n in range(30)
+    ]
+    examples = list(encoder.encode_conversations(conversations, Accounting()))
+    assert sizes == [2, 4, 8, 8, 8]
+    monkeypatch.setattr(pipeline, "FIRST_CHUNK", 64)
+    monkeypatch.setattr(pipeline, "ENCODE_CHUNK", 64)
+    whole = list(encoder.encode_conversations(conversations, Accounting()))
+    assert sizes[5:] == [30]
+    assert all(
+        np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
+        for a, b in zip(examples, whole, strict=True)
+    )
