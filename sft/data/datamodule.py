@@ -202,7 +202,9 @@ class SFTDataModule(L.LightningDataModule):
             val_index = StoreIndex(prepared.val)
             val_ids = np.arange(len(val_index))
         else:  # held out before mixing, so that no drawn duplicate of a val example lands in training
-            train_ids, val_ids = split_val(train_ids, self.data_config.val_fraction, self.seed)
+            train_ids, val_ids = split_val(
+                train_ids, self.data_config.val_fraction, self.seed, train_index.conversations
+            )
             val_index = train_index
         if self.data_config.mix is not None:
             train_ids = mixed_example_ids(train_index, train_ids, self.data_config.mix, self.seed)

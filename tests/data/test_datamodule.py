@@ -365,3 +365,21 @@ def test_val_loss_is_the_same_with_prefix_sharing_on_and_off(tmp_path, two_files
     )
     assert shared[0] == pytest.approx(separate[0], rel=1e-6)
     assert shared[1] < separate[1]
+
+
+def test_val_fraction_holds_out_whole_split_conversations_and_sft_eval_rebuilds_them(tmp_path, two_files):
+    """The rows of one split conversation share their history: one in train and another in val would
+    leak the held-out turns' context into training."""
+    config = per_turn_config(tmp_path, two_files, val_fraction=0.25, packing=False)
+    prepared = prepare(config)
+    datamodule = SFTDataModule(config, prepared)
+    conversations = datamodule.train_dataset.index.conversations
+    train_conversations = set(conversations[datamodule.train_dataset.example_ids].tolist())
+    val_conversations = set(conversations[datamodule.val_dataset.example_ids].tolist())
+    assert not train_conversations & val_conversations
+    assert len(val_conversations) == 15 and len(train_conversations | val_conversations) == 60
+    assert any(np.count_nonzero(conversations == c) > 1 for c in val_conversations)
+    encoder = ConversationEncoder(prepared.tokenizer, prepared.template, config.protocol)
+    examples, _ = validation_examples(asdict(config.data), config.seed, encoder, Accounting())
+    held_out = [datamodule.val_dataset.index[int(i)][0].tolist() for i in datamodule.val_dataset.example_ids]
+    assert [example.input_ids.tolist() for example in examples] == held_out
