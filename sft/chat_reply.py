@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,22 +66,29 @@ def split_reasoning(reply: str) -> tuple[str | None, str]:
     return thinking.split("<think>")[-1].strip("\n"), answer.lstrip("\n")
 
 
+def channel_messages(reply: str) -> Iterator[tuple[str, str | None, str]]:
+    """(channel, the function it calls or None, text) of each GPT-OSS message of a reply."""
+    for found in CHANNEL_MESSAGE.finditer(reply):
+        channel, recipient = CHANNEL.search(found.group("header")), RECIPIENT.search(found.group("header"))
+        yield (
+            channel.group(1) if channel else "final",
+            recipient.group(1) if recipient else None,
+            found.group("text"),
+        )
+
+
 def _parse_channels(reply: str) -> Reply:
     """GPT-OSS: analysis → reasoning, a message to functions.NAME → a call (its text a JSON object), any
     other channel (final, commentary) → content. Shown as one `[channel] text` line per message."""
     reasoning, content, calls, shown = [], [], [], []
-    for found in CHANNEL_MESSAGE.finditer(reply):
-        header, text = found.group("header"), found.group("text")
-        channel = CHANNEL.search(header)
-        recipient = RECIPIENT.search(header)
-        arguments = _json_object(text) if recipient else None
+    for channel, function, text in channel_messages(reply):
+        arguments = _json_object(text) if function else None
         if arguments is not None:
-            calls.append(ToolCall(recipient.group(1), arguments))
-            shown.append(f"[call {recipient.group(1)}] {text}")
+            calls.append(ToolCall(function, arguments))
+            shown.append(f"[call {function}] {text}")
             continue
-        label = channel.group(1) if channel else "final"
-        (reasoning if label == "analysis" else content).append(text)
-        shown.append(f"[{label}] {text}")
+        (reasoning if channel == "analysis" else content).append(text)
+        shown.append(f"[{channel}] {text}")
     return Reply(
         "\n".join(content), "\n".join(reasoning) if reasoning else None, tuple(calls), shown="\n".join(shown)
     )
