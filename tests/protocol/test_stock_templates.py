@@ -1,7 +1,7 @@
 """The stock chat templates models ship (read at test time from the `trl` wheel, never copied here): the
-verdict for each (one row, split rows, refused per conversation, refused), and every trained span equal,
-token for token, to what transformers renders for that turn at inference (the generation prompt, then
-through the end-of-turn), in the one-row path and the split path.
+verdict for each (one row, split rows, refused per conversation, refused), and every trained span, with
+the tokens before it, equal token for token to what transformers renders for that turn at inference (the
+generation prompt, then through the end-of-turn), in the one-row path and the split path.
 """
 
 from __future__ import annotations
