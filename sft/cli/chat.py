@@ -122,8 +122,8 @@ def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO = sys.stdou
         if not command:
             continue
         try:
-            if command.startswith("/tool "):
-                reply, stopped = session.answer_tool_call(command.removeprefix("/tool ").strip())
+            if command.split(maxsplit=1)[0] == "/tool":
+                reply, stopped = session.answer_tool_call(command.removeprefix("/tool").strip())
             else:
                 reply, stopped = session.respond(text)
         except ValueError as error:

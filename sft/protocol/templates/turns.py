@@ -110,12 +110,9 @@ def final_turn_target(
         error.kind = "reasoning" if messages[k].reasoning is not None else None
         raise error
     start = len(prompt)
-    ends = [
-        text.rfind(marker, start) + len(marker) for marker in template.eot_markers if marker in text[start:]
-    ]
-    if not ends:
+    end = _last_marker_end(template, text, start)
+    if end is None:
         raise TemplateError(f"{name}: assistant message {k + 1}: no end-of-turn marker follows it; {SET_EOT}")
-    end = max(ends)
     lost = _lost(messages[k], k, text[start:end])  # shown, but in the prompt rather than the target
     if lost is not None:
         raise lost
@@ -185,6 +182,14 @@ def unstable_message(origin: str, k: int, final: str, whole: str) -> str:
     )
 
 
+def _last_marker_end(template: JinjaTemplate, text: str, start: int) -> int | None:
+    """Where the last end-of-turn marker at or after `start` ends; None when there is none."""
+    ends = [
+        text.rfind(marker, start) + len(marker) for marker in template.eot_markers if marker in text[start:]
+    ]
+    return max(ends, default=None)
+
+
 def _first_difference(first: str, second: str) -> int:
     """The first index where the two strings differ (the shorter one's length when one extends the other)."""
     return next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
@@ -250,9 +255,7 @@ def _locate_turn(
     if cut < 0 or _first_difference(prompt, text) >= cut:  # only the history may render differently
         return None
     start = cut + len(generation_prompt)
-    ends = [
-        text.rfind(marker, start) + len(marker) for marker in template.eot_markers if marker in text[start:]
-    ]
-    if not ends or _lost(messages[k], k, text[start : max(ends)]) is not None:
+    end = _last_marker_end(template, text, start)
+    if end is None or _lost(messages[k], k, text[start:end]) is not None:
         return None
-    return start, max(ends), text[start : max(ends)]
+    return start, end, text[start:end]
