@@ -34,7 +34,7 @@ from sft.protocol.types import (
     message_strings,
 )
 
-PROTOCOL_VERSION = 4  # bump when a change to this package changes the tokens or labels it produces
+PROTOCOL_VERSION = 5  # bump when a change to this package changes the tokens or labels it produces
 ENCODE_CHUNK = 2048  # texts per encode_batch call: large enough for both cores, small enough to stay fast
 
 
