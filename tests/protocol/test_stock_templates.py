@@ -282,3 +282,41 @@ def test_per_record_template_variables_reach_the_template():
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     gptoss = stock_template("gptoss")
     assert "Reasoning: high" in gptoss.render_text(plain, variables={"reasoning_effort": "high"})
+
+
+def truncated_gptoss(max_seq_len: int | None):
+    """GPT-OSS's rows of an opening exchange + `think_tools` (its answer's row is P_k + T), with
+    truncation=turns at `max_seq_len` (None: whole)."""
+    template = stock_template("gptoss")
+    ours, _ = tokenizers("gptoss", template)
+    messages, tools = conversation("think_tools")
+    opening = [Message("user", "Hi there, how are you today?"), Message("assistant", "Fine, thanks.")]
+    config = ProtocolConfig(max_seq_len=max_seq_len or 100_000, truncation="turns")
+    encoder = ConversationEncoder(ours, template, config)
+    accounting = Accounting()
+    conversations = [
+        Conversation(messages[:1] + opening + messages[1:], tools=tools, source="chat.jsonl", line=3)
+    ]
+    return list(encoder.encode_conversations(conversations, accounting)), accounting
+
+
+def test_truncation_turns_shortens_a_split_row_as_its_own_inference_row():
+    """A split row too long for max_seq_len loses its oldest exchanges and stays its turn's inference row
+    (once, the whole-conversation render refused GPT-OSS's P_k + T rows)."""
+    whole, _ = truncated_gptoss(None)
+    answer = 2  # the answer after the call: trained in P_k + T
+    examples, accounting = truncated_gptoss(len(whole[answer].input_ids) - 1)
+    assert len(examples) == len(whole) and accounting.truncated == 1
+    assert len(examples[answer].input_ids) < len(whole[answer].input_ids)
+    (_, shortened), (_, original) = trained_runs(examples[answer])[-1], trained_runs(whole[answer])[-1]
+    assert shortened == original  # the same turn, trained after a shorter history
+
+
+def test_a_dropped_turn_of_a_kept_split_conversation_is_counted():
+    whole, _ = truncated_gptoss(None)
+    opening_only = len(whole[0].input_ids)  # the first row fits; the call's row cannot shorten below it
+    examples, accounting = truncated_gptoss(opening_only)
+    assert len(examples) < len(whole) and accounting.kept == 1
+    dropped = len(whole) - len(examples)
+    assert sum(accounting.noted.values()) == dropped
+    assert all(place.startswith("chat.jsonl:3 (turn ") for place in accounting.where["turn_too_long"])
