@@ -241,10 +241,13 @@ class LlamaModel(nn.Module):
         position_ids: Tensor | None = None,
         document_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        subtree_end: Tensor | None = None,
     ) -> Tensor:
         seq_len = input_ids.shape[1]
         num_past, position_ids = cache_and_positions(input_ids, position_ids, document_ids, kv_cache)
-        plan = plan_attention(seq_len, num_past, document_ids, self.config.packed_attention, input_ids.device)
+        plan = plan_attention(
+            seq_len, num_past, document_ids, self.config.packed_attention, input_ids.device, subtree_end
+        )
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         recompute = self.config.activation_checkpointing and torch.is_grad_enabled()
@@ -286,6 +289,7 @@ class LlamaForCausalLM(nn.Module):
         document_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
         return_hidden: bool = False,
+        subtree_end: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, T, vocab] in fp32 for `input_ids` [B, T]; with `return_hidden` the final hidden states
         [B, T, hidden] instead, for `output_logits` at the positions that need them (training calls the
@@ -296,8 +300,10 @@ class LlamaForCausalLM(nn.Module):
         each example's logits exactly as if it ran alone (with its positions restarting at 0). Ids must be
         unique per example within a row; padding may be its own id (e.g. -1).
         kv_cache: the new tokens attend to the cached ones, then are appended to the cache.
+        subtree_end [B, T]: rows of prefix trees (sft.data.collate; instead of document_ids): token i sees
+        token j iff j <= i < subtree_end[j]; position_ids then hold each token's depth.
         """
-        hidden = self.model(input_ids, position_ids, document_ids, kv_cache)
+        hidden = self.model(input_ids, position_ids, document_ids, kv_cache, subtree_end)
         return hidden if return_hidden else self.output_logits(hidden)
 
     def output_logits(self, hidden: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ from sft.protocol.types import (
     message_strings,
 )
 
-PROTOCOL_VERSION = 4  # bump when a change to this package changes the tokens or labels it produces
+PROTOCOL_VERSION = 5  # bump when a change to this package changes the tokens or labels it produces
 ENCODE_CHUNK = 2048  # texts per encode_batch call: large enough for both cores, small enough to stay fast
 # The first chunk is this small, so the tokenizer thread starts early; each next one doubles to ENCODE_CHUNK.
 FIRST_CHUNK = 128
@@ -213,12 +213,16 @@ class ConversationEncoder:
 
     def _render(
         self, messages: list[Message], tools: list | None, variables: dict | None = None
-    ) -> RenderedChat:
-        """One row for `messages` (truncation=turns re-renders a row after dropping its oldest exchanges)."""
+    ) -> RenderedChat | None:
+        """One row for `messages` (truncation=turns re-renders a row after dropping its oldest exchanges):
+        a split row's conversation trains only its last turn, so protocol.turns gives it exactly one row,
+        its turn's inference row (P_k + T where the template renders that turn's history otherwise). None
+        when the shortened conversation no longer trains in one row (it then counts as not fitting)."""
         if self.config.mask == "all_tokens":
             text = self.template.render_text(messages, tools, False, variables)
             return RenderedChat(text, [(0, len(text))])
-        return self.template.render(messages, tools, False, variables)
+        rows = self.template.render_rows(messages, tools, variables, self.config.turns)
+        return rows[0] if len(rows) == 1 else None
 
     def _apply_length_policy(
         self, conversation: Conversation, rendered: RenderedChat, encoding: Encoding, accounting: Accounting
@@ -267,14 +271,18 @@ class ConversationEncoder:
         trained = [i for i, m in enumerate(messages) if m.role == "assistant" and m.train]
         # Dropping k exchanges keeps messages[exchange_starts[k - 1]:]; a trained turn must remain.
         most = sum(start <= trained[-1] for start in exchange_starts) if trained else 0
-        attempts: dict[int, tuple[RenderedChat, Encoding]] = {}
+        attempts: dict[int, tuple[RenderedChat, Encoding] | None] = {}
 
         def fits(dropped: int) -> bool:
             if dropped not in attempts:
                 kept = messages[:head] + messages[exchange_starts[dropped - 1] :]
                 rendered = self._render(kept, conversation.tools, conversation.variables)
-                attempts[dropped] = (rendered, self.tokenizer.encode(rendered.text, add_special_tokens=False))
-            return len(attempts[dropped][1]) <= self.config.max_seq_len
+                attempts[dropped] = rendered and (
+                    rendered,
+                    self.tokenizer.encode(rendered.text, add_special_tokens=False),
+                )
+            attempt = attempts[dropped]
+            return attempt is not None and len(attempt[1]) <= self.config.max_seq_len
 
         if most == 0 or not fits(most):
             return None
@@ -359,6 +367,11 @@ class ConversationEncoder:
             for row, encoding, outcome in zip(rows, encodings, outcomes, strict=True)
         ]
         kept = [example for example in examples if example is not None]
+        for turn, (example, outcome, row) in enumerate(zip(examples, outcomes, rows, strict=True), start=1):
+            if example is None and kept:  # the conversation stays, without this turn: say so
+                reason = next(iter(outcome.dropped))
+                where = f"{row.conversation.where} (turn {turn} of {len(rows)})"
+                accounting.note(accounting.noted, f"turn_{reason}", where)
         for turn, example in enumerate(kept, start=1):
             example.split = (turn, len(kept))
         accounting.longest = max(accounting.longest, *(outcome.longest for outcome in outcomes))

@@ -120,6 +120,23 @@ TOOLS_BEFORE_LAST_USER = (
 )
 
 
+# As GPT-OSS does: an assistant's reasoning stays in history only while no later assistant turn exists,
+# so the prompt for an answer holds the reasoning of the call before it, and the rendering through the
+# answer does not.
+REASONING_UNTIL_ANSWERED = (
+    "{% for m in messages %}"
+    "{% set later = messages[loop.index:] | selectattr('role', 'equalto', 'assistant') | list %}"
+    "<{{ m.role }}>{% if m.reasoning_content and not later %}[{{ m.reasoning_content }}]{% endif %}"
+    "{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+CALL_THEN_ANSWER = [
+    Message("user", "Weather?"),
+    Message("assistant", "Checking.", reasoning="Look it up."),
+    Message("tool", "21"),
+    Message("assistant", "21 °C.", reasoning="Report it."),
+]
+
+
 def span_texts(rendered):
     return [rendered.text[start:end] for start, end in rendered.assistant_spans]
 
@@ -437,6 +454,37 @@ def test_turns_closed_only_as_the_final_turn_are_trained_in_rows_of_their_own():
         rows[1].text
         == "<system>Be brief.<user>Hi<assistant>Hello!<user>Weather?<assistant>Let me check.<end>"
     )
+
+
+def test_a_turn_after_a_history_rendered_otherwise_trains_after_its_own_generation_prompt():
+    # The conversation through the answer drops "[Look it up.]"; inference shows it in the answer's
+    # prompt. The answer's row is that prompt plus what the template renders for the answer.
+    template = JinjaTemplate(REASONING_UNTIL_ANSWERED, eot="<end>")
+    check_template(template)
+    rows = template.render_rows(CALL_THEN_ANSWER)
+    prompt = template.render_text(CALL_THEN_ANSWER[:3], add_generation_prompt=True)
+    assert prompt == "<user>Weather?<end><assistant>[Look it up.]Checking.<end><tool>21<end><assistant>"
+    assert [row.text for row in rows] == [
+        "<user>Weather?<end><assistant>[Look it up.]Checking.<end>",
+        prompt + "[Report it.]21 °C.<end>",
+    ]
+    assert [span_texts(row) for row in rows] == [["[Look it up.]Checking.<end>"], ["[Report it.]21 °C.<end>"]]
+    with pytest.raises(TemplateError, match="not prefix-stable at message 2"):
+        template.render_rows(CALL_THEN_ANSWER, turns="whole")
+
+
+def test_a_final_turn_that_quotes_its_history_after_a_history_rendered_otherwise_is_refused():
+    # What the answer renders depends on the history here, so its text is not the turn's own: not guessed.
+    quoting = REASONING_UNTIL_ANSWERED.replace(
+        "{{ m.content }}",
+        "{{ m.content }}{% if loop.last and m.role == 'assistant' %} ({{ messages[0].content }}){% endif %}",
+    )
+    template = JinjaTemplate(quoting, eot="<end>")
+    assert span_texts(template.render_rows(CALL_THEN_ANSWER[:2])[0]) == [
+        "[Look it up.]Checking. (Weather?)<end>"
+    ]
+    with pytest.raises(ProtocolError, match="assistant message 4 has no inference-exact target"):
+        template.render_rows(CALL_THEN_ANSWER)
 
 
 def test_probe_catches_prefix_instability():
