@@ -8,13 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sft.protocol import pipeline
-from sft.protocol.pipeline import (
-    Accounting,
-    ControlTokenScan,
-    ConversationEncoder,
-    data_strings,
-    literal_pattern,
-)
+from sft.protocol.control_tokens import ControlTokenScan, data_strings, literal_pattern
+from sft.protocol.pipeline import Accounting, ConversationEncoder
 from sft.protocol.templates import BUILTINS
 from sft.protocol.types import Conversation, Message, ProtocolConfig, ToolCall
 
