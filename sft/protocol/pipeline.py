@@ -9,7 +9,6 @@ assistant span's ends (`labels_from_encoding`), never from a per-token Python lo
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +17,12 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from sft.protocol.accounting import Accounting
+from sft.protocol.control_tokens import (
+    ControlTokenScan,
+    control_token_texts,
+    data_strings,
+    special_token_pattern,
+)
 from sft.protocol.labels import IGNORE_INDEX, labels_from_encoding
 from sft.protocol.normalize import normalize_conversations
 from sft.protocol.records import BLANK_LINE, record_to_conversation
@@ -31,11 +36,12 @@ from sft.protocol.types import (
     ProtocolError,
     RenderedChat,
     TemplateError,
-    message_strings,
 )
 
 PROTOCOL_VERSION = 5  # bump when a change to this package changes the tokens or labels it produces
 ENCODE_CHUNK = 2048  # texts per encode_batch call: large enough for both cores, small enough to stay fast
+# The first chunk is this small, so the tokenizer thread starts early; each next one doubles to ENCODE_CHUNK.
+FIRST_CHUNK = 128
 
 
 class DataError(ValueError):
@@ -60,39 +66,6 @@ def apply_mask_strategy(messages: list[Message], mask: str) -> list[Message]:
         dataclasses.replace(m, train=False) if m.role == "assistant" and i != last else m
         for i, m in enumerate(messages)
     ]
-
-
-def special_token_pattern(tokenizer: Tokenizer, control_tokens: Iterable[str] = ()) -> re.Pattern | None:
-    """A regex matching the literal text of every special added token and of the template's control
-    tokens: `encode` would turn any of them into a control id if a user typed it."""
-    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
-    specials.update(control_tokens)
-    if not specials:
-        return None
-    return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
-
-
-def data_strings(conversation: Conversation) -> Iterator[tuple[str, str]]:
-    """(where, text) for every string of a conversation that a template may render: each message's
-    content, reasoning and tool calls, the record's tools and template variables."""
-    for number, message in enumerate(conversation.messages, start=1):
-        for text in message_strings(message):
-            yield f"message {number} ({message.role})", text
-    for name, value in (("tools", conversation.tools), ("template variables", conversation.variables)):
-        for text in _strings(value):
-            yield f"the record's {name}", text
-
-
-def _strings(value: object) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _strings(key)
-            yield from _strings(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _strings(item)
 
 
 def only_turn(messages: list[Message], k: int) -> list[Message]:
@@ -120,6 +93,11 @@ class ConversationEncoder:
             if config.special_in_content == "reject"
             else None
         )
+        self.control_scan = (
+            ControlTokenScan(control_token_texts(tokenizer, template.special_tokens))
+            if self.special_pattern is not None
+            else None
+        )
         self.requires_alternation = getattr(template, "requires_alternation", False)
         prompts = [config.system_prompt] if isinstance(config.system_prompt, str) else config.system_prompt
         for prompt in prompts or []:
@@ -136,7 +114,7 @@ class ConversationEncoder:
         conversation = normalize_conversations(
             conversation, self.config, requires_alternation=self.requires_alternation
         )
-        if self.special_pattern is not None:
+        if self.control_scan is not None and self.control_scan.maybe_found(conversation):
             for where, text in data_strings(conversation):
                 found = self.special_pattern.search(text)
                 if found:
@@ -343,8 +321,10 @@ class ConversationEncoder:
     def _prepared_chunks(
         self, conversations: Iterable[Conversation | ProtocolError], accounting: Accounting
     ) -> Iterator[list[tuple[Conversation, list[Row]]]]:
-        """Rendered conversations in chunks of ENCODE_CHUNK; bad input raised or skipped and counted."""
+        """Rendered conversations in chunks of FIRST_CHUNK doubling to ENCODE_CHUNK; bad input raised or
+        skipped and counted."""
         chunk: list[tuple[Conversation, list[Row]]] = []
+        chunk_size = FIRST_CHUNK
         for index, item in enumerate(conversations):
             accounting.read += 1
             where = getattr(item, "where", "?")
@@ -366,9 +346,9 @@ class ConversationEncoder:
                 accounting.note(accounting.skipped, error.reason, where)
             except TemplateError as error:  # the template, not the line, is at fault: never skipped
                 raise TemplateError(f"{where}: {error}") from error
-            if len(chunk) >= ENCODE_CHUNK:
+            if len(chunk) >= chunk_size:
                 yield chunk
-                chunk = []
+                chunk, chunk_size = [], min(2 * chunk_size, ENCODE_CHUNK)
         if chunk:
             yield chunk
 
@@ -384,6 +364,8 @@ class ConversationEncoder:
 
 def _encodes_as_prefixes(encoding: Encoding, prefixes: list[Encoding]) -> bool:
     """Each prefix text, encoded alone (as inference encodes a prompt), gives the row's first tokens."""
+    if not prefixes:  # most rows: then not even the ids are read (a list built from the Rust side)
+        return True
     ids = encoding.ids
     return all(ids[: len(prefix.ids)] == prefix.ids for prefix in prefixes)
 

@@ -54,8 +54,11 @@ def message_strings(message: Message) -> list[str]:
     """Every string of a message that a template may print (for the control-token checks)."""
     strings = [message.content, message.reasoning or "", message.tool_call_id or "", message.name or ""]
     for call in message.tool_calls:
-        strings += [call.name, json.dumps(call.arguments, ensure_ascii=False), call.id or ""]
+        strings += [call.name, JSON_TEXT.encode(call.arguments), call.id or ""]
     return strings
+
+
+JSON_TEXT = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False) without its set-up
 
 
 @dataclass(slots=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sft.protocol.templates.base import ChatTemplate
-from sft.protocol.types import Message, RenderedChat, ToolCall
+from sft.protocol.types import JSON_TEXT, Message, RenderedChat, ToolCall
 
 _QWEN_TOOLS = (
     "{system}# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -65,12 +65,17 @@ class BuiltinTemplate(ChatTemplate):
         return reasoning + "\n".join(([message.content] if message.content else []) + calls)
 
     def _call_text(self, call: ToolCall) -> str:
-        arguments = json.dumps(call.arguments, ensure_ascii=False)
+        arguments = JSON_TEXT.encode(call.arguments)
         return self.tool_call.replace("{name}", call.name).replace("{arguments}", arguments)
 
     def _system_text(self, system: str, tools: list[Any]) -> str:
         entries = "".join(
-            self.tool_entry.replace("{tool}", json.dumps(tool, ensure_ascii=False, indent=self.tool_indent))
+            self.tool_entry.replace(
+                "{tool}",
+                JSON_TEXT.encode(tool)
+                if self.tool_indent is None
+                else json.dumps(tool, ensure_ascii=False, indent=self.tool_indent),
+            )
             for tool in tools
         )
         system_text = system + self.system_separator if system else ""
