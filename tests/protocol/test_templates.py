@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from sft.protocol.templates import (
     BUILTINS,
     JinjaTemplate,
+    builtin_jinja_source,
     check_template,
     load_template,
     probe_conversation,
@@ -19,7 +20,7 @@ from sft.protocol.templates import (
     render_chat_prompt,
     standalone_config,
 )
-from sft.protocol.types import Message, ProtocolError, TemplateError
+from sft.protocol.types import Message, ProtocolError, TemplateError, ToolCall
 
 CONVERSATION = [
     Message("system", "Be brief."),
@@ -602,3 +603,22 @@ def test_eot_may_be_a_list_and_stop_tokens_are_their_own_setting():
     rebuilt = load_template(standalone_config(template))
     assert rebuilt.fingerprint == template.fingerprint and rebuilt.stop_tokens == ("<|return|>",)
     assert load_template({**config, "stop": []}).stop_tokens == ("<|return|>", "<|end|>")
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_builtin_placeholders_in_data_stay_as_written_as_in_the_exported_template(name):
+    """Text like "{system}" in a tool's description or "{arguments}" in a call's name is data, never a
+    slot filled a second time: the builtin renders what its exported Jinja template renders."""
+    tools = [{"type": "function", "function": {"name": "f", "description": "Fills {system} and {tools}."}}]
+    messages = [
+        Message("system", "Be brief."),
+        Message("user", "Call it."),
+        Message("assistant", "", tool_calls=(ToolCall("{arguments}", {"slot": "{name}"}),)),
+        Message("tool", "done", name="{arguments}"),
+        Message("assistant", "Done."),
+    ]
+    builtin = BUILTINS[name]
+    exported = JinjaTemplate(builtin_jinja_source(builtin), eot=builtin.eot)
+    rendered = builtin.render(messages, tools)
+    assert "Fills {system} and {tools}." in rendered.text and '"{arguments}"' in rendered.text
+    assert rendered.text == exported.render(messages, tools).text

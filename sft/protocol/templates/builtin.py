@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +67,7 @@ class BuiltinTemplate(ChatTemplate):
 
     def _call_text(self, call: ToolCall) -> str:
         arguments = JSON_TEXT.encode(call.arguments)
-        return self.tool_call.replace("{name}", call.name).replace("{arguments}", arguments)
+        return fill(self.tool_call, name=call.name, arguments=arguments)
 
     def _system_text(self, system: str, tools: list[Any]) -> str:
         entries = "".join(
@@ -79,7 +80,7 @@ class BuiltinTemplate(ChatTemplate):
             for tool in tools
         )
         system_text = system + self.system_separator if system else ""
-        return self.tools_system.replace("{tools}", entries).replace("{system}", system_text)
+        return fill(self.tools_system, tools=entries, system=system_text)
 
     def _with_tools(self, messages: list[Message], tools: list[Any] | None) -> list[Message]:
         """The tools join the system message (one is added when there is none)."""
@@ -186,6 +187,12 @@ BUILTINS: dict[str, BuiltinTemplate] = {
         assistant_footer="\n<|endoftext|>\n",
     ),
 }
+
+
+def fill(pattern: str, **values: str) -> str:
+    """`pattern` with each `{key}` replaced by its value in one pass, so a value that holds `{key}` text
+    (a function named "{arguments}") stays as written, as the exported Jinja template prints it."""
+    return re.sub("{(" + "|".join(values) + ")}", lambda found: values[found.group(1)], pattern)
 
 
 # ---- the same format as a Jinja chat template (what export ships) ------------------------------------
