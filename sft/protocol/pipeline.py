@@ -155,6 +155,14 @@ class ConversationEncoder:
         rows = self.template.render_rows(messages, tools, variables, self.config.turns)
         return rows[0] if len(rows) == 1 else None
 
+    def _exact_example(
+        self, row: Row, encoding: Encoding, exact: bool, accounting: Accounting
+    ) -> EncodedExample | None:
+        if not exact:
+            accounting.note(accounting.dropped, "tokens_cross_turn_boundary", row.conversation.where)
+            return None
+        return self._apply_length_policy(row.conversation, row.rendered, encoding, accounting)
+
     def _apply_length_policy(
         self, conversation: Conversation, rendered: RenderedChat, encoding: Encoding, accounting: Accounting
     ) -> EncodedExample | None:
@@ -262,12 +270,14 @@ class ConversationEncoder:
         row_encodings = [[next(encoded) for _ in rows] for _, rows in chunk]
         for (conversation, rows), encodings_of_rows in zip(chunk, row_encodings, strict=True):
             prefixes = [[next(encoded) for _ in row.rendered.boundaries] for row in rows]
-            if not all(map(_encodes_as_prefixes, encodings_of_rows, prefixes)):
+            exact = list(map(_encodes_as_prefixes, encodings_of_rows, prefixes))
+            if not all(exact) and len(rows) == 1 and len(rows[0].rendered.assistant_spans) > 1:
                 rows = self._split_at_token_boundaries(conversation)
-                encodings_of_rows = self.tokenizer.encode_batch(
-                    [row.rendered.text for row in rows], add_special_tokens=False
-                )
-            yield from self._conversation_examples(rows, encodings_of_rows, accounting)
+                encodings = iter(self._encode_texts([(conversation, rows)]))
+                encodings_of_rows = [next(encodings) for _ in rows]
+                prefixes = [[next(encodings) for _ in row.rendered.boundaries] for row in rows]
+                exact = list(map(_encodes_as_prefixes, encodings_of_rows, prefixes))
+            yield from self._conversation_examples(rows, encodings_of_rows, exact, accounting)
 
     def _split_at_token_boundaries(self, conversation: Conversation) -> list[Row]:
         """The tokenizer merges across where a turn or its generation prompt ends, so inside one row the
@@ -281,21 +291,20 @@ class ConversationEncoder:
         return self.rows(conversation, "per_turn")
 
     def _conversation_examples(
-        self, rows: list[Row], encodings: list[Encoding], accounting: Accounting
+        self, rows: list[Row], encodings: list[Encoding], exact: list[bool], accounting: Accounting
     ) -> Iterator[EncodedExample]:
         """The examples of one conversation's rows; it is kept when one of them is, else dropped with the
-        reason of its first row."""
+        reason of its first row. A row whose tokens are not inference's (`exact` False: the tokenizer
+        merges across its prompt's end) is dropped as `tokens_cross_turn_boundary`."""
         if len(rows) == 1:
-            example = self._apply_length_policy(
-                rows[0].conversation, rows[0].rendered, encodings[0], accounting
-            )
+            example = self._exact_example(rows[0], encodings[0], exact[0], accounting)
             accounting.rows += example is not None
             yield from [example] if example is not None else []
             return
         outcomes = [Accounting() for _ in rows]
         examples = [
-            self._apply_length_policy(row.conversation, row.rendered, encoding, outcome)
-            for row, encoding, outcome in zip(rows, encodings, outcomes, strict=True)
+            self._exact_example(row, encoding, row_exact, outcome)
+            for row, encoding, row_exact, outcome in zip(rows, encodings, exact, outcomes, strict=True)
         ]
         kept = [example for example in examples if example is not None]
         for turn, (example, outcome, row) in enumerate(zip(examples, outcomes, rows, strict=True), start=1):

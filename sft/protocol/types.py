@@ -85,7 +85,8 @@ class RenderedChat:
     text: str
     assistant_spans: list[tuple[int, int]]  # sorted, disjoint; one per trained assistant message
     # Character positions where the text as rendered at inference ends (generation prompts, final turns):
-    # their encodings must be prefixes of the row's encoding, or the row is split (see protocol.turns).
+    # their encodings must be prefixes of the row's encoding, or the row is split (see protocol.turns);
+    # a row of one turn that still fails has no exact tokens and is dropped (tokens_cross_turn_boundary).
     boundaries: tuple[int, ...] = field(default=(), compare=False)
 
 

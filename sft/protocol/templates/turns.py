@@ -157,7 +157,7 @@ def inference_rows(
             if lost is not None:
                 raise lost
     if turns == "per_turn":
-        return [RenderedChat(t.text, [(t.start, t.end)]) for t in targets.values()]
+        return [_own_row(t) for t in targets.values()]
     spans = [(t.start, t.end) for t in targets.values()]
     stable = all(not t.own_row and whole.startswith(t.text[: t.end]) for t in targets.values()) and all(
         previous[1] <= following[0] for previous, following in zip(spans, spans[1:])
@@ -168,7 +168,13 @@ def inference_rows(
     if turns == "whole":
         k = next(k for k, t in targets.items() if t.own_row or not whole.startswith(t.text[: t.end]))
         raise TemplateError(unstable_message(template.origin, k, targets[k].text, whole))
-    return [RenderedChat(t.text, [(t.start, t.end)]) for t in targets.values()]
+    return [_own_row(t) for t in targets.values()]
+
+
+def _own_row(target: Target) -> RenderedChat:
+    """Turn k alone in its row, its prompt's end and its own end as boundaries: encoded, the row must
+    begin with the prompt's tokens as inference encodes them (a BPE may merge across the boundary)."""
+    return RenderedChat(target.text, [(target.start, target.end)], (target.start, target.end))
 
 
 def unstable_message(origin: str, k: int, final: str, whole: str) -> str:
