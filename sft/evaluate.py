@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 
 from sft.data.sample import evaluation_items, exact_match, generate_conversations
 from sft.model.generate import generate
+from sft.protocol.messages import parse_messages
 from sft.protocol.templates import ChatTemplate, render_chat_prompt
 from sft.protocol.types import Message
 
@@ -21,8 +22,9 @@ EvalItem = tuple[list[dict], str]
 
 
 def as_message(message: Mapping[str, Any]) -> Message:
-    """A chat message dict ({"role", "content", "reasoning"?}) as the protocol's Message."""
-    return Message(message["role"], message["content"], reasoning=message.get("reasoning"))
+    """A chat message dict in the records' schema (role, content, reasoning, tool_calls, a tool message's
+    tool_call_id and name) as the protocol's Message."""
+    return parse_messages([dict(message)], "chat history")[0]
 
 
 def prompt_ids(
@@ -32,15 +34,6 @@ def prompt_ids(
     render as the template renders history (e.g. without reasoning where it strips it)."""
     rendered = render_chat_prompt([as_message(m) for m in messages], template, add_generation_prompt=True)
     return tokenizer.encode(rendered.text, add_special_tokens=False).ids
-
-
-def split_reasoning(reply: str) -> tuple[str | None, str]:
-    """(reasoning, answer) of a generated reply that thinks in <think>…</think> (Qwen, Nemotron, the
-    builtins), as those templates split a reply themselves; (None, reply) otherwise."""
-    if "</think>" not in reply:
-        return None, reply
-    thinking, answer = reply.split("</think>", 1)
-    return thinking.split("<think>")[-1].strip("\n"), answer.lstrip("\n")
 
 
 def generate_reply(

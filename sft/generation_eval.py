@@ -2,9 +2,9 @@
 inference prompt (greedy by default, batched, KV cache) and scored against the reference (sft.scoring).
 
 The prompt is `render(messages[:k], add_generation_prompt=True)` and the reference is what training
-trains for turn k (its span in `render(messages[:k + 1])`, without the end-of-turn marker): exactly what
-the model must produce at inference (invariant 1). Shared by `sft-eval` and the training callback; no
-Lightning here.
+trains for turn k (its span in turn k's own row, without the marker that ends it, where generation
+stops): exactly what the model must produce at inference (invariant 1). Shared by `sft-eval` and the
+training callback; no Lightning here.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from typing import Any
 import torch
 
 from sft.model.generate import generate_batch
-from sft.protocol.pipeline import ConversationEncoder
-from sft.protocol.templates import render_chat_prompt
+from sft.protocol.pipeline import ConversationEncoder, only_turn
 from sft.protocol.types import Conversation, ProtocolError
 from sft.scoring import mean_scores, score_generation
 
@@ -64,10 +63,12 @@ def generation_items(
                 return items
             if message.role != "assistant" or not message.train:
                 continue
-            prompt = render_chat_prompt(messages[:turn], template, conversation.tools, True).text
-            whole = render_chat_prompt(messages[: turn + 1], template, conversation.tools)
-            start, end = whole.assistant_spans[-1]
-            reference = whole.text[start:end].removesuffix(template.eot)
+            own = only_turn(messages, turn)  # the row training trains turn k in: its prompt, then the turn
+            [row] = template.render_rows(own, conversation.tools, conversation.variables, "per_turn")
+            start, end = row.assistant_spans[0]
+            prompt, reference = row.text[:start], row.text[start:end]
+            ending = max((m for m in template.eot_markers if reference.endswith(m)), key=len, default="")
+            reference = reference[: len(reference) - len(ending)]
             items.append(
                 GenerationItem(
                     where=conversation.where,
@@ -102,13 +103,14 @@ class GenerationSettings:
 def evaluate_generations(
     model: torch.nn.Module,
     tokenizer: Any,
-    eot: str,
+    stop_tokens: Sequence[str],
     items: Sequence[GenerationItem],
     settings: GenerationSettings,
     generator: torch.Generator | None = None,
 ) -> tuple[list[Generation], dict[str, float]]:
-    """Generate every item and score it; returns the generations and the mean scores (`gen/...`)."""
-    stop_id = tokenizer.token_to_id(eot)
+    """Generate every item until one of `stop_tokens` (the template's) and score it; returns the
+    generations and the mean scores (`gen/...`)."""
+    stop_ids = {tokenizer.token_to_id(token) for token in stop_tokens}
     was_training = model.training
     model.eval()
     try:
@@ -116,7 +118,7 @@ def evaluate_generations(
             model,
             [item.prompt_ids for item in items],
             settings.max_new_tokens,
-            {stop_id},
+            stop_ids,
             settings.batch_size,
             settings.temperature,
             settings.top_p,
@@ -126,7 +128,7 @@ def evaluate_generations(
         model.train(was_training)
     generations = []
     for item, ids in zip(items, new_ids, strict=True):
-        stopped = bool(ids) and ids[-1] == stop_id
+        stopped = bool(ids) and ids[-1] in stop_ids
         text = tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=False)
         generations.append(
             Generation(text, stopped, score_generation(text, item.reference, item.reference_calls))

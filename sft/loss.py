@@ -71,14 +71,21 @@ def batch_loss_sum(
     model: torch.nn.Module, batch: Mapping[str, Tensor], chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS
 ) -> tuple[Tensor, Tensor]:
     """(loss sum, trained tokens) of a collated batch (input_ids, labels; position_ids and document_ids
-    when packed) through a model with the project's forward and `output_logits` (sft.model)."""
+    when packed; for prefix trees subtree_end and explicit `loss_positions`/`loss_targets` pairs instead of
+    labels and document ids: sft.data.collate) through a model with the project's forward and
+    `output_logits` (sft.model). Trained tokens = pairs, so the global token mean stays exact."""
+    tree = {"subtree_end": batch["subtree_end"]} if "subtree_end" in batch else {}
     hidden = model(
         batch["input_ids"],
         position_ids=batch.get("position_ids"),
         document_ids=batch.get("document_ids"),
         return_hidden=True,
+        **tree,
     )
-    positions, targets = trained_positions(batch["labels"])
+    if "loss_positions" in batch:
+        positions, targets = batch["loss_positions"], batch["loss_targets"]
+    else:
+        positions, targets = trained_positions(batch["labels"])
     return trained_token_loss_sum(hidden, model.output_logits, positions, targets, chunk_tokens)
 
 

@@ -146,7 +146,9 @@ class SFTModule(L.LightningModule):
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss over the batch's trained tokens, their count): logits at trained positions only.
         The model's forward runs (FSDP's hooks with it); its root stays unsharded until the backward, so the
-        loss can apply the output head afterwards."""
+        loss can apply the output head afterwards. A batch of prefix trees (data.prefix_sharing) brings its
+        explicit loss pairs; their number is its trained-token count, so normalisation and the zero-token
+        skip need nothing else."""
         return batch_loss_sum(self.model, batch, self.optim_config.loss_chunk_tokens)
 
     # ---- training -------------------------------------------------------------------------------------

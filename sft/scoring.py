@@ -9,7 +9,7 @@
 
 Calls are read in the OpenAI shape `{"name", "arguments"}` (arguments an object or a JSON string of one,
 optionally wrapped as `{"type": "function", "function": {...}}`) and from the text form
-`<tool_call>{json}</tool_call>` that templates render them as.
+`<tool_call>{json}</tool_call>` that templates render them as, or GPT-OSS's messages to `functions.NAME`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import string
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from sft.chat_reply import channel_messages
 
 TOOL_CALL_TEXT = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -76,13 +78,17 @@ def tool_call(value: Any) -> dict[str, Any] | None:
 
 
 def tool_calls_in_text(text: str) -> list[dict[str, Any] | None]:
-    """Each `<tool_call>...</tool_call>` block of `text` as a call, or None where it does not parse."""
+    """Each `<tool_call>...</tool_call>` block of `text`, and each GPT-OSS message to `functions.NAME`, as
+    a call, or None where it does not parse."""
     calls = []
     for body in TOOL_CALL_TEXT.findall(text):
         try:
             calls.append(tool_call(json.loads(body)))
         except ValueError:
             calls.append(None)
+    calls += [
+        tool_call({"name": name, "arguments": body}) for _, name, body in channel_messages(text) if name
+    ]
     return calls
 
 

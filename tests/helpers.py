@@ -429,3 +429,35 @@ def hf_section(model_dir: Path, **values) -> dict:
 
 
 LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+# ---- split conversations (prefix trees: tests/data/test_tree_batches.py, tests/test_module.py) -----------
+
+
+def split_conversation_rows(
+    rng: np.random.Generator, turns: int, vocab: int = MODEL["vocab_size"]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The per-turn rows of one conversation as a history-rewriting template gives them: row k is the
+    shared system prompt, the history (earlier turns rendered shorter than they were trained, as Qwen3 drops
+    their reasoning) and turn k, trained on its tail."""
+    system = rng.integers(0, vocab, int(rng.integers(2, 6)))
+    rows, history = [], system
+    for _ in range(turns):
+        prompt = np.concatenate([history, rng.integers(0, vocab, int(rng.integers(1, 4)))])
+        answer = rng.integers(0, vocab, int(rng.integers(1, 6)))
+        ids = np.concatenate([prompt, answer]).astype(np.int64)
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+        labels[len(prompt) :] = answer
+        rows.append((ids, labels))
+        history = np.concatenate([prompt, answer[: max(1, len(answer) // 2)]])  # rewritten, shorter
+    return rows
+
+
+def trained_document(
+    rng: np.random.Generator, vocab: int = MODEL["vocab_size"]
+) -> tuple[np.ndarray, np.ndarray]:
+    """One unsplit example: a prompt, then a trained answer."""
+    ids = rng.integers(0, vocab, int(rng.integers(3, 10))).astype(np.int64)
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+    labels[len(ids) // 2 :] = ids[len(ids) // 2 :]
+    return ids, labels

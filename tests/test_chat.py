@@ -109,8 +109,8 @@ def test_a_reply_keeps_its_reasoning_apart_so_history_renders_as_the_template_re
     """The reply is shown whole; the next turn renders it through the template, which keeps the reasoning
     (builtin chatml) or drops it from history (a Qwen3-style template), as it did in training."""
     import sft.cli.chat as chat_cli
+    from sft.chat_reply import split_reasoning
     from sft.checkpoint import InferenceBundle
-    from sft.evaluate import split_reasoning
     from sft.protocol.templates import BUILTINS, JinjaTemplate
 
     assert split_reasoning("<think>\nWhy.\n</think>\n\nBecause.") == ("Why.", "Because.")

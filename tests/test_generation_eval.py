@@ -12,7 +12,7 @@ import torch
 
 from sft.cli import eval as eval_cli
 from sft.eval_report import render_html
-from sft.generation_eval import generate_batch, generation_items
+from sft.generation_eval import GenerationSettings, generate_batch, generation_items
 from sft.loss import full_logits_loss_sum
 from sft.model.generate import generate
 from sft.protocol.pipeline import Accounting, ConversationEncoder, read_conversations
@@ -41,6 +41,60 @@ def held_out(tmp_path_factory):
     path = tmp_path_factory.mktemp("held-out") / "held_out.jsonl"
     path.write_text("".join(json.dumps(record) + "\n" for record in HELD_OUT), encoding="utf-8")
     return str(path)
+
+
+def test_gpt_oss_items_are_each_turn_after_its_prompt_without_the_marker_generation_stops_at(monkeypatch):
+    """A template with several end markers (GPT-OSS: <|end|> inside a turn, <|call|>, <|return|>) and a
+    history it renders otherwise than the prompt: each reference is the turn's text without the marker
+    that ends it, and generation stops at any of the template's stop tokens."""
+    import importlib.resources
+    from pathlib import Path
+
+    import sft.generation_eval
+    from sft.generation_eval import evaluate_generations
+    from sft.protocol.templates import JinjaTemplate
+    from sft.protocol.types import Conversation, Message, ToolCall
+    from tests.helpers import make_tokenizer
+
+    pytest.importorskip("trl")
+    source = Path(str(importlib.resources.files("trl") / "chat_templates" / "gptoss.jinja")).read_text()
+    markers = ["<|return|>", "<|end|>", "<|call|>"]
+    template = JinjaTemplate(source, eot=markers, stop=["<|return|>", "<|call|>"])
+    tokenizer = make_tokenizer([*markers, "<|start|>", "<|channel|>", "<|message|>"], 300)
+    call = ToolCall("get_weather", {"city": "Bern"}, id="call_1")
+    messages = [
+        Message("user", "Weather in Bern?"),
+        Message("assistant", "", reasoning="Look it up.", tool_calls=(call,)),
+        Message("tool", "21 C", tool_call_id="call_1", name="get_weather"),
+        Message("assistant", "It is 21 C.", reasoning="Report it."),
+        Message("user", "Thanks."),
+        Message("assistant", "Bye."),
+    ]
+    encoder = ConversationEncoder(tokenizer, template, ProtocolConfig())
+    items = generation_items([Conversation(messages)], encoder, max_items=10)
+    assert [item.prompt for item in items] == [
+        template.render_text(messages[:turn], add_generation_prompt=True) for turn in (1, 3, 5)
+    ]
+    assert [item.reference for item in items] == [
+        "<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant to=functions.get_weather"
+        '<|channel|>commentary json<|message|>{"city": "Bern"}',
+        "<|channel|>analysis<|message|>Report it.<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>It is 21 C.",
+        "<|channel|>final<|message|>Bye.",
+    ]
+    answers = [
+        tokenizer.encode(item.reference + stop).ids
+        for item, stop in zip(items, ["<|call|>", "<|return|>", "<|return|>"])
+    ]
+    monkeypatch.setattr(
+        sft.generation_eval, "generate_batch", lambda model, prompts, *args, **kwargs: answers
+    )
+    model = tiny_decoder()
+    generations, metrics = evaluate_generations(
+        model, tokenizer, template.stop_tokens, items, GenerationSettings()
+    )
+    assert [(g.text, g.stopped) for g in generations] == [(item.reference, True) for item in items]
+    assert metrics["gen/exact_match"] == 1.0
 
 
 def test_items_are_the_trained_turns_with_their_inference_prompts(held_out, tokenizer):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,11 +16,19 @@ from hydra import compose, initialize_config_module  # noqa: E402
 
 from sft.cli.schemas import TrainConfig  # noqa: E402
 from sft.config import ConfigError, load_config  # noqa: E402
+from sft.data.collate import collate_rows, example_row, packed_row  # noqa: E402
+from sft.loss import batch_loss_sum  # noqa: E402
 from sft.model import build_model  # noqa: E402
 from sft.model.generate import generate  # noqa: E402
 from sft.model.hf import HFCausalLM, HFModelError  # noqa: E402
 from sft.model.llama import KVCache  # noqa: E402
-from tests.helpers import LORA, hf_section, make_model_dir  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    LORA,
+    hf_section,
+    make_model_dir,
+    split_conversation_rows,
+    trained_document,
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +67,42 @@ def test_packed_row_gives_each_example_its_logits_alone(
     with torch.no_grad():
         continuing = model(input_ids, document_ids=document_ids[None])[0]
     torch.testing.assert_close(continuing[: lengths[0]], alone[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "attn_implementation, packed_attention", [("sdpa", "auto"), ("sdpa", "dense"), ("eager", "auto")]
+)
+def test_prefix_trees_give_the_loss_and_gradients_of_their_rows_run_separately(
+    model_dir, attn_implementation, packed_attention
+):
+    """Split conversations packed as prefix trees (data.prefix_sharing) take a dense tree mask here."""
+    rng = np.random.default_rng(0)
+    units = [split_conversation_rows(rng, 3, vocab=300), [trained_document(rng, vocab=300)]]
+    trees = collate_rows([packed_row(units)])
+    rows = collate_rows([example_row(ids, labels) for unit in units for ids, labels in unit])
+    results = []
+    for batch in (trees, rows):
+        torch.manual_seed(0)
+        model = build_model(
+            hf_section(model_dir, attn_implementation=attn_implementation, packed_attention=packed_attention)
+        )
+        loss_sum, count = batch_loss_sum(model, batch)
+        loss_sum.backward()
+        results.append(
+            (loss_sum.detach(), int(count), [p.grad for p in model.parameters() if p.grad is not None])
+        )
+    (tree_loss, tree_count, tree_grads), (row_loss, row_count, row_grads) = results
+    assert tree_count == row_count and len(tree_grads) == len(row_grads)
+    torch.testing.assert_close(tree_loss, row_loss, rtol=1e-6, atol=0)
+    for got, want in zip(tree_grads, row_grads, strict=True):
+        assert torch.linalg.norm(got - want) <= 5e-6 * torch.linalg.norm(want)
+
+
+def test_prefix_trees_are_refused_where_the_attention_cannot_take_a_tree(model_dir):
+    model = build_model(hf_section(model_dir))
+    model.base_model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(HFModelError, match="data.prefix_sharing=false"):
+        model.tree_arguments(torch.tensor([[2, 2]]))
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from sft.data.collate import collate_rows
+from sft.data.collate import collate_rows, example_row, packed_row, without_targets
 from sft.loss import full_logits_loss_sum
 from sft.module import SFTModule
 from sft.protocol.labels import IGNORE_INDEX
-from tests.helpers import MODEL, OPTIM, make_examples
+from tests.helpers import MODEL, OPTIM, make_examples, split_conversation_rows, trained_document
 
 
 class GradientCapture(SFTModule):
@@ -180,7 +180,17 @@ def test_random_streams_round_trip_through_a_weights_only_checkpoint(tmp_path):
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
 
-def test_host_syncs_are_two_per_step_and_one_per_logging_interval(monkeypatch):
+def tree_rows(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Rows that each hold a split conversation's prefix tree (and some a document beside it)."""
+    rng = np.random.default_rng(seed)
+    return [
+        packed_row([split_conversation_rows(rng, 2 + i % 3), *([[trained_document(rng)]] if i % 2 else [])])
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize("rows", ["examples", "prefix_trees"])
+def test_host_syncs_are_two_per_step_and_one_per_logging_interval(monkeypatch, rows):
     """Counts stay on the device: per optimizer step only the zero-token skip (the reduced sums) and the
     non-finite stop (the grad norm's finiteness) read the host, plus one read per logging interval —
     never one per micro-batch (sft/module.py's docstring lists them)."""
@@ -211,7 +221,7 @@ def test_host_syncs_are_two_per_step_and_one_per_logging_interval(monkeypatch):
     for hook in ("training_step", "on_before_optimizer_step"):
         monkeypatch.setattr(module, hook, traced(getattr(module, hook)))
     steps, accumulate, log_every = 8, 2, 4
-    examples = make_examples(count=steps * accumulate)
+    examples = (make_examples if rows == "examples" else tree_rows)(count=steps * accumulate)
     trainer = L.Trainer(
         max_steps=steps,
         accumulate_grad_batches=accumulate,
@@ -225,3 +235,45 @@ def test_host_syncs_are_two_per_step_and_one_per_logging_interval(monkeypatch):
     trainer.fit(module, train_dataloaders=DataLoader(examples, batch_size=1, collate_fn=collate_rows))
     assert reads["count"] == 2 * steps + steps // log_every
     assert "train/loss" in trainer.callback_metrics and "train/tokens_per_s" in trainer.callback_metrics
+
+
+def test_a_training_step_on_prefix_trees_equals_the_rows_run_separately():
+    """Through SFTModule and Lightning: the logged loss (the global token mean over the pairs) and the
+    normalised gradients the optimizer sees, against the same conversations' rows one per batch row."""
+    rng = np.random.default_rng(5)
+    units = [split_conversation_rows(rng, 3), [trained_document(rng)], split_conversation_rows(rng, 2)]
+    batches = {
+        "trees": collate_rows([packed_row(units[:2]), packed_row(units[2:])]),
+        "rows": collate_rows([example_row(ids, labels) for unit in units for ids, labels in unit]),
+    }
+    assert "loss_positions" in batches["trees"] and "loss_positions" not in batches["rows"]
+    losses, gradients = {}, {}
+    for name, batch in batches.items():
+        torch.manual_seed(0)
+        module = GradientCapture(MODEL, OPTIM)
+        trainer = L.Trainer(
+            max_steps=1,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
+        losses[name], gradients[name] = float(trainer.callback_metrics["train/loss"]), module.captured[0]
+    assert losses["trees"] == pytest.approx(losses["rows"], rel=1e-6)
+    assert_close(gradients["trees"], gradients["rows"], 5e-6)  # fp32's floor for another summation order
+
+
+def test_a_step_of_trees_without_trained_tokens_is_skipped():
+    torch.manual_seed(0)
+    module = SFTModule(MODEL, OPTIM)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    rows = [without_targets(row) for row in tree_rows(1)]
+    trainer.fit(module, train_dataloaders=DataLoader(rows, batch_size=1, collate_fn=collate_rows))
+    assert module.skipped_steps == 1
+    for name, parameter in module.named_parameters():
+        assert torch.equal(parameter.detach(), before[name]), name

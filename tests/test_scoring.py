@@ -67,6 +67,16 @@ def test_tool_calls_in_text_reads_every_block_and_marks_the_broken_ones():
     assert tool_calls_in_text("no calls here") == []
 
 
+def test_tool_calls_in_text_reads_gpt_oss_messages_to_functions():
+    text = (
+        "<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant to=functions.a"
+        '<|channel|>commentary json<|message|>{"x": 1}<|end|><|start|>assistant<|channel|>commentary '
+        "to=functions.b <|constrain|>json<|message|>{oops"
+    )
+    assert tool_calls_in_text(text) == [{"name": "a", "arguments": {"x": 1}}, None]
+    assert tool_calls_in_text("<|channel|>final<|message|>No call.") == []
+
+
 def call_text(name: str, arguments: dict) -> str:
     return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
 

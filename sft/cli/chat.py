@@ -1,14 +1,16 @@
 """sft-chat: talk to a checkpoint, with the tokenizer and template saved inside it.
 
-    sft-chat ckpt=outputs/RUN/checkpoints/last.ckpt                          # a REPL: /reset, /exit
+    sft-chat ckpt=outputs/RUN/checkpoints/last.ckpt                          # a REPL: /tool, /reset, /exit
     sft-chat ckpt=... "system='You are Nova, a helpful assistant.'" prompt="Who are you?"   # one reply
 
 (Hydra reads an unquoted comma as a list: quote such values for Hydra inside the shell's quotes.)
 
 Each turn renders the whole conversation with the training template plus the generation prompt, tokenized
 as one string exactly as in training, and decodes with the KV cache until a generation-stop token (which
-is not printed). The reply is shown whole, reasoning included; the history keeps its reasoning apart, so
-later turns render it the way the template renders history (Qwen3 drops it, the builtins keep it).
+is not printed). The reply is shown whole, reasoning included (GPT-OSS's channels as `[channel] text`
+lines); the history keeps its reasoning and tool calls apart (sft/chat_reply.py), so later turns render
+it the way the template renders history (Qwen3 and GPT-OSS drop reasoning, the builtins keep it).
+`/tool TEXT` answers the model's last tool call with TEXT and lets it go on.
 """
 
 from __future__ import annotations
@@ -16,16 +18,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
+from sft.chat_reply import parse_reply
 from sft.checkpoint import CheckpointError, InferenceBundle, load_for_inference, trained_system_prompt
 from sft.cli.entry import run_cli
 from sft.config import register_defaults
-from sft.evaluate import generate_reply, split_reasoning
+from sft.evaluate import generate_reply
 
-COMMANDS = "/reset starts a new conversation, /exit (or Ctrl-D) quits"
+COMMANDS = "/tool TEXT answers the last tool call, /reset starts a new conversation, /exit (or Ctrl-D) quits"
 
 
 def resolve_device(device: str) -> str:
@@ -45,13 +48,13 @@ class ChatSession:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    history: list[dict[str, str]] = field(default_factory=list)  # role, content, reasoning?
+    history: list[dict[str, Any]] = field(default_factory=list)  # messages in the records' schema
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
 
     @property
-    def messages(self) -> list[dict[str, str]]:
+    def messages(self) -> list[dict[str, Any]]:
         """The conversation so far, as the next turn renders it (the user's new message follows)."""
         system = [{"role": "system", "content": self.system}] if self.system is not None else []
         return system + self.history
@@ -60,9 +63,21 @@ class ChatSession:
         self.history.clear()
 
     def respond(self, user_text: str) -> tuple[str, bool]:
-        """(reply, whether it ended with the end-of-turn token); both turns join the history. A prompt that
-        does not fit the model's context raises ValueError and leaves the history as it was."""
-        messages = self.messages + [{"role": "user", "content": user_text}]
+        """(reply as shown, whether it ended with a generation-stop token); both turns join the history. A
+        prompt that does not fit the model's context raises ValueError and leaves the history as it was."""
+        return self._reply_to({"role": "user", "content": user_text})
+
+    def answer_tool_call(self, result: str) -> tuple[str, bool]:
+        """The model's reply to `result`, the output of its last tool call (ValueError when the last reply
+        called none)."""
+        last = self.history[-1] if self.history else {}
+        if not last.get("tool_calls"):
+            raise ValueError("the last reply called no tool")
+        name = last["tool_calls"][-1]["function"]["name"]
+        return self._reply_to({"role": "tool", "content": result, "name": name})
+
+    def _reply_to(self, message: dict[str, Any]) -> tuple[str, bool]:
+        messages = self.messages + [message]
         reply, stopped = generate_reply(
             self.bundle.model,
             messages,
@@ -73,16 +88,9 @@ class ChatSession:
             top_p=self.top_p,
             generator=self.generator,
         )
-        reasoning, answer = split_reasoning(reply)  # history renders the way the template renders it
-        self.history += [
-            {"role": "user", "content": user_text},
-            {
-                "role": "assistant",
-                "content": answer,
-                **({"reasoning": reasoning} if reasoning is not None else {}),
-            },
-        ]
-        return reply, stopped
+        parsed = parse_reply(reply)  # history renders the way the template renders it
+        self.history += [message, parsed.message()]
+        return parsed.shown, stopped
 
 
 def terminal_lines(prompt: str = "you> ") -> Iterator[str]:
@@ -100,8 +108,8 @@ def terminal_lines(prompt: str = "you> ") -> Iterator[str]:
 
 
 def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO = sys.stdout) -> None:
-    """One reply per input line; `/reset` clears the history, `/exit` ends. Notes go to stderr, so that
-    stdout holds only the replies."""
+    """One reply per input line; `/tool TEXT` answers the last tool call, `/reset` clears the history,
+    `/exit` ends. Notes go to stderr, so that stdout holds only the replies."""
     for line in lines:
         text = line.rstrip("\n")
         command = text.strip()
@@ -114,7 +122,10 @@ def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO = sys.stdou
         if not command:
             continue
         try:
-            reply, stopped = session.respond(text)
+            if command.split(maxsplit=1)[0] == "/tool":
+                reply, stopped = session.answer_tool_call(command.removeprefix("/tool").strip())
+            else:
+                reply, stopped = session.respond(text)
         except ValueError as error:
             print(f"({error}; /reset to start a new conversation)", file=sys.stderr)
             continue

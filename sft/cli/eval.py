@@ -170,7 +170,7 @@ def generation_report(bundle, encoder: ConversationEncoder, config: EvalRunConfi
     generations, scores = evaluate_generations(
         bundle.model,
         bundle.tokenizer,
-        bundle.template.eot,
+        bundle.template.stop_tokens,
         items,
         GenerationSettings.from_section(config.eval),
         generator,

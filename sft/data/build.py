@@ -30,6 +30,7 @@ from sft.data import sample
 from sft.data.config import DataConfig
 from sft.data.ranks import PrepareRanks, Ready, artifact_lock, prepare_in_turn, prepare_on_local_ranks
 from sft.data.store import (
+    FORMAT_VERSION,
     StoreError,
     StoreWriter,
     TokenStore,
@@ -221,6 +222,7 @@ def build_store(
     file with the same bytes, so what it reports is named after the file as this run gives it."""
     parts = {
         "protocol_version": PROTOCOL_VERSION,
+        "store_format": FORMAT_VERSION,
         "template": encoder.template.fingerprint,
         "tokenizer": tokenizer_fingerprint(encoder.tokenizer),
         "protocol": dataclasses.asdict(encoder.config),
@@ -248,7 +250,7 @@ def build_store(
         for row, example in enumerate(encoder.encode_file(source, fmt, accounting, columns)):
             if example.split is not None and row < SPLIT_ROWS_SHOWN:
                 split_rows.append([row, *example.split])
-            writer.add(example.input_ids, example.labels)
+            writer.add(example.input_ids, example.labels, example.split is None or example.split[0] == 1)
             tokens += len(example.input_ids)
             if accounting.kept % 1000 == 0:
                 elapsed = time.perf_counter() - started

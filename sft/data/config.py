@@ -23,6 +23,7 @@ class DataConfig:
     val_fraction: float = 0.0
     batch_size: int = 8  # rows per device per micro-batch
     packing: bool = True
+    prefix_sharing: bool = True  # a split conversation's rows as one prefix tree (exact; sft.data.units)
     num_workers: int = 0
     cache_dir: str = ".cache/sft"
     prepare_per_node: bool = True  # ranks started together split each node's entries; False: the job's

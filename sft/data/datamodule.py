@@ -16,12 +16,12 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from sft.data.build import EmptyDataError, PreparedData
-from sft.data.collate import collate_rows
+from sft.data.collate import collate_rows, packed_row, without_targets
 from sft.data.packing import best_fit_decreasing, group_by_length, packing_efficiency
 from sft.data.sampler import ResumableBatchSampler
 from sft.data.store import TokenStore
+from sft.data.units import PackingUnits, conversation_units, single_examples
 from sft.data.validation import split_val
-from sft.protocol.labels import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from sft.cli.schemas import PrepareConfig
@@ -36,6 +36,15 @@ class StoreIndex:
             np.concatenate([s.lengths for s in self.stores]) if self.stores else np.zeros(0, np.int64)
         )
         self.starts = np.cumsum([0] + [len(s) for s in self.stores])
+        # Conversation numbers restart in each store: offset them so they are unique over all stores.
+        counts = [int(s.conversations[-1]) + 1 if len(s) else 0 for s in self.stores]
+        self.conversations = (
+            np.concatenate(
+                [s.conversations + first for s, first in zip(self.stores, np.cumsum([0, *counts]))]
+            )
+            if self.stores
+            else np.zeros(0, np.int64)
+        )
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -46,35 +55,36 @@ class StoreIndex:
 
 
 class RowDataset(Dataset):
-    """Row r is the examples `rows[r]` laid end to end (packing) or the single example `example_ids[r]`.
+    """Row r is the packing units `rows[r]` laid end to end (packing) or the single unit r (sft.data.units,
+    sft.data.collate.packed_row): each unit is its own document, positions restarting at 0, so a row gives
+    every example the losses it has alone."""
 
-    Positions restart at 0 for each example and each token carries its example's document id, so the
-    model attends only within an example; the first token of each example is never a target, exactly as
-    when the example is alone in its row.
-    """
-
-    def __init__(self, index: StoreIndex, example_ids: np.ndarray, rows: list[np.ndarray] | None):
+    def __init__(self, index: StoreIndex, units: PackingUnits, rows: list[np.ndarray] | None):
         self.index = index
-        self.example_ids = example_ids
+        self.units = units
         self.rows = rows
 
     def __len__(self) -> int:
-        return len(self.rows) if self.rows is not None else len(self.example_ids)
+        return len(self.rows) if self.rows is not None else len(self.units)
+
+    @property
+    def example_ids(self) -> np.ndarray:
+        """Every example of the rows (unit by unit: a conversation's rows are together)."""
+        return self.units.members
+
+    def row_units(self, row: int) -> np.ndarray:
+        return self.rows[row] if self.rows is not None else np.array([row])
 
     def row_examples(self, row: int) -> np.ndarray:
-        return self.example_ids[self.rows[row]] if self.rows is not None else self.example_ids[row : row + 1]
+        return np.concatenate([self.units.examples(unit) for unit in self.row_units(row)])
 
     def __getitem__(self, row: int) -> dict[str, np.ndarray]:
-        pieces = [self.index[int(example_id)] for example_id in self.row_examples(row)]
-        labels = [labels.copy() for _, labels in pieces]
-        for example_labels in labels:
-            example_labels[0] = IGNORE_INDEX
-        return {
-            "input_ids": np.concatenate([ids for ids, _ in pieces]),
-            "labels": np.concatenate(labels),
-            "position_ids": np.concatenate([np.arange(len(ids)) for ids, _ in pieces]),
-            "document_ids": np.concatenate([np.full(len(ids), doc) for doc, (ids, _) in enumerate(pieces)]),
-        }
+        return packed_row(
+            [
+                [self.index[int(example_id)] for example_id in self.units.examples(unit)]
+                for unit in self.row_units(row)
+            ]
+        )
 
 
 def rank_units(global_batches: list[np.ndarray], world_size: int, accumulation: int = 1) -> list[np.ndarray]:
@@ -114,8 +124,7 @@ class ZeroWeightPadded(Dataset):
     def __getitem__(self, row: int) -> dict[str, np.ndarray]:
         if row < len(self.dataset):
             return self.dataset[row]
-        padding = self.dataset[0]
-        return {**padding, "labels": np.full_like(padding["labels"], IGNORE_INDEX)}
+        return without_targets(self.dataset[0])
 
 
 class PackedPlan:
@@ -193,7 +202,9 @@ class SFTDataModule(L.LightningDataModule):
             val_index = StoreIndex(prepared.val)
             val_ids = np.arange(len(val_index))
         else:  # held out before mixing, so that no drawn duplicate of a val example lands in training
-            train_ids, val_ids = split_val(train_ids, self.data_config.val_fraction, self.seed)
+            train_ids, val_ids = split_val(
+                train_ids, self.data_config.val_fraction, self.seed, train_index.conversations
+            )
             val_index = train_index
         if self.data_config.mix is not None:
             train_ids = mixed_example_ids(train_index, train_ids, self.data_config.mix, self.seed)
@@ -205,20 +216,23 @@ class SFTDataModule(L.LightningDataModule):
         self.val_dataset = self._rows(val_index, val_ids) if len(val_ids) else None
 
     def _rows(self, index: StoreIndex, example_ids: np.ndarray) -> RowDataset:
+        units = (
+            conversation_units(index, example_ids, self.max_seq_len)
+            if self.data_config.prefix_sharing
+            else single_examples(index, example_ids)
+        )
         if not self.data_config.packing:
-            return RowDataset(index, example_ids, None)
-        lengths = index.lengths[example_ids]
-        bins = best_fit_decreasing(lengths, self.max_seq_len)
+            return RowDataset(index, units, None)
+        bins = best_fit_decreasing(units.lengths, self.max_seq_len)
         if self.packing_efficiency is None:  # the training rows' figure
-            self.packing_efficiency = packing_efficiency(lengths, bins, self.max_seq_len)
-        return RowDataset(index, example_ids, bins)
+            self.packing_efficiency = packing_efficiency(units.lengths, bins, self.max_seq_len)
+        return RowDataset(index, units, bins)
 
     def _plan(self, dataset: RowDataset, world_size: int, accumulation: int = 1):
         batch_size = self.data_config.batch_size
         if dataset.rows is not None:
             return PackedPlan(len(dataset), batch_size, world_size, self.seed, accumulation)
-        lengths = dataset.index.lengths[dataset.example_ids]
-        return LengthGroupedPlan(lengths, batch_size, world_size, self.seed, accumulation)
+        return LengthGroupedPlan(dataset.units.lengths, batch_size, world_size, self.seed, accumulation)
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer

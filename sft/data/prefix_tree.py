@@ -97,6 +97,19 @@ def _preorder(children: list[dict[int, int]]) -> tuple[list[int], list[int], lis
     return order, depth, subtree_end
 
 
+def prefix_tree_size(rows: Sequence[np.ndarray]) -> int:
+    """The node count of the rows' prefix tree without building it (what packing needs for every
+    conversation): in lexicographic order each row adds its tokens beyond the longest common prefix with
+    the row before it, which is its longest with any earlier row."""
+    ordered = sorted(np.asarray(ids).tolist() for ids in rows)
+    nodes = sum(len(ids) for ids in ordered)
+    for previous, current in zip(ordered, ordered[1:], strict=False):
+        shortest = min(len(previous), len(current))
+        differ = np.flatnonzero(np.asarray(previous[:shortest]) != np.asarray(current[:shortest]))
+        nodes -= int(differ[0]) if len(differ) else shortest
+    return nodes
+
+
 def tokens_computed(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[int, int]:
     """(tokens in the rows, nodes of their prefix tree): what sharing the history saves."""
-    return sum(len(ids) for ids, _ in rows), len(build_prefix_tree(rows))
+    return sum(len(ids) for ids, _ in rows), prefix_tree_size([ids for ids, _ in rows])

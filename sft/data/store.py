@@ -5,6 +5,8 @@ Layout (like Megatron's indexed dataset or nanoGPT's .bin files), one directory 
     input_ids.bin   token ids of all examples back to back (uint16 when the vocabulary fits, else uint32)
     trained.bin     uint8, 1 where the token is trained: labels = ids where trained else -100
     offsets.npy     int64, examples + 1 boundaries: example i is [offsets[i], offsets[i + 1])
+    conversations.npy  int64 per example: its conversation's number in the store; the per-turn rows of a
+                    split conversation are consecutive and share it (training packs them as a prefix tree)
     manifest.json   format, dtype, counts, plus the caller's fields (cache key, accounting, versions)
 
 A store directory exists only once it is complete: it is written under a temporary sibling name and renamed
@@ -32,11 +34,12 @@ import numpy as np
 from sft.atomic import publish, sync_directory, sync_file
 from sft.protocol.labels import IGNORE_INDEX
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # part of every store's cache key: a new layout never reuses an old store
 MANIFEST = "manifest.json"
 IDS_FILE = "input_ids.bin"
 TRAINED_FILE = "trained.bin"
 OFFSETS_FILE = "offsets.npy"
+CONVERSATIONS_FILE = "conversations.npy"
 # Python's own buffering of each array file: appends of one example turn into large sequential writes.
 WRITE_BUFFER_BYTES = 1 << 20
 
@@ -54,8 +57,8 @@ class StoreWriter:
     """Streams examples into a new store; on success the directory appears at `final_dir` in one rename.
 
         with StoreWriter(cache_dir / key, vocab_size=tokenizer.get_vocab_size()) as writer:
-            for ids, labels in examples:
-                writer.add(ids, labels)
+            for ids, labels, first_row_of_conversation in examples:
+                writer.add(ids, labels, new_conversation=first_row_of_conversation)
             writer.close({"cache_key": key, "accounting": counts, "versions": versions})
 
     An exception escaping the block removes the temporary directory. If `final_dir` already exists when we
@@ -70,6 +73,7 @@ class StoreWriter:
         )
         # Offsets are 8 bytes per example in a compact array; ids and labels go straight to the files.
         self._offsets = array("q", [0])
+        self._conversations = array("q")
         self._trained_tokens = 0
         self._files: list[Any] = []
         self._closed = False
@@ -82,8 +86,9 @@ class StoreWriter:
         self._files = [self._ids_file, self._trained_file]
         return self
 
-    def add(self, input_ids: np.ndarray, labels: np.ndarray) -> None:
-        """Append one example; `labels` must be `input_ids` where trained and IGNORE_INDEX elsewhere."""
+    def add(self, input_ids: np.ndarray, labels: np.ndarray, new_conversation: bool = True) -> None:
+        """Append one example; `labels` must be `input_ids` where trained and IGNORE_INDEX elsewhere.
+        `new_conversation=False` marks a further row of the previous example's conversation (a split row)."""
         ids = np.asarray(input_ids)
         label_array = np.asarray(labels)
         if ids.ndim != 1 or ids.shape != label_array.shape:
@@ -99,6 +104,8 @@ class StoreWriter:
         self._ids_file.write(stored_ids.tobytes())
         self._trained_file.write(trained.view(np.uint8).tobytes())
         self._offsets.append(self._offsets[-1] + len(ids))
+        previous = self._conversations[-1] if self._conversations else -1
+        self._conversations.append(previous + 1 if new_conversation or previous < 0 else previous)
         self._trained_tokens += int(np.count_nonzero(trained))
 
     def close(self, manifest_extra: Mapping[str, Any] | None = None) -> Path:
@@ -125,6 +132,9 @@ class StoreWriter:
                 file.close()
             with open(self.tmp_dir / OFFSETS_FILE, "wb") as file:
                 np.save(file, np.frombuffer(self._offsets, dtype=np.int64))
+                sync_file(file)
+            with open(self.tmp_dir / CONVERSATIONS_FILE, "wb") as file:
+                np.save(file, np.frombuffer(self._conversations, dtype=np.int64))
                 sync_file(file)
             # The manifest goes last: is_complete() reads it first, so it never describes missing arrays.
             with open(self.tmp_dir / MANIFEST, "w") as file:
@@ -204,11 +214,13 @@ def is_complete(store_dir: str | os.PathLike[str]) -> bool:
         counts = manifest["counts"]
         itemsize = np.dtype(manifest["dtype"]).itemsize
         offsets = np.load(store_dir / OFFSETS_FILE, mmap_mode="r")
+        conversations = np.load(store_dir / CONVERSATIONS_FILE, mmap_mode="r")
         return (
             manifest["format"] == FORMAT_VERSION
             and (store_dir / IDS_FILE).stat().st_size == counts["tokens"] * itemsize
             and (store_dir / TRAINED_FILE).stat().st_size == counts["tokens"]
             and offsets.shape == (counts["examples"] + 1,)
+            and conversations.shape == (counts["examples"],)
             and int(offsets[0]) == 0
             and int(offsets[-1]) == counts["tokens"]
         )
@@ -227,7 +239,8 @@ class TokenStore:
     """Read-only view of a complete store: arrays are memory-mapped, so opening costs nothing and the page
     cache is shared between DataLoader workers and ranks.
 
-    `input_ids`, `trained` and `offsets` are the raw (memory-mapped) arrays for vectorised bookkeeping.
+    `input_ids`, `trained`, `offsets` and `conversations` are the raw (memory-mapped) arrays for vectorised
+    bookkeeping.
     `source` names the data file as this run gave it: a store is keyed by content, so it serves every file
     with the same bytes, whatever its name (the directory's name when not given).
     """
@@ -242,6 +255,7 @@ class TokenStore:
         self.input_ids = _open_array(self.store_dir / IDS_FILE, np.dtype(self.manifest["dtype"]), tokens)
         self.trained = _open_array(self.store_dir / TRAINED_FILE, np.dtype(np.uint8), tokens)
         self.offsets = np.load(self.store_dir / OFFSETS_FILE, mmap_mode="r")
+        self.conversations = np.load(self.store_dir / CONVERSATIONS_FILE, mmap_mode="r")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -20,14 +20,21 @@ from sft.protocol.sources import resolve_source
 from sft.protocol.types import Conversation, ProtocolError
 
 
-def split_val(example_ids: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A deterministic held-out split (train, val) of `fraction` of the examples."""
+def split_val(
+    example_ids: np.ndarray, fraction: float, seed: int, conversations: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic held-out split (train, val) of `fraction` of the conversations: `conversations`
+    gives each example's conversation (None: one each), so the per-turn rows of a split conversation, which
+    share their history, are held out together and never straddle train and val."""
     if fraction <= 0:
         return example_ids, example_ids[:0]  # no copy of the ids: memory must not scale with the data twice
-    held_out = np.zeros(len(example_ids), dtype=bool)
-    held_out[
-        np.random.default_rng([seed, 0x5E1]).permutation(len(example_ids))[: int(len(example_ids) * fraction)]
-    ] = True
+    if conversations is None:
+        conversations = np.arange(len(example_ids))
+    starts = np.r_[True, conversations[1:] != conversations[:-1]]  # a conversation's rows are consecutive
+    count = int(np.count_nonzero(starts))
+    held_conversation = np.zeros(count, dtype=bool)
+    held_conversation[np.random.default_rng([seed, 0x5E1]).permutation(count)[: int(count * fraction)]] = True
+    held_out = held_conversation[np.cumsum(starts) - 1]
     return example_ids[~held_out], example_ids[held_out]
 
 
@@ -64,6 +71,7 @@ def validation_examples(
     train_files = as_list(data.get("train"))
     conversations = file_conversations(train_files, fmt, columns)
     examples = list(encoder.encode_conversations(conversations, accounting))
-    _, held_out = split_val(np.arange(len(examples)), fraction, seed)
+    first_rows = [example.split is None or example.split[0] == 1 for example in examples]
+    _, held_out = split_val(np.arange(len(examples)), fraction, seed, np.cumsum(first_rows))
     description = f"data.val_fraction={fraction} of {', '.join(train_files)} (seed {seed})"
     return [examples[i] for i in held_out], description

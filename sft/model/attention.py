@@ -8,6 +8,10 @@ document (DESIGN.md invariant 3). Three ways, chosen by `model.packed_attention`
 - `dense`: one boolean mask [B, 1, T, T]. The fallback, and the path for any other mask (a KV cache,
   prefix trees): `attend` takes an arbitrary boolean mask in `AttentionPlan.mask`.
 `auto` is flex on CUDA and documents elsewhere.
+
+A batch holding prefix trees (sft.data.collate) gives `subtree_end` [B, T] instead of document ids: key j is
+visible to query i iff j <= i < subtree_end[j]. `flex` takes that as its mask_mod; every other mode uses the
+dense mask (on CPU the tree always does: there is no per-document slice to attend over).
 """
 
 from __future__ import annotations
@@ -107,6 +111,25 @@ def document_block_mask(document_ids: Tensor):
     return create_block_mask(same_document_causal, batch, None, seq_len, seq_len, device=document_ids.device)
 
 
+def tree_mask(subtree_end: Tensor) -> Tensor:
+    """Boolean SDPA mask [B, 1, T, T] of prefix trees laid in rows: query i sees key j iff
+    j <= i < subtree_end[b, j] (its ancestors and itself). The diagonal is always in, so no row is empty."""
+    index = torch.arange(subtree_end.shape[1], device=subtree_end.device)
+    mask = (index[None, None, :] <= index[None, :, None]) & (index[None, :, None] < subtree_end[:, None, :])
+    return mask[:, None]
+
+
+def tree_block_mask(subtree_end: Tensor):
+    """The same visibility as `tree_mask`, as a flex_attention BlockMask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def ancestor_or_self(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (kv_idx <= q_idx) & (q_idx < subtree_end[b, kv_idx])
+
+    batch, seq_len = subtree_end.shape
+    return create_block_mask(ancestor_or_self, batch, None, seq_len, seq_len, device=subtree_end.device)
+
+
 def resolve_packed_attention(mode: str, device: torch.device) -> str:
     if mode not in PACKED_ATTENTION_MODES:
         raise ValueError(
@@ -118,10 +141,22 @@ def resolve_packed_attention(mode: str, device: torch.device) -> str:
 
 
 def plan_attention(
-    num_new: int, num_past: int, document_ids: Tensor | None, mode: str, device: torch.device
+    num_new: int,
+    num_past: int,
+    document_ids: Tensor | None,
+    mode: str,
+    device: torch.device,
+    subtree_end: Tensor | None = None,
 ) -> AttentionPlan:
     """The plan for `num_new` tokens after `num_past` cached ones; packed rows (`document_ids` [B, T]) are
-    kept apart as `mode` (a `PACKED_ATTENTION_MODES` value) says."""
+    kept apart as `mode` (a `PACKED_ATTENTION_MODES` value) says; rows of prefix trees (`subtree_end`
+    [B, T]) get the flex tree mask under `flex`, else the dense one."""
+    if subtree_end is not None:
+        if num_past or document_ids is not None:
+            raise ValueError("subtree_end (prefix trees) cannot be combined with a KV cache or document_ids")
+        if resolve_packed_attention(mode, device) == "flex":
+            return AttentionPlan(block_mask=tree_block_mask(subtree_end))
+        return AttentionPlan(mask=tree_mask(subtree_end))
     if document_ids is None or num_past:
         return AttentionPlan(mask=causal_mask(num_new, num_past, document_ids, device))
     resolved = resolve_packed_attention(mode, device)

@@ -10,7 +10,9 @@ Packing stays invisible (DESIGN.md invariant 3): a packed row gets its per-docum
 `documents` — sdpa over each document's slice (a registered attention function, no mask) or FlashAttention's
 varlen kernels (`cu_seq_lens`); `flex` — a flex_attention block mask; `dense` — a 4-D block-diagonal mask
 for sdpa (boolean) or eager (additive). auto is flex for flex_attention, dense for eager, else documents.
-Combinations that cannot isolate documents are refused when the model is built.
+Combinations that cannot isolate documents are refused when the model is built. Rows of prefix trees
+(`subtree_end`, data.prefix_sharing) take a dense tree mask under sdpa and eager and a flex tree mask under
+flex_attention; FlashAttention's kernels cannot express a tree, so such a batch is refused with what to set.
 
 Training asks for the final hidden states (`return_hidden`) and applies `output_logits` at the trained
 positions only; `output_logits` repeats what the architecture does to its logits (Cohere's logit scale,
@@ -35,6 +37,8 @@ from sft.model.attention import (
     causal_mask,
     document_block_mask,
     document_offsets,
+    tree_block_mask,
+    tree_mask,
 )
 from sft.model.llama import KVCache, cache_and_positions
 
@@ -157,14 +161,14 @@ def packed_mode(requested: str, implementation: str) -> str:
     return requested
 
 
-def dense_packed_mask(document_ids: Tensor, implementation: str) -> Tensor:
-    """A 4-D mask [B, 1, T, T] in which a token sees only the earlier tokens of its own document.
+def dense_packed_mask(allowed: Tensor, implementation: str) -> Tensor:
+    """A 4-D mask [B, 1, T, T] for the attention implementation from `allowed` (boolean, True = attend:
+    `causal_mask` of the documents, or `tree_mask`).
 
     sdpa takes booleans (True = attend); eager adds the mask to the scores, so it gets 0 / -inf-like floats
     (fp32: added to bf16 scores under autocast it promotes, and softmax runs in fp32 anyway). The diagonal is
     always allowed, so no row is empty.
     """
-    allowed = causal_mask(document_ids.shape[1], 0, document_ids, document_ids.device)
     if implementation == "eager":
         additive = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
         return additive.masked_fill(~allowed, torch.finfo(torch.float32).min)
@@ -211,6 +215,7 @@ class HFCausalLM(nn.Module):
         document_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
         return_hidden: bool = False,
+        subtree_end: Tensor | None = None,
         attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, T, vocab] in fp32, or with `return_hidden` the final hidden states, with the same
@@ -230,6 +235,12 @@ class HFCausalLM(nn.Module):
             kwargs = {self._cache_argument: kv_cache.hf_cache, "use_cache": True}
         if document_ids is not None:
             kwargs.update(self.packing_arguments(document_ids))
+        if subtree_end is not None:
+            if kv_cache is not None or document_ids is not None:
+                raise ValueError(
+                    "subtree_end (prefix trees) cannot be combined with a KV cache or document_ids"
+                )
+            kwargs.update(self.tree_arguments(subtree_end))
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if return_hidden:
@@ -245,7 +256,8 @@ class HFCausalLM(nn.Module):
         if self.packed_attention == "flex":
             return {"attention_mask": document_block_mask(document_ids)}
         if self.packed_attention == "dense":
-            return {"attention_mask": dense_packed_mask(document_ids, self.attn_implementation)}
+            allowed = causal_mask(document_ids.shape[1], 0, document_ids, document_ids.device)
+            return {"attention_mask": dense_packed_mask(allowed, self.attn_implementation)}
         offsets = document_offsets(document_ids)
         if self.attn_implementation == DOCUMENTS_ATTENTION:
             # An all-ones padding mask lets transformers skip building any mask (sdpa's is_causal case).
@@ -257,6 +269,19 @@ class HFCausalLM(nn.Module):
             "max_length_q": longest,
             "max_length_k": longest,
         }
+
+    def tree_arguments(self, subtree_end: Tensor) -> dict[str, Any]:
+        """The forward's keyword arguments for rows of prefix trees (sft.data.collate)."""
+        implementation = self.attn_implementation
+        if implementation == "flex_attention":
+            return {"attention_mask": tree_block_mask(subtree_end)}
+        if implementation in ("sdpa", "eager", DOCUMENTS_ATTENTION):  # the last is sdpa given a mask
+            return {"attention_mask": dense_packed_mask(tree_mask(subtree_end), implementation)}
+        raise HFModelError(
+            f"attn_implementation={implementation} cannot attend over a prefix tree (a split conversation's "
+            "rows packed with their history once); set data.prefix_sharing=false, or use "
+            "model.attn_implementation=sdpa, eager or flex_attention"
+        )
 
     def output_logits(self, hidden: Tensor) -> Tensor:
         """fp32 logits for final hidden states, as the architecture computes them from its output head."""

@@ -241,6 +241,7 @@ class LlamaModel(nn.Module):
         position_ids: Tensor | None = None,
         document_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        subtree_end: Tensor | None = None,
         attention_mask: Tensor | None = None,
     ) -> Tensor:
         seq_len = input_ids.shape[1]
@@ -249,7 +250,7 @@ class LlamaModel(nn.Module):
             plan = AttentionPlan(mask=padded_causal_mask(attention_mask, seq_len))
         else:
             plan = plan_attention(
-                seq_len, num_past, document_ids, self.config.packed_attention, input_ids.device
+                seq_len, num_past, document_ids, self.config.packed_attention, input_ids.device, subtree_end
             )
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
@@ -292,6 +293,7 @@ class LlamaForCausalLM(nn.Module):
         document_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
         return_hidden: bool = False,
+        subtree_end: Tensor | None = None,
         attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, T, vocab] in fp32 for `input_ids` [B, T]; with `return_hidden` the final hidden states
@@ -303,10 +305,12 @@ class LlamaForCausalLM(nn.Module):
         each example's logits exactly as if it ran alone (with its positions restarting at 0). Ids must be
         unique per example within a row; padding may be its own id (e.g. -1).
         kv_cache: the new tokens attend to the cached ones, then are appended to the cache.
+        subtree_end [B, T]: rows of prefix trees (sft.data.collate; instead of document_ids): token i sees
+        token j iff j <= i < subtree_end[j]; position_ids then hold each token's depth.
         attention_mask [B, past + T]: 0 at left padding (rows of unequal length decoded together), which no
         token attends; give each row its own `position_ids`.
         """
-        hidden = self.model(input_ids, position_ids, document_ids, kv_cache, attention_mask)
+        hidden = self.model(input_ids, position_ids, document_ids, kv_cache, subtree_end, attention_mask)
         return hidden if return_hidden else self.output_logits(hidden)
 
     def output_logits(self, hidden: Tensor) -> Tensor:

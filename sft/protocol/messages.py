@@ -48,8 +48,10 @@ def _parse_message(turn: Any, name: str) -> Message:
 
 
 def _reasoning(turn: dict[str, Any], name: str) -> str | None:
-    key = next((key for key in REASONING_KEYS if turn.get(key) is not None), None)
-    return None if key is None else require(turn, key, str, name)
+    for key in REASONING_KEYS:
+        if turn.get(key) is not None:
+            return require(turn, key, str, name)
+    return None
 
 
 def _optional_string(turn: dict[str, Any], key: str, name: str) -> str | None:

@@ -56,13 +56,14 @@ def normalize_conversations(
     `conversation.where`."""
     role_map = _role_map(config)
     numbered: list[tuple[int, Message]] = []
+    surrogates = _may_hold_surrogates(conversation.messages)
     for number, message in enumerate(conversation.messages, start=1):
         if not isinstance(message.content, str):
             raise ProtocolError(
                 "wrong_type",
                 f"message {number} content must be a string, got {type(message.content).__name__}",
             )
-        if any(SURROGATE.search(text) for text in message_strings(message)):  # files are checked when read
+        if surrogates and any(SURROGATE.search(text) for text in message_strings(message)):
             raise ProtocolError(
                 "invalid_text", f"message {number} holds a lone UTF-16 surrogate, which is not text"
             )
@@ -84,7 +85,9 @@ def normalize_conversations(
                 continue  # dropped, as documented for strip_content
             raise ProtocolError("empty_content", f"message {number} ({role}) has empty content")
         train = message.train if role == "assistant" else True
-        numbered.append((number, dataclasses.replace(message, role=role, content=content, train=train)))
+        if (role, content, train) != (message.role, message.content, message.train):
+            message = _with_role(message, role, content, train)
+        numbered.append((number, message))
 
     if config.merge_consecutive:
         numbered = _merge_consecutive(numbered)
@@ -94,6 +97,24 @@ def normalize_conversations(
     return dataclasses.replace(
         conversation, messages=messages, tools=tools, variables=dict(conversation.variables)
     )
+
+
+def _with_role(message: Message, role: str, content: str, train: bool) -> Message:
+    """`dataclasses.replace(message, role=, content=, train=)` without its generic path, which costs more
+    than the rest of normalizing a message (tests check that it keeps every other field)."""
+    return Message(
+        role, content, train, message.reasoning, message.tool_calls, message.tool_call_id, message.name
+    )
+
+
+def _may_hold_surrogates(messages: list[Message]) -> bool:
+    """Whether some string of the messages may hold a lone surrogate (files are checked when read; a
+    conversation built in memory may hold one): one search over them all, so that only then is each
+    message checked on its own, for an error that names it."""
+    try:
+        return SURROGATE.search("".join(text for m in messages for text in message_strings(m))) is not None
+    except TypeError:  # content that is not a string: the loop names that error
+        return True
 
 
 def _role_map(config: ProtocolConfig) -> dict[str, str]:

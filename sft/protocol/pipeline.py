@@ -9,7 +9,6 @@ assistant span's ends (`labels_from_encoding`), never from a per-token Python lo
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +17,12 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from sft.protocol.accounting import Accounting
+from sft.protocol.control_tokens import (
+    ControlTokenScan,
+    control_token_texts,
+    data_strings,
+    special_token_pattern,
+)
 from sft.protocol.labels import IGNORE_INDEX, labels_from_encoding
 from sft.protocol.normalize import normalize_conversations
 from sft.protocol.records import BLANK_LINE, record_to_conversation
@@ -31,11 +36,12 @@ from sft.protocol.types import (
     ProtocolError,
     RenderedChat,
     TemplateError,
-    message_strings,
 )
 
-PROTOCOL_VERSION = 4  # bump when a change to this package changes the tokens or labels it produces
+PROTOCOL_VERSION = 6  # bump when a change to this package changes the tokens or labels it produces
 ENCODE_CHUNK = 2048  # texts per encode_batch call: large enough for both cores, small enough to stay fast
+# The first chunk is this small, so the tokenizer thread starts early; each next one doubles to ENCODE_CHUNK.
+FIRST_CHUNK = 128
 
 
 class DataError(ValueError):
@@ -60,39 +66,6 @@ def apply_mask_strategy(messages: list[Message], mask: str) -> list[Message]:
         dataclasses.replace(m, train=False) if m.role == "assistant" and i != last else m
         for i, m in enumerate(messages)
     ]
-
-
-def special_token_pattern(tokenizer: Tokenizer, control_tokens: Iterable[str] = ()) -> re.Pattern | None:
-    """A regex matching the literal text of every special added token and of the template's control
-    tokens: `encode` would turn any of them into a control id if a user typed it."""
-    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
-    specials.update(control_tokens)
-    if not specials:
-        return None
-    return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
-
-
-def data_strings(conversation: Conversation) -> Iterator[tuple[str, str]]:
-    """(where, text) for every string of a conversation that a template may render: each message's
-    content, reasoning and tool calls, the record's tools and template variables."""
-    for number, message in enumerate(conversation.messages, start=1):
-        for text in message_strings(message):
-            yield f"message {number} ({message.role})", text
-    for name, value in (("tools", conversation.tools), ("template variables", conversation.variables)):
-        for text in _strings(value):
-            yield f"the record's {name}", text
-
-
-def _strings(value: object) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _strings(key)
-            yield from _strings(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _strings(item)
 
 
 def only_turn(messages: list[Message], k: int) -> list[Message]:
@@ -120,6 +93,11 @@ class ConversationEncoder:
             if config.special_in_content == "reject"
             else None
         )
+        self.control_scan = (
+            ControlTokenScan(control_token_texts(tokenizer, template.special_tokens))
+            if self.special_pattern is not None
+            else None
+        )
         self.requires_alternation = getattr(template, "requires_alternation", False)
         prompts = [config.system_prompt] if isinstance(config.system_prompt, str) else config.system_prompt
         for prompt in prompts or []:
@@ -136,7 +114,7 @@ class ConversationEncoder:
         conversation = normalize_conversations(
             conversation, self.config, requires_alternation=self.requires_alternation
         )
-        if self.special_pattern is not None:
+        if self.control_scan is not None and self.control_scan.maybe_found(conversation):
             for where, text in data_strings(conversation):
                 found = self.special_pattern.search(text)
                 if found:
@@ -166,12 +144,24 @@ class ConversationEncoder:
 
     def _render(
         self, messages: list[Message], tools: list | None, variables: dict | None = None
-    ) -> RenderedChat:
-        """One row for `messages` (truncation=turns re-renders a row after dropping its oldest exchanges)."""
+    ) -> RenderedChat | None:
+        """One row for `messages` (truncation=turns re-renders a row after dropping its oldest exchanges):
+        a split row's conversation trains only its last turn, so protocol.turns gives it exactly one row,
+        its turn's inference row (P_k + T where the template renders that turn's history otherwise). None
+        when the shortened conversation no longer trains in one row (it then counts as not fitting)."""
         if self.config.mask == "all_tokens":
             text = self.template.render_text(messages, tools, False, variables)
             return RenderedChat(text, [(0, len(text))])
-        return self.template.render(messages, tools, False, variables)
+        rows = self.template.render_rows(messages, tools, variables, self.config.turns)
+        return rows[0] if len(rows) == 1 else None
+
+    def _exact_example(
+        self, row: Row, encoding: Encoding, exact: bool, accounting: Accounting
+    ) -> EncodedExample | None:
+        if not exact:
+            accounting.note(accounting.dropped, "tokens_cross_turn_boundary", row.conversation.where)
+            return None
+        return self._apply_length_policy(row.conversation, row.rendered, encoding, accounting)
 
     def _apply_length_policy(
         self, conversation: Conversation, rendered: RenderedChat, encoding: Encoding, accounting: Accounting
@@ -220,14 +210,18 @@ class ConversationEncoder:
         trained = [i for i, m in enumerate(messages) if m.role == "assistant" and m.train]
         # Dropping k exchanges keeps messages[exchange_starts[k - 1]:]; a trained turn must remain.
         most = sum(start <= trained[-1] for start in exchange_starts) if trained else 0
-        attempts: dict[int, tuple[RenderedChat, Encoding]] = {}
+        attempts: dict[int, tuple[RenderedChat, Encoding] | None] = {}
 
         def fits(dropped: int) -> bool:
             if dropped not in attempts:
                 kept = messages[:head] + messages[exchange_starts[dropped - 1] :]
                 rendered = self._render(kept, conversation.tools, conversation.variables)
-                attempts[dropped] = (rendered, self.tokenizer.encode(rendered.text, add_special_tokens=False))
-            return len(attempts[dropped][1]) <= self.config.max_seq_len
+                attempts[dropped] = rendered and (
+                    rendered,
+                    self.tokenizer.encode(rendered.text, add_special_tokens=False),
+                )
+            attempt = attempts[dropped]
+            return attempt is not None and len(attempt[1]) <= self.config.max_seq_len
 
         if most == 0 or not fits(most):
             return None
@@ -276,12 +270,14 @@ class ConversationEncoder:
         row_encodings = [[next(encoded) for _ in rows] for _, rows in chunk]
         for (conversation, rows), encodings_of_rows in zip(chunk, row_encodings, strict=True):
             prefixes = [[next(encoded) for _ in row.rendered.boundaries] for row in rows]
-            if not all(map(_encodes_as_prefixes, encodings_of_rows, prefixes)):
+            exact = list(map(_encodes_as_prefixes, encodings_of_rows, prefixes))
+            if not all(exact) and len(rows) == 1 and len(rows[0].rendered.assistant_spans) > 1:
                 rows = self._split_at_token_boundaries(conversation)
-                encodings_of_rows = self.tokenizer.encode_batch(
-                    [row.rendered.text for row in rows], add_special_tokens=False
-                )
-            yield from self._conversation_examples(rows, encodings_of_rows, accounting)
+                encodings = iter(self._encode_texts([(conversation, rows)]))
+                encodings_of_rows = [next(encodings) for _ in rows]
+                prefixes = [[next(encodings) for _ in row.rendered.boundaries] for row in rows]
+                exact = list(map(_encodes_as_prefixes, encodings_of_rows, prefixes))
+            yield from self._conversation_examples(rows, encodings_of_rows, exact, accounting)
 
     def _split_at_token_boundaries(self, conversation: Conversation) -> list[Row]:
         """The tokenizer merges across where a turn or its generation prompt ends, so inside one row the
@@ -295,23 +291,27 @@ class ConversationEncoder:
         return self.rows(conversation, "per_turn")
 
     def _conversation_examples(
-        self, rows: list[Row], encodings: list[Encoding], accounting: Accounting
+        self, rows: list[Row], encodings: list[Encoding], exact: list[bool], accounting: Accounting
     ) -> Iterator[EncodedExample]:
         """The examples of one conversation's rows; it is kept when one of them is, else dropped with the
-        reason of its first row."""
+        reason of its first row. A row whose tokens are not inference's (`exact` False: the tokenizer
+        merges across its prompt's end) is dropped as `tokens_cross_turn_boundary`."""
         if len(rows) == 1:
-            example = self._apply_length_policy(
-                rows[0].conversation, rows[0].rendered, encodings[0], accounting
-            )
+            example = self._exact_example(rows[0], encodings[0], exact[0], accounting)
             accounting.rows += example is not None
             yield from [example] if example is not None else []
             return
         outcomes = [Accounting() for _ in rows]
         examples = [
-            self._apply_length_policy(row.conversation, row.rendered, encoding, outcome)
-            for row, encoding, outcome in zip(rows, encodings, outcomes, strict=True)
+            self._exact_example(row, encoding, row_exact, outcome)
+            for row, encoding, row_exact, outcome in zip(rows, encodings, exact, outcomes, strict=True)
         ]
         kept = [example for example in examples if example is not None]
+        for turn, (example, outcome, row) in enumerate(zip(examples, outcomes, rows, strict=True), start=1):
+            if example is None and kept:  # the conversation stays, without this turn: say so
+                reason = next(iter(outcome.dropped))
+                where = f"{row.conversation.where} (turn {turn} of {len(rows)})"
+                accounting.note(accounting.noted, f"turn_{reason}", where)
         for turn, example in enumerate(kept, start=1):
             example.split = (turn, len(kept))
         accounting.longest = max(accounting.longest, *(outcome.longest for outcome in outcomes))
@@ -330,8 +330,10 @@ class ConversationEncoder:
     def _prepared_chunks(
         self, conversations: Iterable[Conversation | ProtocolError], accounting: Accounting
     ) -> Iterator[list[tuple[Conversation, list[Row]]]]:
-        """Rendered conversations in chunks of ENCODE_CHUNK; bad input raised or skipped and counted."""
+        """Rendered conversations in chunks of FIRST_CHUNK doubling to ENCODE_CHUNK; bad input raised or
+        skipped and counted."""
         chunk: list[tuple[Conversation, list[Row]]] = []
+        chunk_size = FIRST_CHUNK
         for index, item in enumerate(conversations):
             accounting.read += 1
             where = getattr(item, "where", "?")
@@ -353,9 +355,9 @@ class ConversationEncoder:
                 accounting.note(accounting.skipped, error.reason, where)
             except TemplateError as error:  # the template, not the line, is at fault: never skipped
                 raise TemplateError(f"{where}: {error}") from error
-            if len(chunk) >= ENCODE_CHUNK:
+            if len(chunk) >= chunk_size:
                 yield chunk
-                chunk = []
+                chunk, chunk_size = [], min(2 * chunk_size, ENCODE_CHUNK)
         if chunk:
             yield chunk
 
@@ -371,6 +373,8 @@ class ConversationEncoder:
 
 def _encodes_as_prefixes(encoding: Encoding, prefixes: list[Encoding]) -> bool:
     """Each prefix text, encoded alone (as inference encodes a prompt), gives the row's first tokens."""
+    if not prefixes:  # most rows: then not even the ids are read (a list built from the Rust side)
+        return True
     ids = encoding.ids
     return all(ids[: len(prefix.ids)] == prefix.ids for prefix in prefixes)
 

@@ -6,6 +6,7 @@ salted hash() or global random state — so the same data and seed give the same
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 from sft.protocol.types import Conversation, Message, ProtocolConfig
@@ -26,4 +27,4 @@ def maybe_add_system_prompt(conversation: Conversation, config: ProtocolConfig, 
         return conversation
     prompt = prompts[int.from_bytes(digest[8:], "big") % len(prompts)]
     messages = [Message("system", prompt), *conversation.messages]
-    return Conversation(messages, conversation.source, conversation.line, conversation.tools)
+    return dataclasses.replace(conversation, messages=messages)  # keeps its variables, tools and place

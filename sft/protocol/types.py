@@ -54,8 +54,11 @@ def message_strings(message: Message) -> list[str]:
     """Every string of a message that a template may print (for the control-token checks)."""
     strings = [message.content, message.reasoning or "", message.tool_call_id or "", message.name or ""]
     for call in message.tool_calls:
-        strings += [call.name, json.dumps(call.arguments, ensure_ascii=False), call.id or ""]
+        strings += [call.name, JSON_TEXT.encode(call.arguments), call.id or ""]
     return strings
+
+
+JSON_TEXT = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False) without its set-up
 
 
 @dataclass(slots=True)
@@ -82,7 +85,8 @@ class RenderedChat:
     text: str
     assistant_spans: list[tuple[int, int]]  # sorted, disjoint; one per trained assistant message
     # Character positions where the text as rendered at inference ends (generation prompts, final turns):
-    # their encodings must be prefixes of the row's encoding, or the row is split (see protocol.turns).
+    # their encodings must be prefixes of the row's encoding, or the row is split (see protocol.turns);
+    # a row of one turn that still fails has no exact tokens and is dropped (tokens_cross_turn_boundary).
     boundaries: tuple[int, ...] = field(default=(), compare=False)
 
 

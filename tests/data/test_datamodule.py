@@ -3,6 +3,7 @@ held-out splits are reproducible."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from dataclasses import asdict
@@ -303,3 +304,82 @@ def test_a_run_without_validation_data_says_how_to_give_some(tmp_path, two_files
     config = make_config(tmp_path, two_files)
     with pytest.raises(ValueError, match=r"no validation data .* data\.val=\[\.\.\.\]"):
         validation_examples(asdict(config.data), 7, None, Accounting())
+
+
+# ---- split conversations: grouped in the store, packed as prefix trees ---------------------------------
+
+
+def per_turn_config(tmp_path, files, **data) -> PrepareConfig:
+    """Every conversation split into one row per trained turn (protocol.turns=per_turn)."""
+    config = make_config(tmp_path, files, **data)
+    return dataclasses.replace(config, protocol=dataclasses.replace(config.protocol, turns="per_turn"))
+
+
+def test_the_store_groups_a_split_conversations_rows_and_its_cache_keeps_them(
+    tmp_path, two_files, monkeypatch
+):
+    config = per_turn_config(tmp_path, two_files)
+    store = prepare(config).train[0]
+    cached = prepare(config).train[0]
+    assert cached.store_dir == store.store_dir
+    # write_conversations gives conversation i 1 + i % 3 trained turns, each its own row, consecutive.
+    assert np.bincount(cached.conversations).tolist() == [1 + i % 3 for i in range(40)]
+    assert np.array_equal(cached.conversations, np.repeat(np.arange(40), [1 + i % 3 for i in range(40)]))
+    monkeypatch.setattr("sft.data.build.FORMAT_VERSION", 1)  # a store of another layout is never reused
+    assert prepare(config).train[0].store_dir != store.store_dir
+
+
+def validation_loss_and_tokens(config) -> tuple[float, int]:
+    prepared = prepare(config)
+    datamodule = SFTDataModule(config, prepared)
+    torch.manual_seed(0)
+    module = SFTModule(
+        {
+            "vocab_size": prepared.tokenizer.get_vocab_size(),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            "initializer_range": 0.2,
+        },
+        {"lr": 1e-3, "loss_chunk_tokens": 7},
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    computed = sum(int(batch["real_tokens"]) for batch in datamodule.val_dataloader())
+    return float(trainer.callback_metrics["val/loss"]), computed
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_val_loss_is_the_same_with_prefix_sharing_on_and_off(tmp_path, two_files, packing):
+    """The same rows, trained tokens and losses (fp32, 1e-6), with the shared history computed once."""
+    shared, separate = (
+        validation_loss_and_tokens(
+            per_turn_config(tmp_path, two_files, val_fraction=0.5, packing=packing, prefix_sharing=sharing)
+        )
+        for sharing in (True, False)
+    )
+    assert shared[0] == pytest.approx(separate[0], rel=1e-6)
+    assert shared[1] < separate[1]
+
+
+def test_val_fraction_holds_out_whole_split_conversations_and_sft_eval_rebuilds_them(tmp_path, two_files):
+    """The rows of one split conversation share their history: one in train and another in val would
+    leak the held-out turns' context into training."""
+    config = per_turn_config(tmp_path, two_files, val_fraction=0.25, packing=False)
+    prepared = prepare(config)
+    datamodule = SFTDataModule(config, prepared)
+    conversations = datamodule.train_dataset.index.conversations
+    train_conversations = set(conversations[datamodule.train_dataset.example_ids].tolist())
+    val_conversations = set(conversations[datamodule.val_dataset.example_ids].tolist())
+    assert not train_conversations & val_conversations
+    assert len(val_conversations) == 15 and len(train_conversations | val_conversations) == 60
+    assert any(np.count_nonzero(conversations == c) > 1 for c in val_conversations)
+    encoder = ConversationEncoder(prepared.tokenizer, prepared.template, config.protocol)
+    examples, _ = validation_examples(asdict(config.data), config.seed, encoder, Accounting())
+    held_out = [datamodule.val_dataset.index[int(i)][0].tolist() for i in datamodule.val_dataset.example_ids]
+    assert [example.input_ids.tolist() for example in examples] == held_out

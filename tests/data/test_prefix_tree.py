@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sft.data.prefix_tree import build_prefix_tree, tokens_computed
+from sft.data.prefix_tree import build_prefix_tree, prefix_tree_size, tokens_computed
 from sft.protocol.labels import IGNORE_INDEX
 
 
@@ -19,6 +19,7 @@ def row(ids, trained=()):
 
 
 def check(tree, rows):
+    assert prefix_tree_size([ids for ids, _ in rows]) == len(tree)  # what packing counts without the tree
     mask = tree.attention_mask()
     for (ids, labels), nodes in zip(rows, tree.row_nodes, strict=True):
         assert tree.input_ids[nodes].tolist() == ids.tolist()

@@ -16,6 +16,7 @@ from sft.model.attention import (
     document_offsets,
     flex_attention,
     plan_attention,
+    tree_mask,
 )
 from tests.helpers import assert_relative_close, loss_and_grads, packed_batch, tiny_model
 
@@ -71,6 +72,34 @@ def test_the_dense_path_takes_an_arbitrary_boolean_mask():
     scores = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) / 4.0
     weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     torch.testing.assert_close(got, weights @ v.repeat_interleave(2, dim=1), atol=1e-5, rtol=1e-5)
+
+
+# Two rows of prefix trees: node 3's subtree skips nodes 1-2 (a branch), then a path; padding sees itself.
+SUBTREE_END = torch.tensor([[5, 3, 3, 5, 5, 6, 7, 8], [4, 4, 4, 4, 5, 6, 7, 8]])
+
+
+def test_tree_mask_shows_each_token_its_ancestors_and_itself():
+    mask = tree_mask(SUBTREE_END)[:, 0]
+    assert mask.shape == (2, 8, 8)
+    assert [mask[0, 3].nonzero().flatten().tolist(), mask[0, 4].nonzero().flatten().tolist()] == [
+        [0, 3],
+        [0, 3, 4],
+    ]
+    assert mask[1, :4, :4].equal(torch.ones(4, 4, dtype=torch.bool).tril())  # a path is a causal document
+    assert mask[:, 5:].sum(-1).eq(1).all()  # padding sees itself only
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+def test_tree_plans_use_the_flex_tree_mask_or_else_the_dense_one():
+    """On CPU (`documents`, the default) a tree takes the dense mask; under flex the same tree as a
+    mask_mod (forward only on CPU)."""
+    q, k, v = (t.detach()[:, :, :8] for t in qkv())
+    cpu = torch.device("cpu")
+    dense = plan_attention(8, 0, None, "documents", cpu, subtree_end=SUBTREE_END)
+    assert dense.mask is not None and dense.mask.equal(tree_mask(SUBTREE_END))
+    flex = plan_attention(8, 0, None, "flex", cpu, subtree_end=SUBTREE_END)
+    assert flex.block_mask is not None
+    torch.testing.assert_close(attend(q, k, v, flex), attend(q, k, v, dense), atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_packed_attention_mode_is_refused():

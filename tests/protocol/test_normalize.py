@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 from hypothesis import given
@@ -218,3 +219,34 @@ def test_merge_consecutive_joins_an_assistants_calls_and_keeps_tool_results_apar
     merged = normalize_conversations(conv, ProtocolConfig(merge_consecutive=True))
     assert roles(merged) == ["user", "assistant", "tool", "tool", "assistant"]
     assert merged.messages[1].tool_calls == tuple(calls) and merged.messages[1].reasoning == "r1"
+
+
+@pytest.mark.parametrize(
+    ("messages", "reason", "named"),
+    [
+        (
+            [Message("user", "u"), Message("assistant", "", tool_calls=(ToolCall("f", {"q": "\ud800"}),))],
+            "invalid_text",
+            "message 2",
+        ),
+        ([Message("user", "\udc00"), Message("assistant", ["not text"])], "invalid_text", "message 1"),
+        ([Message("user", ["not text"]), Message("assistant", "\ud800")], "wrong_type", "message 1"),
+    ],
+)
+def test_the_first_bad_message_is_named_whatever_the_later_ones_hold(messages, reason, named):
+    """One search over every string finds a lone surrogate; then each message is checked in order."""
+    error = normalize_error(Conversation(messages))
+    assert error.reason == reason and str(error).startswith(named + " ")
+
+
+def test_normalizing_a_message_keeps_every_field_it_does_not_set():
+    """A distinct value in every field of Message, so that a field added later is checked too."""
+    from sft.protocol.normalize import _with_role
+
+    values = {"role": "gpt", "content": "c", "train": False, "tool_calls": (ToolCall("f", {}),)}
+    message = Message(
+        **{f.name: values.get(f.name, f"value of {f.name}") for f in dataclasses.fields(Message)}
+    )
+    assert _with_role(message, "assistant", "d", True) == dataclasses.replace(
+        message, role="assistant", content="d", train=True
+    )

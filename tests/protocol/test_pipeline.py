@@ -588,3 +588,56 @@ def test_mask_all_tokens_trains_every_token_but_the_first(tmp_path, tokenizer):
     conversation = Conversation([Message("user", "Hi there"), Message("assistant", "Hello")])
     [example] = encoder.encode_conversations([conversation], Accounting())
     assert (example.labels == example.input_ids).all()
+
+
+def merging_tokenizer():
+    """A BPE over a tiny alphabet that merges "A:" with a following "x" (never "y"), across where a
+    generation prompt "A:" ends and the reply begins: what a user's tokenizer may do."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+
+    alphabet = ["Q", "A", "H", ":", "x", "y", "\n"]
+    vocab = {symbol: i for i, symbol in enumerate(alphabet + ["A:", "A:x"])}
+    tokenizer = Tokenizer(BPE(vocab, [("A", ":"), ("A:", "x")]))
+    tokenizer.add_special_tokens(["<|im_end|>"])
+    return tokenizer
+
+
+# History replies are written "H:", the final one "A:" (as Qwen3 drops history's reasoning): it splits.
+SPLITTING = (
+    "{% for m in messages %}{% if m.role == 'user' %}Q:{{ m.content }}\n"
+    "{% elif loop.last %}A:{{ m.content }}<|im_end|>\n{% else %}H:{{ m.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+)
+STABLE = SPLITTING.replace("{% elif loop.last %}A:{{ m.content }}<|im_end|>\n", "")
+STABLE = STABLE.replace("{% else %}H:", "{% else %}A:")
+
+
+@pytest.mark.parametrize("source", [SPLITTING, STABLE], ids=["split_rows", "one_row"])
+def test_a_turn_whose_tokens_merge_with_its_prompt_is_dropped_and_counted(source):
+    """At inference the prompt ends "A:" and the model generates "x"; a row where "A:x" is one token
+    trains other tokens than inference's, in one row and in a turn's own row: that turn never trains."""
+    tokenizer = merging_tokenizer()
+    template = JinjaTemplate(source, eot="<|im_end|>", origin="merging")
+    messages = [
+        Message("user", "H"),
+        Message("assistant", "y"),
+        Message("user", "H"),
+        Message("assistant", "x"),
+    ]
+    encoder = ConversationEncoder(tokenizer, template, ProtocolConfig(max_seq_len=100))
+    accounting = Accounting()
+    examples = list(
+        encoder.encode_conversations([Conversation(messages, source="m.jsonl", line=2)], accounting)
+    )
+    assert accounting.kept == 1 and accounting.noted == {"turn_tokens_cross_turn_boundary": 1}
+    assert accounting.where["turn_tokens_cross_turn_boundary"] == ["m.jsonl:2 (turn 2 of 2)"]
+    (example,) = examples
+    assert tokenizer.decode(example.labels[example.labels != IGNORE_INDEX].tolist()) == "y"
+    prompt = tokenizer.encode(template.render_text(messages[:1], None, True), add_special_tokens=False).ids
+    assert example.input_ids[: len(prompt)].tolist() == prompt  # what inference feeds before "y"
+
+    alone = list(
+        encoder.encode_conversations([Conversation(messages[2:], source="m.jsonl", line=3)], accounting)
+    )
+    assert alone == [] and accounting.dropped == {"tokens_cross_turn_boundary": 1}

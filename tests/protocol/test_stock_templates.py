@@ -1,7 +1,7 @@
 """The stock chat templates models ship (read at test time from the `trl` wheel, never copied here): the
-verdict for each (one row, split rows, refused per conversation, refused), and every trained span equal,
-token for token, to what transformers renders for that turn at inference (the generation prompt, then
-through the end-of-turn), in the one-row path and the split path.
+verdict for each (one row, split rows, refused per conversation, refused), and every trained span, with
+the tokens before it, equal token for token to what transformers renders for that turn at inference (the
+generation prompt, then through the end-of-turn), in the one-row path and the split path.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def conversation(kind: str) -> tuple[list[Message], list | None]:
     if kind in ("chat", "think"):
         return system + chat, None
     calls = (WEATHER, TIME) if kind == "two_calls" else (WEATHER,)
-    results = [Message("tool", "21 C", tool_call_id="call_1", name="get_weather")]
+    results = [Message("tool", '{"temp": "21 C"}', tool_call_id="call_1", name="get_weather")]
     results += [Message("tool", "10:00", tool_call_id="call_2", name="get_time")] * (kind == "two_calls")
     call_thought = thought("Look it up.", think or kind == "call_thought")
     tools = [
@@ -115,7 +115,8 @@ VERDICTS = {
         "chat": 2,
         "think": 2,
         "tools": 3,
-        "think_tools": "no_inference_target",
+        "think_tools": 3,  # the answer's prompt holds the call's reasoning, its whole rendering does not
+        "call_thought": 3,
         "two_calls": "template_drops_message",
     },
     "gemma4": {"chat": 1, "tools": 1, "call_thought": 3, "think": "template_drops_message"},
@@ -159,9 +160,13 @@ def encode(template, tokenizer, kind: str, turns: str = "auto"):
     return examples, accounting
 
 
-def reference_turns(theirs, template: JinjaTemplate, kind: str) -> list[list[int]]:
-    """Per trained assistant turn, what transformers renders at inference: the ids that follow
-    apply_chat_template(messages[:k], add_generation_prompt=True), through the last end-of-turn id."""
+def reference_turns(theirs, template: JinjaTemplate, kind: str) -> list[tuple[list[int], list[int]]]:
+    """Per trained assistant turn, what transformers renders at inference: the ids of
+    apply_chat_template(messages[:k], add_generation_prompt=True), and those that follow, through the last
+    end-of-turn id.
+    Where the whole conversation through turn k renders its history otherwise than that prompt (GPT-OSS
+    drops a call's reasoning once an answer follows), the turn is what transformers renders for message k
+    after a one-message history, appended to the prompt and encoded with it, as one string."""
     messages, tools = conversation(kind)
     dicts = [jinja_message(m) for m in messages]
     eot_ids = {theirs.convert_tokens_to_ids(marker) for marker in template.eot_markers}
@@ -173,17 +178,35 @@ def reference_turns(theirs, template: JinjaTemplate, kind: str) -> list[list[int
             dicts[:k], tools=tools, add_generation_prompt=True, return_dict=False
         )
         full = theirs.apply_chat_template(dicts[: k + 1], tools=tools, return_dict=False)
+        if full[: len(prompt)] != prompt:
+            prompt_text = theirs.apply_chat_template(
+                dicts[:k], tools=tools, add_generation_prompt=True, tokenize=False
+            )
+            full = theirs(prompt_text + turn_alone(theirs, dicts[k], tools), add_special_tokens=False)[
+                "input_ids"
+            ]
         assert full[: len(prompt)] == prompt
         generated = full[len(prompt) :]
         last_eot = max(i for i, token in enumerate(generated) if token in eot_ids)
-        expected.append(generated[: last_eot + 1])
+        expected.append((prompt, generated[: last_eot + 1]))
     return expected
 
 
-def trained_runs(example) -> list[list[int]]:
+def turn_alone(theirs, message: dict, tools: list | None) -> str:
+    """What transformers renders for `message` after its generation prompt, as the reply to one user
+    message (a history every template renders the same way before a final turn)."""
+    history = [{"role": "user", "content": "Go on."}]
+    prompt = theirs.apply_chat_template(history, tools=tools, add_generation_prompt=True, tokenize=False)
+    full = theirs.apply_chat_template([*history, message], tools=tools, tokenize=False)
+    assert full.startswith(prompt)
+    return full[len(prompt) :]
+
+
+def trained_runs(example) -> list[tuple[list[int], list[int]]]:
+    """Each run of trained tokens, with the ids before it: the context it is trained in."""
     trained = np.flatnonzero(example.labels != IGNORE_INDEX)
     runs = np.split(trained, np.flatnonzero(np.diff(trained) != 1) + 1) if len(trained) else []
-    return [example.labels[run].tolist() for run in runs]
+    return [(example.input_ids[: run[0]].tolist(), example.labels[run].tolist()) for run in runs]
 
 
 @pytest.mark.parametrize("name", sorted(VERDICTS))
@@ -223,9 +246,9 @@ def test_trl_training_templates_are_accepted_and_spans_end_at_the_marker(name):
         source, eot=eot, eos_token=eos, bos_token=bos, origin=name, date=date.today().isoformat()
     )
     assert template.has_generation_tags
-    dropped = check_template(template)
+    check_template(template)
     ours, theirs = tokenizers(name, template)
-    for kind in ("chat", "think") if "reasoning" not in dropped else ("chat",):
+    for kind in [kind for kind, verdict in VERDICTS[name].items() if isinstance(verdict, int)]:
         examples, _ = encode(template, ours, kind)
         assert [run for example in examples for run in trained_runs(example)] == reference_turns(
             theirs, template, kind
@@ -259,3 +282,41 @@ def test_per_record_template_variables_reach_the_template():
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     gptoss = stock_template("gptoss")
     assert "Reasoning: high" in gptoss.render_text(plain, variables={"reasoning_effort": "high"})
+
+
+def truncated_gptoss(max_seq_len: int | None):
+    """GPT-OSS's rows of an opening exchange + `think_tools` (its answer's row is P_k + T), with
+    truncation=turns at `max_seq_len` (None: whole)."""
+    template = stock_template("gptoss")
+    ours, _ = tokenizers("gptoss", template)
+    messages, tools = conversation("think_tools")
+    opening = [Message("user", "Hi there, how are you today?"), Message("assistant", "Fine, thanks.")]
+    config = ProtocolConfig(max_seq_len=max_seq_len or 100_000, truncation="turns")
+    encoder = ConversationEncoder(ours, template, config)
+    accounting = Accounting()
+    conversations = [
+        Conversation(messages[:1] + opening + messages[1:], tools=tools, source="chat.jsonl", line=3)
+    ]
+    return list(encoder.encode_conversations(conversations, accounting)), accounting
+
+
+def test_truncation_turns_shortens_a_split_row_as_its_own_inference_row():
+    """A split row too long for max_seq_len loses its oldest exchanges and stays its turn's inference row
+    (once, the whole-conversation render refused GPT-OSS's P_k + T rows)."""
+    whole, _ = truncated_gptoss(None)
+    answer = 2  # the answer after the call: trained in P_k + T
+    examples, accounting = truncated_gptoss(len(whole[answer].input_ids) - 1)
+    assert len(examples) == len(whole) and accounting.truncated == 1
+    assert len(examples[answer].input_ids) < len(whole[answer].input_ids)
+    (_, shortened), (_, original) = trained_runs(examples[answer])[-1], trained_runs(whole[answer])[-1]
+    assert shortened == original  # the same turn, trained after a shorter history
+
+
+def test_a_dropped_turn_of_a_kept_split_conversation_is_counted():
+    whole, _ = truncated_gptoss(None)
+    opening_only = len(whole[0].input_ids)  # the first row fits; the call's row cannot shorten below it
+    examples, accounting = truncated_gptoss(opening_only)
+    assert len(examples) < len(whole) and accounting.kept == 1
+    dropped = len(whole) - len(examples)
+    assert sum(accounting.noted.values()) == dropped
+    assert all(place.startswith("chat.jsonl:3 (turn ") for place in accounting.where["turn_too_long"])

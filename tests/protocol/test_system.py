@@ -29,6 +29,25 @@ def test_string_prompt_with_probability_one():
     assert len(CHAT.messages) == 2  # input not mutated
 
 
+def test_an_added_prompt_keeps_the_records_variables_and_place():
+    """`enable_thinking` from the record, a `record N` place and noted duplicate keys survive the prompt."""
+    record = Conversation(
+        [Message("user", "q"), Message("assistant", "a")],
+        source="d.json",
+        line=2,
+        in_array=True,
+        duplicate_keys=("role",),
+        variables={"enable_thinking": False},
+    )
+    result = maybe_add_system_prompt(record, ProtocolConfig(system_prompt="Be kind."), index=0)
+    assert result.messages[0] == Message("system", "Be kind.")
+    assert (result.variables, result.where, result.duplicate_keys) == (
+        {"enable_thinking": False},
+        record.where,
+        ("role",),
+    )
+
+
 def test_no_system_prompt_configured():
     assert maybe_add_system_prompt(CHAT, ProtocolConfig(), index=0) is CHAT
 

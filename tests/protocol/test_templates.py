@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from sft.protocol.templates import (
     BUILTINS,
     JinjaTemplate,
+    builtin_jinja_source,
     check_template,
     load_template,
     probe_conversation,
@@ -19,7 +20,7 @@ from sft.protocol.templates import (
     render_chat_prompt,
     standalone_config,
 )
-from sft.protocol.types import Message, ProtocolError, TemplateError
+from sft.protocol.types import Message, ProtocolError, TemplateError, ToolCall
 
 CONVERSATION = [
     Message("system", "Be brief."),
@@ -118,6 +119,23 @@ TOOLS_BEFORE_LAST_USER = (
     "{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+# As GPT-OSS does: an assistant's reasoning stays in history only while no later assistant turn exists,
+# so the prompt for an answer holds the reasoning of the call before it, and the rendering through the
+# answer does not.
+REASONING_UNTIL_ANSWERED = (
+    "{% for m in messages %}"
+    "{% set later = messages[loop.index:] | selectattr('role', 'equalto', 'assistant') | list %}"
+    "<{{ m.role }}>{% if m.reasoning_content and not later %}[{{ m.reasoning_content }}]{% endif %}"
+    "{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+CALL_THEN_ANSWER = [
+    Message("user", "Weather?"),
+    Message("assistant", "Checking.", reasoning="Look it up."),
+    Message("tool", "21"),
+    Message("assistant", "21 °C.", reasoning="Report it."),
+]
 
 
 def span_texts(rendered):
@@ -439,6 +457,37 @@ def test_turns_closed_only_as_the_final_turn_are_trained_in_rows_of_their_own():
     )
 
 
+def test_a_turn_after_a_history_rendered_otherwise_trains_after_its_own_generation_prompt():
+    # The conversation through the answer drops "[Look it up.]"; inference shows it in the answer's
+    # prompt. The answer's row is that prompt plus what the template renders for the answer.
+    template = JinjaTemplate(REASONING_UNTIL_ANSWERED, eot="<end>")
+    check_template(template)
+    rows = template.render_rows(CALL_THEN_ANSWER)
+    prompt = template.render_text(CALL_THEN_ANSWER[:3], add_generation_prompt=True)
+    assert prompt == "<user>Weather?<end><assistant>[Look it up.]Checking.<end><tool>21<end><assistant>"
+    assert [row.text for row in rows] == [
+        "<user>Weather?<end><assistant>[Look it up.]Checking.<end>",
+        prompt + "[Report it.]21 °C.<end>",
+    ]
+    assert [span_texts(row) for row in rows] == [["[Look it up.]Checking.<end>"], ["[Report it.]21 °C.<end>"]]
+    with pytest.raises(TemplateError, match="not prefix-stable at message 2"):
+        template.render_rows(CALL_THEN_ANSWER, turns="whole")
+
+
+def test_a_final_turn_that_quotes_its_history_after_a_history_rendered_otherwise_is_refused():
+    # What the answer renders depends on the history here, so its text is not the turn's own: not guessed.
+    quoting = REASONING_UNTIL_ANSWERED.replace(
+        "{{ m.content }}",
+        "{{ m.content }}{% if loop.last and m.role == 'assistant' %} ({{ messages[0].content }}){% endif %}",
+    )
+    template = JinjaTemplate(quoting, eot="<end>")
+    assert span_texts(template.render_rows(CALL_THEN_ANSWER[:2])[0]) == [
+        "[Look it up.]Checking. (Weather?)<end>"
+    ]
+    with pytest.raises(ProtocolError, match="assistant message 4 has no inference-exact target"):
+        template.render_rows(CALL_THEN_ANSWER)
+
+
 def test_probe_catches_prefix_instability():
     source = without_tags(CHATML_TAGGED).replace(
         "m.role + '\\n'", "m.role + ('*' if loop.last else '') + '\\n'"
@@ -554,3 +603,22 @@ def test_eot_may_be_a_list_and_stop_tokens_are_their_own_setting():
     rebuilt = load_template(standalone_config(template))
     assert rebuilt.fingerprint == template.fingerprint and rebuilt.stop_tokens == ("<|return|>",)
     assert load_template({**config, "stop": []}).stop_tokens == ("<|return|>", "<|end|>")
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_builtin_placeholders_in_data_stay_as_written_as_in_the_exported_template(name):
+    """Text like "{system}" in a tool's description or "{arguments}" in a call's name is data, never a
+    slot filled a second time: the builtin renders what its exported Jinja template renders."""
+    tools = [{"type": "function", "function": {"name": "f", "description": "Fills {system} and {tools}."}}]
+    messages = [
+        Message("system", "Be brief."),
+        Message("user", "Call it."),
+        Message("assistant", "", tool_calls=(ToolCall("{arguments}", {"slot": "{name}"}),)),
+        Message("tool", "done", name="{arguments}"),
+        Message("assistant", "Done."),
+    ]
+    builtin = BUILTINS[name]
+    exported = JinjaTemplate(builtin_jinja_source(builtin), eot=builtin.eot)
+    rendered = builtin.render(messages, tools)
+    assert "Fills {system} and {tools}." in rendered.text and '"{arguments}"' in rendered.text
+    assert rendered.text == exported.render(messages, tools).text

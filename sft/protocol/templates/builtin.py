@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sft.protocol.templates.base import ChatTemplate
-from sft.protocol.types import Message, RenderedChat, ToolCall
+from sft.protocol.types import JSON_TEXT, Message, RenderedChat, ToolCall
 
 _QWEN_TOOLS = (
     "{system}# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -65,16 +66,21 @@ class BuiltinTemplate(ChatTemplate):
         return reasoning + "\n".join(([message.content] if message.content else []) + calls)
 
     def _call_text(self, call: ToolCall) -> str:
-        arguments = json.dumps(call.arguments, ensure_ascii=False)
-        return self.tool_call.replace("{name}", call.name).replace("{arguments}", arguments)
+        arguments = JSON_TEXT.encode(call.arguments)
+        return fill(self.tool_call, name=call.name, arguments=arguments)
 
     def _system_text(self, system: str, tools: list[Any]) -> str:
         entries = "".join(
-            self.tool_entry.replace("{tool}", json.dumps(tool, ensure_ascii=False, indent=self.tool_indent))
+            self.tool_entry.replace(
+                "{tool}",
+                JSON_TEXT.encode(tool)
+                if self.tool_indent is None
+                else json.dumps(tool, ensure_ascii=False, indent=self.tool_indent),
+            )
             for tool in tools
         )
         system_text = system + self.system_separator if system else ""
-        return self.tools_system.replace("{tools}", entries).replace("{system}", system_text)
+        return fill(self.tools_system, tools=entries, system=system_text)
 
     def _with_tools(self, messages: list[Message], tools: list[Any] | None) -> list[Message]:
         """The tools join the system message (one is added when there is none)."""
@@ -181,6 +187,12 @@ BUILTINS: dict[str, BuiltinTemplate] = {
         assistant_footer="\n<|endoftext|>\n",
     ),
 }
+
+
+def fill(pattern: str, **values: str) -> str:
+    """`pattern` with each `{key}` replaced by its value in one pass, so a value that holds `{key}` text
+    (a function named "{arguments}") stays as written, as the exported Jinja template prints it."""
+    return re.sub("{(" + "|".join(values) + ")}", lambda found: values[found.group(1)], pattern)
 
 
 # ---- the same format as a Jinja chat template (what export ships) ------------------------------------

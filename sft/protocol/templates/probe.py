@@ -69,7 +69,7 @@ def probe_conversation(template: ChatTemplate) -> tuple[list[Message], list[Any]
     """(messages, tools, kinds the template does not render): the richest probe the template accepts. A
     kind is dropped when the template loses it, or (a template that raises) in the order of KINDS. A call
     is tried with reasoning and without: thinking templates such as Nemotron's need it on every turn, and
-    GPT-OSS drops it from history once an answer follows (those conversations are refused one by one)."""
+    others may not render a call's reasoning at all."""
     kinds, dropped = list(KINDS), []
     while True:
         tools = PROBE_TOOLS if "tool" in kinds else None

@@ -1,0 +1,96 @@
+"""The hot loop's shortcuts: the one-search control-token scan finds what the per-string check finds;
+chunks start small."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sft.protocol import pipeline
+from sft.protocol.control_tokens import ControlTokenScan, data_strings, literal_pattern
+from sft.protocol.pipeline import Accounting, ConversationEncoder
+from sft.protocol.templates import BUILTINS
+from sft.protocol.types import Conversation, Message, ProtocolConfig, ToolCall
+
+CHATML = {"<|im_start|>", "<|im_end|>"}
+PIECES = ["a", " ", "\n", '"', "\\", "<|im_", "end|>", "<|im_end|>", "true", "1", "\x00", "é", '<"q">']
+TEXT = st.lists(st.sampled_from(PIECES), max_size=4).map("".join)
+JSON_VALUE = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), TEXT),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3)),
+    max_leaves=8,
+)
+
+
+def exact_hit(conversation: Conversation, texts: set[str]) -> bool:
+    pattern = literal_pattern(texts)
+    return any(pattern.search(text) for _, text in data_strings(conversation))
+
+
+@st.composite
+def conversations(draw) -> Conversation:
+    calls = tuple(
+        ToolCall(draw(TEXT) or "f", draw(st.dictionaries(TEXT, JSON_VALUE, max_size=3)))
+        for _ in range(draw(st.integers(0, 2)))
+    )
+    messages = [
+        Message("user", draw(TEXT)),
+        Message("assistant", draw(TEXT), reasoning=draw(st.none() | TEXT), tool_calls=calls),
+    ]
+    tools = draw(st.none() | st.lists(st.dictionaries(TEXT, JSON_VALUE, max_size=3), max_size=2))
+    variables = draw(st.dictionaries(TEXT, JSON_VALUE, max_size=2))
+    return Conversation(messages, tools=tools, variables=variables)
+
+
+@settings(max_examples=400, deadline=None)
+@given(conversations(), st.sampled_from([CHATML, {"true"}, {'<"q">', "<|im_end|>"}, {"a\nb", "é"}]))
+def test_the_scan_misses_nothing_the_per_string_check_finds(conversation, texts):
+    """A hit may be false (the caller then runs the exact check), a miss never."""
+    if exact_hit(conversation, texts):
+        assert ControlTokenScan(texts).maybe_found(conversation)
+
+
+def test_no_match_spans_two_strings():
+    conversation = Conversation([Message("user", "say <|im_"), Message("assistant", "end|> done")])
+    assert not ControlTokenScan(CHATML).maybe_found(conversation)
+
+
+def test_a_token_that_json_escapes_is_found_in_nested_tools():
+    """JSON writes `<"q">` as `<\\"q\\">`: then the tools' strings are searched one by one."""
+    texts = {'<"q">'}
+    conversation = Conversation(
+        [Message("user", "u"), Message("assistant", "a")], tools=[{"f": {"description": ['x <"q">']}}]
+    )
+    scan = ControlTokenScan(texts)
+    assert not scan.json_verbatim and scan.maybe_found(conversation) and exact_hit(conversation, texts)
+
+
+def test_the_joiner_is_in_no_token():
+    assert ControlTokenScan({"\x00", "\x01<x>"}).joiner == "\x02"
+
+
+def test_the_first_chunks_are_small_so_tokenizing_starts_early(tokenizer, monkeypatch):
+    """Chunks double from FIRST_CHUNK to ENCODE_CHUNK; the examples are those of one big chunk."""
+    monkeypatch.setattr(pipeline, "FIRST_CHUNK", 2)
+    monkeypatch.setattr(pipeline, "ENCODE_CHUNK", 8)
+    encoder = ConversationEncoder(tokenizer, BUILTINS["chatml"], ProtocolConfig())
+    sizes = []
+    encode_texts = encoder._encode_texts
+    monkeypatch.setattr(
+        encoder, "_encode_texts", lambda chunk: sizes.append(len(chunk)) or encode_texts(chunk)
+    )
+    conversations = [
+        Conversation([Message("user", f"question {n}"), Message("assistant", "answer " * (n + 1))])
+        for n in range(30)
+    ]
+    examples = list(encoder.encode_conversations(conversations, Accounting()))
+    assert sizes == [2, 4, 8, 8, 8]
+    monkeypatch.setattr(pipeline, "FIRST_CHUNK", 64)
+    monkeypatch.setattr(pipeline, "ENCODE_CHUNK", 64)
+    whole = list(encoder.encode_conversations(conversations, Accounting()))
+    assert sizes[5:] == [30]
+    assert all(
+        np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
+        for a, b in zip(examples, whole, strict=True)
+    )
