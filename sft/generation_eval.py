@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from sft.model.generate import sample_next_token
-from sft.model.llama import KVCache
+from sft.model.generate import generate_batch
 from sft.protocol.pipeline import ConversationEncoder, only_turn
 from sft.protocol.types import Conversation, ProtocolError
 from sft.scoring import mean_scores, score_generation
@@ -83,77 +82,12 @@ def generation_items(
     return items
 
 
-@torch.inference_mode()
-def generate_batch(
-    model: torch.nn.Module,
-    prompts: Sequence[list[int]],
-    max_new_tokens: int,
-    stop_ids: set[int],
-    batch_size: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """The new ids of each prompt (a stop id, when reached, is the last), as `generate` gives them one by
-    one. Prompts of equal length decode together: no padding, so each row sees exactly the positions and
-    attention it would alone; a batch ends when every row has stopped."""
-    by_length: dict[int, list[int]] = {}
-    for index, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(index)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    for length, indices in sorted(by_length.items()):
-        for start in range(0, len(indices), batch_size):
-            rows = indices[start : start + batch_size]
-            batch = [prompts[row] for row in rows]
-            new_ids = _decode_equal_length(
-                model, batch, max_new_tokens, stop_ids, temperature, top_p, generator
-            )
-            for row, ids in zip(rows, new_ids, strict=True):
-                outputs[row] = ids
-    return outputs
-
-
-def _decode_equal_length(
-    model: torch.nn.Module,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    stop_ids: set[int],
-    temperature: float,
-    top_p: float,
-    generator: torch.Generator | None,
-) -> list[list[int]]:
-    length = len(prompts[0])
-    room = model.config.max_position_embeddings - length
-    if length == 0 or room <= 0:
-        return [[] for _ in prompts]  # nothing to condition on, or no room left: an empty generation
-    max_new_tokens = min(max_new_tokens, room)
-    device = next(model.parameters()).device
-    kv_cache = KVCache(max_len=length + max_new_tokens)
-    input_ids = torch.tensor(prompts, device=device)
-    new_ids: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * len(prompts)
-    for _ in range(max_new_tokens):
-        logits = model(input_ids, kv_cache=kv_cache)[:, -1]
-        if temperature == 0.0:
-            next_ids = logits.argmax(dim=-1).tolist()
-        else:
-            next_ids = [sample_next_token(row, temperature, top_p, generator) for row in logits]
-        for row, token in enumerate(next_ids):
-            if not finished[row]:
-                new_ids[row].append(token)
-                finished[row] = token in stop_ids
-        if all(finished):
-            break
-        input_ids = torch.tensor(next_ids, device=device)[:, None]
-    return new_ids
-
-
 @dataclass(frozen=True)
 class GenerationSettings:
     """How items are generated (the `eval` section's keys of the same names)."""
 
     max_new_tokens: int = 32
-    batch_size: int = 16  # prompts decoded together (equal lengths share a batch)
+    batch_size: int = 16  # prompts decoded together (sorted by length, left-padded)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
 

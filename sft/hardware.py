@@ -183,6 +183,20 @@ def trainer_kwargs(config: TrainConfig, plan: HardwarePlan, multirun: bool = Fal
     }
 
 
+def local_processes(hardware: HardwareConfig) -> int:
+    """The processes Lightning will start on this node, one per device: `devices` as a count, a list of
+    ids or "0,1"; -1 or "auto" count the visible GPUs (one process on a CPU)."""
+    devices = hardware.devices
+    if isinstance(devices, str) and devices not in ("auto", "-1"):
+        return len([part for part in devices.split(",") if part.strip()]) if "," in devices else int(devices)
+    if isinstance(devices, list | tuple):
+        return len(devices)
+    if devices in (-1, "-1", "auto"):
+        gpus = hardware.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        return torch.cuda.device_count() if gpus else 1
+    return max(int(devices), 1)
+
+
 def hardware_callbacks(hardware: HardwareConfig) -> list[L.Callback]:
     value = hardware.float32_matmul_precision
     return [] if value == "highest" else [Float32MatmulPrecision(value)]

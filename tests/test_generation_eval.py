@@ -118,16 +118,36 @@ def test_items_are_the_trained_turns_with_their_inference_prompts(held_out, toke
     assert len(generation_items(read_conversations(held_out), encoder, max_items=2)) == 2
 
 
-def test_batched_generation_equals_one_by_one_generation():
+def batch_rows_seen(model) -> list[int]:
+    """The batch size of every forward the model runs from now on (a hook appends to the list returned)."""
+    rows: list[int] = []
+    model.register_forward_hook(
+        lambda module, args, kwargs, output: rows.append(args[0].shape[0]), with_kwargs=True
+    )
+    return rows
+
+
+def test_prompts_of_different_lengths_decode_together_as_each_would_alone():
     model = tiny_decoder()
     generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 64, (length,), generator=generator).tolist() for length in (3, 5, 5, 5, 2, 5)]
-    stop_ids = {generate(model, prompts[1], 8, set())[3]}  # a token that one row reaches mid-way
+    lengths = (3, 7, 1, 5, 12, 2, 9, 36)  # 36: the 40-token context leaves that row 4 new tokens, not 8
+    prompts = [torch.randint(0, 64, (length,), generator=generator).tolist() for length in lengths]
+    free_runs = [generate(model, prompt, 8, set()) for prompt in prompts]
+    stop_ids = {free_runs[1][2], free_runs[4][5]}  # tokens that rows reach at different steps
     expected = [generate(model, prompt, 8, stop_ids) for prompt in prompts]
-    assert generate_batch(model, prompts, 8, stop_ids, batch_size=2) == expected
-    assert any(ids[-1] in stop_ids for ids in expected) and any(len(ids) == 8 for ids in expected)
-    long_prompt = [1] * 40  # the context is full: nothing to generate
-    assert generate_batch(model, [long_prompt], 8, stop_ids, batch_size=2) == [[]]
+    stopped_at = {len(ids) for ids in expected if ids[-1] in stop_ids}
+    assert len(stopped_at) > 1 and any(len(ids) == 8 for ids in expected) and len(expected[-1]) <= 4
+
+    rows = batch_rows_seen(model)
+    assert generate_batch(model, prompts, 8, stop_ids, batch_size=len(prompts)) == expected
+    assert max(rows) == len(prompts)  # one batch of eight lengths: left-padded, not grouped by length
+    for batch_size in (2, 3):
+        assert generate_batch(model, prompts, 8, stop_ids, batch_size=batch_size) == expected
+    assert generate_batch(model, [[1] * 40, [], prompts[0]], 8, stop_ids, batch_size=3) == [
+        [],
+        [],
+        expected[0],
+    ]
 
 
 def test_the_page_escapes_every_text():
@@ -202,6 +222,9 @@ def test_batched_generation_equals_one_by_one_with_a_transformers_model(tmp_path
     from tests.helpers import make_model_dir
 
     model = build_model({"name": "hf", "path": str(make_model_dir(tmp_path / "tiny-llama"))}).eval()
-    prompts = [[5, 17, 42], [9, 9, 1], [3, 4], [8, 8, 8]]
-    expected = [generate(model, prompt, 6, set()) for prompt in prompts]
-    assert generate_batch(model, prompts, 6, set(), batch_size=4) == expected
+    prompts = [[5, 17, 42], [9, 9, 1, 30, 2, 6], [3], [8, 8, 8, 11]]
+    stop_ids = {generate(model, prompts[1], 6, set())[2]}
+    expected = [generate(model, prompt, 6, stop_ids) for prompt in prompts]
+    rows = batch_rows_seen(model)
+    assert generate_batch(model, prompts, 6, stop_ids, batch_size=4) == expected
+    assert max(rows) == 4 and any(ids[-1] in stop_ids for ids in expected)

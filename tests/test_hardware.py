@@ -10,13 +10,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from sft.cli.schemas import TrainConfig
+from sft.cli.schemas import HardwareConfig, TrainConfig
 from sft.config import load_config
 from sft.hardware import (
     HardwareError,
     ShardedDataParallel,
     cpu_flags,
     hardware_callbacks,
+    local_processes,
     plan_hardware,
     shard_unit_classes,
     trainer_kwargs,
@@ -137,3 +138,18 @@ def test_fsdp_shards_the_projects_decoder_layers_and_a_transformers_models_no_sp
     (layer_class,) = shard_unit_classes(hf)
     assert layer_class.__name__ in hf.base_model._no_split_modules
     assert sum(isinstance(module, layer_class) for module in hf.modules()) == hf.config.num_hidden_layers
+
+
+@pytest.mark.parametrize(
+    "accelerator, devices, expected",
+    [
+        ("cpu", 2, 2),
+        ("cpu", 1, 1),
+        ("gpu", [0, 3], 2),
+        ("gpu", "0,1,2", 3),
+        ("cpu", "2", 2),
+        ("cpu", "auto", 1),
+    ],
+)
+def test_local_processes_are_the_ranks_lightning_will_start_on_this_node(accelerator, devices, expected):
+    assert local_processes(HardwareConfig(accelerator=accelerator, devices=devices)) == expected

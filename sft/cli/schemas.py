@@ -100,7 +100,7 @@ class SampleEvalConfig:
     max_new_tokens: int = 32
     generate: bool = True  # sft-eval: the gen/* scores, the report's items and the HTML page
     generate_every_n_steps: int = 0
-    batch_size: int = 16  # prompts generated together (equal-length prompts share a batch)
+    batch_size: int = 16  # prompts generated together (sorted by length, left-padded)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
 

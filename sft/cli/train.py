@@ -34,7 +34,7 @@ from sft.data.build import EmptyDataError, prepare
 from sft.data.datamodule import SFTDataModule
 from sft.data.store import StoreError
 from sft.evaluate import sample_eval_items
-from sft.hardware import HardwareError, hardware_callbacks, plan_hardware, trainer_kwargs
+from sft.hardware import HardwareError, hardware_callbacks, local_processes, plan_hardware, trainer_kwargs
 from sft.module import SFTModule
 from sft.protocol.pipeline import DataError
 from sft.redaction import redact_secrets
@@ -174,7 +174,8 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
     write_run_file(run_dir, redact_secrets(plain(config)), fitted)  # what a resume reads back
     L.seed_everything(config.seed, workers=True)
 
-    prepared = prepare(config)  # before the model: the tokenizer fixes the vocabulary size
+    # Before the model (the tokenizer fixes the vocabulary size), by as many processes as the run's ranks.
+    prepared = prepare(config, local_ranks=local_processes(config.hardware))
     log.record(prepared.accounting.summary())
     datamodule = SFTDataModule(config, prepared)
     tokenizer = prepared.tokenizer

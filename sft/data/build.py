@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import functools
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ from tokenizers import Tokenizer
 from sft.atomic import atomic_file
 from sft.data import sample
 from sft.data.config import DataConfig
-from sft.data.ranks import PrepareRanks, artifact_lock, prepare_in_turn
+from sft.data.ranks import PrepareRanks, Ready, artifact_lock, prepare_in_turn, prepare_on_local_ranks
 from sft.data.store import (
     FORMAT_VERSION,
     StoreError,
@@ -145,6 +146,7 @@ def build_tokenizer(
     cache_dir: Path,
     writable: bool = True,
     columns: Mapping[str, str] | None = None,
+    ranks: PrepareRanks = PrepareRanks(),
 ) -> Tokenizer:
     """`file`: load it. `bpe`: train on the rendered training conversations, cached by content hash (a
     cached file that cannot be read, e.g. cut short, is trained again)."""
@@ -171,6 +173,11 @@ def build_tokenizer(
         if tokenizer is None:
             if not writable:
                 raise read_only_error(cache_dir, f"the tokenizer {path.name}")
+            if ranks.world_size > 1:  # which of the ranks trains it (once: the others wait, then load it)
+                print(
+                    f"sft: training the BPE tokenizer on rank {ranks.rank} of {ranks.world_size}",
+                    file=sys.stderr,
+                )
             text_encoder = ConversationEncoder(
                 None, template, dataclasses.replace(protocol, special_in_content="allow")
             )
@@ -206,6 +213,7 @@ def build_store(
     cache_dir: Path,
     writable: bool = True,
     columns: Mapping[str, str] | None = None,
+    ranks: PrepareRanks = PrepareRanks(),
 ) -> tuple[TokenStore, Accounting]:
     """The store for one data entry (a file, a Parquet folder or glob, an hf:// name: sft.protocol.sources),
     from the cache when its key matches, else encoded and written atomically.
@@ -253,6 +261,7 @@ def build_store(
                 "accounting": accounting.relative_to(str(path)).to_dict(),
                 "split_rows": split_rows,
                 "versions": {"protocol": PROTOCOL_VERSION, "parts": parts},
+                "prepared_by": {"rank": ranks.rank, "world_size": ranks.world_size},
             }
         )
     return TokenStore(store_dir, source=path), accounting
@@ -270,19 +279,34 @@ def read_only_error(cache_dir: Path, missing: str) -> StoreError:
     )
 
 
-def prepare(cfg: PrepareConfig) -> PreparedData:
+def prepare(cfg: PrepareConfig, local_ranks: int = 1) -> PreparedData:
     """The whole preparation from a typed config (its `tokenizer`, `template`, `protocol`, `data` sections
-    and `seed`): check the template, build or load the tokenizer, then every store."""
+    and `seed`): check the template, build or load the tokenizer, then every store.
+
+    `local_ranks`: the processes the job will start on this node once the data is ready (Lightning's
+    ddp / ddp_spawn / fsdp launch from one command); that many prepare it at once (sft.data.ranks)."""
     cache_dir = Path(cfg.data.cache_dir)
     template = load_template(dataclasses.asdict(cfg.template))
     check_template(template)
     ranks = PrepareRanks.from_environment(cfg.data.prepare_per_node)
-    if ranks.world_size > 1:  # every rank prepares its share at once (sft.data.ranks): no cache-wide lock
-        return _prepare_locked(cfg, cache_dir, cfg.data.format, cfg.protocol, template, True, ranks)
+    if ranks.world_size == 1 and local_ranks > 1 and not PrepareRanks.launched():
+        share = functools.partial(prepare_share, cfg)
+        return prepare_on_local_ranks(share, local_ranks, cfg.data.prepare_per_node)
+    if ranks.world_size > 1:
+        return prepare_share(cfg, ranks)
     with cache_lock(cache_dir) as writable:
         if writable:  # under the lock nobody else is preparing: leftovers of killed preparers can go
             remove_abandoned_stores(cache_dir / "stores")
         return _prepare_locked(cfg, cache_dir, cfg.data.format, cfg.protocol, template, writable, ranks)
+
+
+def prepare_share(cfg: PrepareConfig, ranks: PrepareRanks, ready: Ready | None = None) -> PreparedData:
+    """One rank's preparation when every rank prepares its share at once (sft.data.ranks): entry locks,
+    no cache-wide lock; every store of the run is opened in the end."""
+    template = load_template(dataclasses.asdict(cfg.template))
+    return _prepare_locked(
+        cfg, Path(cfg.data.cache_dir), cfg.data.format, cfg.protocol, template, True, ranks, ready
+    )
 
 
 @contextmanager
@@ -316,21 +340,23 @@ def _prepare_locked(
     template: ChatTemplate,
     writable: bool,
     ranks: PrepareRanks,
+    ready: Ready | None = None,
 ) -> PreparedData:
     columns = cfg.data.columns
     train_files, val_files = data_files(cfg.data, cache_dir, cfg.seed, writable)
     with artifact_lock(cache_dir / "tokenizers" / "bpe") if writable else nullcontext():
         tokenizer = build_tokenizer(
-            cfg.tokenizer, template, protocol, train_files, fmt, cache_dir, writable, columns
+            cfg.tokenizer, template, protocol, train_files, fmt, cache_dir, writable, columns, ranks
         )
     encoder = ConversationEncoder(tokenizer, template, protocol)
     entries = train_files + val_files
     built = prepare_in_turn(
         entries,
         [resolve_source(entry).size_bytes for entry in entries],
-        lambda entry: build_store(entry, encoder, fmt, cache_dir, writable, columns),
+        lambda entry: build_store(entry, encoder, fmt, cache_dir, writable, columns, ranks),
         ranks,
         cache_dir / "locks" if writable else None,
+        ready,
     )
     accounting = Accounting()
     for _, entry_accounting in built:

@@ -11,13 +11,19 @@ A `tokenizer=bpe` run thus trains its tokenizer once, on the first rank to get t
 With a shared cache (data.prepare_per_node=false) the entries are split over all ranks of the job; by
 default each node prepares every entry itself, split over its own ranks (Lightning's
 `prepare_data_per_node`), since nodes need not share a filesystem. No torch here.
+
+When Lightning itself starts the ranks (`hardware=ddp_cpu`, `ddp`, `fsdp` from one command), they do not
+exist yet when the data is prepared (the tokenizer must exist before the model), so `prepare_on_local_ranks`
+starts that many preparers on the node at once, the same shares as the ranks would take.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import multiprocessing
 import os
+import queue
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -29,6 +35,7 @@ from typing import TypeVar
 _GLOBAL = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"))
 _LOCAL = (("LOCAL_RANK", "LOCAL_WORLD_SIZE"), ("SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"))
 T = TypeVar("T")
+Ready = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,12 @@ class PrepareRanks:
             if rank is not None and size is not None and size.isdigit() and int(size) > 1:
                 return cls(int(rank), int(size), per_node)
         return cls(0, 1, per_node)
+
+    @staticmethod
+    def launched() -> bool:
+        """Whether a launcher started this process as one rank of a job (torchrun, srun, or Lightning's own
+        re-launch of the command for its other ranks, which sets LOCAL_RANK alone)."""
+        return any(name in os.environ for pair in (*_GLOBAL, *_LOCAL) for name in pair)
 
     def describe(self, mine: int, total: int) -> str:
         scope = "on this node" if self.per_node else "in the job (shared cache)"
@@ -107,12 +120,14 @@ def prepare_in_turn(
     build: Callable[[str], T],
     ranks: PrepareRanks,
     lock_dir: Path | None,
+    ready: Ready | None = None,
 ) -> list[T]:
     """`build(entry)` of every entry, in order: first this rank's share, each under its entry's lock (all
     taken up front, so that the other ranks wait for them rather than duplicate them), then every entry
     under its lock again: a store another rank built is only opened; one whose builder failed is built
     here and fails the same way. On one rank this is simply every entry in order; `lock_dir` None (a
-    read-only cache, where nothing is built) takes no locks."""
+    read-only cache, where nothing is built) takes no locks. `ready()`, called once this rank holds its
+    locks, returns when every rank does (prepare_on_local_ranks), so none takes another's entry first."""
     unique = dict(zip(entries, sizes, strict=True))  # an entry listed twice is built once, by one owner
     owners = assign_entries(list(unique.values()), ranks.world_size)
     built: dict[str, T] = {}
@@ -121,6 +136,8 @@ def prepare_in_turn(
         print(f"sft: {ranks.describe(len(mine), len(unique))}", file=sys.stderr)
         locks = [ArtifactLock(entry_lock_path(lock_dir, entry)).acquire() for entry in mine]
         try:
+            if ready is not None:
+                ready()
             for entry, lock in zip(mine, locks, strict=True):
                 built[entry] = build(entry)
                 lock.release()
@@ -132,3 +149,46 @@ def prepare_in_turn(
             with artifact_lock(entry_lock_path(lock_dir, entry)) if lock_dir else nullcontext():
                 built[entry] = build(entry)
     return [built[entry] for entry in entries]
+
+
+def prepare_on_local_ranks(work: Callable[[PrepareRanks, Ready], T], count: int, per_node: bool = True) -> T:
+    """`work(ranks, ready)` on `count` processes of this node at once, as the ranks Lightning is about to
+    start would run it: this process as rank 0 and `count - 1` spawned helpers (`work` must pickle). Each
+    calls `ready()` once it holds its entries' locks; rank 0 lets all go on when every helper has (or one
+    died: its entries are then built by whoever reaches them). Returns rank 0's result."""
+    context = multiprocessing.get_context("spawn")  # not fork: the tokenizer's threads may be running
+    locked, go = context.Queue(), context.Event()
+    helpers = [
+        context.Process(
+            target=_helper, args=(work, PrepareRanks(rank, count, per_node), locked, go), daemon=True
+        )
+        for rank in range(1, count)
+    ]
+    for helper in helpers:
+        helper.start()
+
+    def all_locked() -> None:
+        waiting = len(helpers)
+        while waiting:
+            try:
+                locked.get(timeout=0.1)
+                waiting -= 1
+            except queue.Empty:
+                if any(helper.exitcode is not None for helper in helpers):
+                    break
+        go.set()
+
+    try:
+        return work(PrepareRanks(0, count, per_node), all_locked)
+    finally:
+        go.set()
+        for helper in helpers:
+            helper.join()
+
+
+def _helper(work: Callable[[PrepareRanks, Ready], object], ranks: PrepareRanks, locked, go) -> None:
+    def ready() -> None:
+        locked.put(ranks.rank)
+        go.wait()
+
+    work(ranks, ready)

@@ -58,6 +58,17 @@ def causal_mask(
     return mask
 
 
+def padded_causal_mask(attention_mask: Tensor, num_new: int) -> Tensor:
+    """Boolean SDPA mask [B, 1, T, past + T] for left-padded rows: causal over the cache and the new tokens,
+    never attending a padding key (`attention_mask` [B, past + T]: 0 at padding, as transformers takes it).
+    The diagonal is always allowed, so a padding query's row is never empty (SDPA gives NaN for one)."""
+    total = attention_mask.shape[1]
+    query_positions = torch.arange(total - num_new, total, device=attention_mask.device)
+    key_positions = torch.arange(total, device=attention_mask.device)
+    mask = (key_positions[None, :] <= query_positions[:, None]) & attention_mask.bool()[:, None, :]
+    return (mask | (key_positions[None, :] == query_positions[:, None]))[:, None]
+
+
 def document_offsets(document_ids: Tensor) -> Tensor:
     """Where each run of equal ids starts in the flattened [B * T] tokens, then B * T (FlashAttention's
     `cu_seqlens`, int32). A run never crosses a row: every row starts one. Documents must be contiguous,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -50,17 +52,86 @@ def generate(
     context_len = model.config.max_position_embeddings
     if len(prompt_ids) >= context_len:
         raise ValueError(f"a {len(prompt_ids)}-token prompt leaves no room in a {context_len}-token context")
-    max_new_tokens = min(max_new_tokens, context_len - len(prompt_ids))
+    return generate_batch(model, [prompt_ids], max_new_tokens, stop_ids, 1, temperature, top_p, generator)[0]
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    stop_ids: set[int],
+    batch_size: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """The new ids of each prompt (a stop id, when reached, is the last), as `generate` gives them alone.
+
+    Prompts are sorted by length, so that a batch pads little, and left-padded: each row gets its own
+    positions and a mask that hides its padding, in the prompt pass and every cached step, so it sees what
+    it would alone. A row stops at a stop id or its budget (max_new_tokens, or what its context leaves); an
+    empty prompt or one that fills the context gets no ids. A batch ends when every row has stopped."""
+    context_len = model.config.max_position_embeddings
+    budgets = [min(max_new_tokens, context_len - len(prompt)) if prompt else 0 for prompt in prompts]
+    order = sorted(
+        (index for index, budget in enumerate(budgets) if budget > 0), key=lambda i: len(prompts[i])
+    )
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        new_ids = _decode_left_padded(
+            model,
+            [prompts[row] for row in rows],
+            [budgets[row] for row in rows],
+            stop_ids,
+            temperature,
+            top_p,
+            generator,
+        )
+        for row, ids in zip(rows, new_ids, strict=True):
+            outputs[row] = ids
+    return outputs
+
+
+def _decode_left_padded(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    budgets: list[int],
+    stop_ids: set[int],
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> list[list[int]]:
     device = next(model.parameters()).device
-    kv_cache = KVCache(max_len=len(prompt_ids) + max_new_tokens)
-    input_ids = torch.tensor([prompt_ids], device=device)  # the whole prompt first, then one token at a time
-    new_ids: list[int] = []
-    for _ in range(max_new_tokens):
-        hidden = model(input_ids, kv_cache=kv_cache, return_hidden=True)
-        logits = model.output_logits(hidden[0, -1])  # the last position's only: no [prompt, vocab] logits
-        next_id = sample_next_token(logits, temperature, top_p, generator)
-        new_ids.append(next_id)
-        if next_id in stop_ids:
+    width = max(len(prompt) for prompt in prompts)
+    padding = [width - len(prompt) for prompt in prompts]
+    input_ids = torch.tensor(
+        [[0] * pad + prompt for pad, prompt in zip(padding, prompts, strict=True)], device=device
+    )
+    real = torch.tensor([[0] * pad + [1] * (width - pad) for pad in padding], device=device)
+    positions = (real.cumsum(dim=1) - 1).clamp(min=0)  # each row's own 0, 1, ... from its first real token
+    padded = any(padding)  # unpadded rows take the plain causal path, exactly as one prompt alone does
+    kv_cache = KVCache(max_len=width + max(budgets))
+    new_ids: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    for _ in range(max(budgets)):
+        mask = real if padded else None
+        hidden = model(
+            input_ids, position_ids=positions, kv_cache=kv_cache, attention_mask=mask, return_hidden=True
+        )
+        logits = model.output_logits(hidden[:, -1])  # the last positions' only: no [B, T, vocab] logits
+        if temperature == 0.0:
+            next_ids = logits.argmax(dim=-1).tolist()
+        else:
+            next_ids = [sample_next_token(row, temperature, top_p, generator) for row in logits]
+        for row, token in enumerate(next_ids):
+            if not finished[row]:
+                new_ids[row].append(token)
+                finished[row] = token in stop_ids or len(new_ids[row]) == budgets[row]
+        if all(finished):
             break
-        input_ids = torch.tensor([[next_id]], device=device)
+        input_ids = torch.tensor(next_ids, device=device)[:, None]
+        positions = positions[:, -1:] + 1
+        real = torch.cat([real, real.new_ones(len(prompts), 1)], dim=1)
     return new_ids

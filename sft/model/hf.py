@@ -216,9 +216,10 @@ class HFCausalLM(nn.Module):
         kv_cache: KVCache | None = None,
         return_hidden: bool = False,
         subtree_end: Tensor | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, T, vocab] in fp32, or with `return_hidden` the final hidden states, with the same
-        contract as `LlamaForCausalLM.forward`.
+        contract as `LlamaForCausalLM.forward` (`attention_mask` [B, past + T] goes to transformers as is).
 
         kv_cache: the project's KVCache; the transformers cache rides on it (`kv_cache.hf_cache`), created
         when `kv_cache.length` is 0, and `length` advances by the new tokens, as the project's model does.
@@ -240,6 +241,8 @@ class HFCausalLM(nn.Module):
                     "subtree_end (prefix trees) cannot be combined with a KV cache or document_ids"
                 )
             kwargs.update(self.tree_arguments(subtree_end))
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
         if return_hidden:
             output = self.base_model.get_decoder()(input_ids=input_ids, position_ids=position_ids, **kwargs)
         else:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sft.model.attention import AttentionPlan, PackedAttention, attend, plan_attention
+from sft.model.attention import AttentionPlan, PackedAttention, attend, padded_causal_mask, plan_attention
 
 
 @dataclass
@@ -242,12 +242,16 @@ class LlamaModel(nn.Module):
         document_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
         subtree_end: Tensor | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
         seq_len = input_ids.shape[1]
         num_past, position_ids = cache_and_positions(input_ids, position_ids, document_ids, kv_cache)
-        plan = plan_attention(
-            seq_len, num_past, document_ids, self.config.packed_attention, input_ids.device, subtree_end
-        )
+        if attention_mask is not None:  # left-padded rows decoded together (sft.model.generate)
+            plan = AttentionPlan(mask=padded_causal_mask(attention_mask, seq_len))
+        else:
+            plan = plan_attention(
+                seq_len, num_past, document_ids, self.config.packed_attention, input_ids.device, subtree_end
+            )
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         recompute = self.config.activation_checkpointing and torch.is_grad_enabled()
@@ -290,6 +294,7 @@ class LlamaForCausalLM(nn.Module):
         kv_cache: KVCache | None = None,
         return_hidden: bool = False,
         subtree_end: Tensor | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, T, vocab] in fp32 for `input_ids` [B, T]; with `return_hidden` the final hidden states
         [B, T, hidden] instead, for `output_logits` at the positions that need them (training calls the
@@ -302,8 +307,10 @@ class LlamaForCausalLM(nn.Module):
         kv_cache: the new tokens attend to the cached ones, then are appended to the cache.
         subtree_end [B, T]: rows of prefix trees (sft.data.collate; instead of document_ids): token i sees
         token j iff j <= i < subtree_end[j]; position_ids then hold each token's depth.
+        attention_mask [B, past + T]: 0 at left padding (rows of unequal length decoded together), which no
+        token attends; give each row its own `position_ids`.
         """
-        hidden = self.model(input_ids, position_ids, document_ids, kv_cache, subtree_end)
+        hidden = self.model(input_ids, position_ids, document_ids, kv_cache, subtree_end, attention_mask)
         return hidden if return_hidden else self.output_logits(hidden)
 
     def output_logits(self, hidden: Tensor) -> Tensor:

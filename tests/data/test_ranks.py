@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from sft.data.ranks import PrepareRanks, artifact_lock, assign_entries, prepare_in_turn
+from sft.data.ranks import (
+    PrepareRanks,
+    artifact_lock,
+    assign_entries,
+    prepare_in_turn,
+    prepare_on_local_ranks,
+)
 
 
 @pytest.mark.parametrize(
@@ -96,3 +105,42 @@ def test_each_entry_is_built_once_by_its_owner_and_every_rank_gets_all_in_order(
     assert sorted(entry for _, entry in builders) == ["a", "b", "c", "d"]  # each once, "a" listed twice
     owners = dict(zip("abcd", assign_entries(sizes[:4], 2), strict=True))
     assert all(owners[entry] == rank for rank, entry in builders), (builders, owners)
+
+
+ENTRIES, SIZES = ["a", "b", "c", "d", "e", "f"], [60, 50, 40, 30, 20, 10]
+
+
+def build_in_cache(cache: Path, rank: int, entry: str) -> str:
+    """A store build: a cache miss writes `entry` (who built it, and when), a hit only reads it."""
+    path = cache / entry
+    if not path.exists():
+        started = time.monotonic()
+        time.sleep(0.2)
+        path.write_text(f"{rank} {os.getpid()} {started} {time.monotonic()}")
+    return path.read_text()
+
+
+def prepare_share(cache: Path, ranks: PrepareRanks, ready) -> list[str]:
+    if ranks.rank > 0:
+        time.sleep(1.0)  # a helper starts late (imports): rank 0 would be done with its share by now
+    build = functools.partial(build_in_cache, cache, ranks.rank)
+    return prepare_in_turn(ENTRIES, SIZES, build, ranks, cache / "locks", ready)
+
+
+def test_local_ranks_prepare_their_shares_at_once_in_separate_processes(tmp_path):
+    """Every rank takes its locks before any builds, so a late helper's entries are never taken by rank 0,
+    and the two shares are built at the same time, each in its own process."""
+    built = prepare_on_local_ranks(functools.partial(prepare_share, tmp_path), 2)
+    records = [record.split() for record in built]
+    owners = assign_entries(SIZES, 2)
+    assert [int(record[0]) for record in records] == owners
+    pids = [
+        {record[1] for record, owner in zip(records, owners, strict=True) if owner == rank} for rank in (0, 1)
+    ]
+    assert pids[0] == {str(os.getpid())} and len(pids[1]) == 1 and pids[1] != pids[0]
+    shares = [
+        [record for record, owner in zip(records, owners, strict=True) if owner == rank] for rank in (0, 1)
+    ]
+    first_starts = [min(float(record[2]) for record in share) for share in shares]
+    last_ends = [max(float(record[3]) for record in share) for share in shares]
+    assert max(first_starts) < min(last_ends)  # the two shares were being built at the same time

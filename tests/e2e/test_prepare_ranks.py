@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import A, B, write_jsonl
+from tests.helpers import A, B, summary, train, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +90,64 @@ def test_two_ranks_prepare_disjoint_shares_into_the_stores_of_one_process(tmp_pa
         json.loads(p.read_text()) for p in (tmp_path / "shared-cache" / "stores").glob("*/manifest.json")
     ]
     assert sum(manifest["accounting"]["read"] for manifest in manifests) == 30 * 2 + 20 * 3 + 6 + 15 + 6
+
+
+def test_hardware_ddp_cpu_prepares_on_both_ranks_at_once_what_one_process_prepares(tmp_path):
+    """sft-train hardware=ddp_cpu: the two ranks Lightning is about to start prepare disjoint entries at
+    once (each store says which rank wrote it), the BPE tokenizer is trained once, and stores, accounting
+    and `sft-prepare export=` are those of one process."""
+    bad = {"messages": [{"role": "user", "content": "no answer"}]}
+    files = [
+        write_jsonl(tmp_path / f"{index}.jsonl", records)
+        for index, records in enumerate([A * 30, B * 20, A + [bad] + B, B * 5, A * 3])
+    ]
+    same = [
+        f"data.train=[{','.join(files[:-1])}]", f"data.val=[{files[-1]}]", "tokenizer=bpe",
+        "tokenizer.vocab_size=300", "protocol.system_prompt=null", "protocol.on_error=skip",
+    ]  # fmt: skip
+    ddp_cache, single_cache = tmp_path / "ddp-cache", tmp_path / "single-cache"
+    trained = train(
+        tmp_path / "run", ddp_cache, "data=jsonl", *same, "hardware=ddp_cpu", "data.batch_size=2",
+        "trainer.max_steps=1", "trainer.val_check_interval=1", "eval.exact_match=false",
+    )  # fmt: skip
+    assert trained.stderr.count("sft: training the BPE tokenizer") == 1
+    assert len(list((ddp_cache / "tokenizers").glob("*.json"))) == 1
+    shares = sorted(re.findall(r"preparing (\d) of 5 data entries on rank (\d) of 2", trained.stderr))
+    assert [rank for _, rank in shares] == ["0", "1"] and sum(int(count) for count, _ in shares) == 5
+
+    def prepare_and_export(cache: Path, out: Path) -> subprocess.CompletedProcess:
+        command = [
+            sys.executable, "-m", "sft.prepare", f"hydra.run.dir={tmp_path / out.stem}", *same,
+            f"data.cache_dir={cache}", f"export={out}",
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    single = prepare_and_export(single_cache, tmp_path / "single.jsonl")
+    stores = sorted(path.name for path in (ddp_cache / "stores").iterdir())
+    prepare_and_export(ddp_cache, tmp_path / "ddp.jsonl")  # opens the ranks' stores: builds none
+    assert sorted(path.name for path in (ddp_cache / "stores").iterdir()) == stores
+    assert (tmp_path / "ddp.jsonl").read_bytes() == (tmp_path / "single.jsonl").read_bytes()
+
+    def store_files(cache: Path) -> dict[str, bytes]:
+        return {
+            f"{path.parent.name}/{path.name}": path.read_bytes()
+            for path in sorted((cache / "stores").glob("*/*"))
+            if path.name != "manifest.json"
+        }
+
+    def manifests(cache: Path) -> dict[str, dict]:
+        return {
+            path.parent.name: json.loads(path.read_text())
+            for path in (cache / "stores").glob("*/manifest.json")
+        }
+
+    assert store_files(ddp_cache) == store_files(single_cache) and len(stores) == 5
+    ddp_manifests, single_manifests = manifests(ddp_cache), manifests(single_cache)
+    for key, manifest in ddp_manifests.items():
+        assert manifest["accounting"] == single_manifests[key]["accounting"]
+    assert {manifest["prepared_by"]["rank"] for manifest in ddp_manifests.values()} == {0, 1}
+    accounting = single.stdout.splitlines()[0]  # read N = kept + skipped + dropped
+    assert "skipped 1" in accounting and accounting in trained.stdout.splitlines()
+    assert summary(tmp_path / "run")["data"]["read"] == 30 * 2 + 20 * 3 + 6 + 15 + 6

@@ -45,9 +45,13 @@ def test_rows_are_located_across_record_batches_and_row_groups(tmp_path, monkeyp
     monkeypatch.setattr(sources, "ROWS_PER_BATCH", 3)
     rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)]
     path = write_parquet(tmp_path / "d.parquet", rows, row_group_size=4)
-    records = list(read_records(path))
+    released_after: list[int] = []  # rows read when the freed Arrow memory was handed back
+    records = []
+    monkeypatch.setattr(sources, "_release_freed_arrow_memory", lambda: released_after.append(len(records)))
+    records.extend(read_records(path))
     assert [record.line for record in records] == list(range(1, 11))
     assert [record.data for record in records] == rows
+    assert released_after == [4, 8, 10]  # after each row group (what Arrow keeps grows with rows otherwise)
 
 
 def test_without_nulls_drops_null_fields_at_any_depth_but_keeps_list_items():
