@@ -23,6 +23,7 @@ from sft.data.validation import validation_examples
 from sft.module import SFTModule
 from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.pipeline import Accounting, ConversationEncoder
+from tests.helpers import TINY_MODEL
 
 
 def write_conversations(path, count: int, tag: str) -> str:
@@ -333,19 +334,8 @@ def validation_loss_and_tokens(config) -> tuple[float, int]:
     prepared = prepare(config)
     datamodule = SFTDataModule(config, prepared)
     torch.manual_seed(0)
-    module = SFTModule(
-        {
-            "vocab_size": prepared.tokenizer.get_vocab_size(),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 256,
-            "initializer_range": 0.2,
-        },
-        {"lr": 1e-3, "loss_chunk_tokens": 7},
-    )
+    model = {"vocab_size": prepared.tokenizer.get_vocab_size(), **TINY_MODEL}
+    module = SFTModule(model, {"lr": 1e-3, "loss_chunk_tokens": 7})
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     )
