@@ -37,6 +37,14 @@ class ToolCall:
     name: str
     arguments: dict[str, Any]  # an object, as transformers' templates expect (never a JSON string)
     id: str | None = None
+    _arguments_json: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def arguments_json(self) -> str:
+        """The arguments as JSON text (`json.dumps(..., ensure_ascii=False)`), encoded once: the checks
+        and the builtin templates all read it."""
+        if self._arguments_json is None:
+            object.__setattr__(self, "_arguments_json", JSON_TEXT.encode(self.arguments))
+        return self._arguments_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +62,7 @@ def message_strings(message: Message) -> list[str]:
     """Every string of a message that a template may print (for the control-token checks)."""
     strings = [message.content, message.reasoning or "", message.tool_call_id or "", message.name or ""]
     for call in message.tool_calls:
-        strings += [call.name, JSON_TEXT.encode(call.arguments), call.id or ""]
+        strings += [call.name, call.arguments_json(), call.id or ""]
     return strings
 
 

@@ -66,7 +66,7 @@ class BuiltinTemplate(ChatTemplate):
         return reasoning + "\n".join(([message.content] if message.content else []) + calls)
 
     def _call_text(self, call: ToolCall) -> str:
-        arguments = JSON_TEXT.encode(call.arguments)
+        arguments = call.arguments_json()
         return fill(self.tool_call, name=call.name, arguments=arguments)
 
     def _system_text(self, system: str, tools: list[Any]) -> str:
