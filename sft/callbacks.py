@@ -37,9 +37,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class ExactMatchCallback(L.Callback):
     """Logs `eval/exact_match` after each validation; items are split across ranks and the counts summed."""
 
-    def __init__(self, items: list[EvalItem], max_new_tokens: int):
+    def __init__(self, items: list[EvalItem], max_new_tokens: int, batch_size: int = 16):
         self.items = items
         self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -47,7 +48,7 @@ class ExactMatchCallback(L.Callback):
         mine = self.items[trainer.global_rank :: trainer.world_size]
         with gathered_parameters(module.model):  # a sharded model: ranks generate different lengths
             correct, total = exact_match_counts(
-                module.model, mine, module.tokenizer, module.template, self.max_new_tokens
+                module.model, mine, module.tokenizer, module.template, self.max_new_tokens, self.batch_size
             )
         counts = trainer.strategy.reduce(
             torch.tensor([correct, total], dtype=torch.float64, device=module.device), reduce_op="sum"

@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer
 
 from sft.data.sample import evaluation_items, exact_match, generate_conversations
-from sft.model.generate import generate
+from sft.model.generate import generate, generate_batch
 from sft.protocol.messages import parse_messages
 from sft.protocol.templates import ChatTemplate, render_chat_prompt
 from sft.protocol.types import Message
@@ -46,8 +46,17 @@ def generate_reply(
 ) -> tuple[str, bool]:
     """(reply text without the stop token, whether the model stopped by itself at one of the template's
     generation-stop tokens)."""
-    stop_ids = {tokenizer.token_to_id(token) for token in template.stop_tokens}
+    stop_ids = stop_token_ids(tokenizer, template)
     new_ids = generate(model, prompt_ids(messages, tokenizer, template), max_new_tokens, stop_ids, **sampling)
+    return reply_text(tokenizer, new_ids, stop_ids)
+
+
+def stop_token_ids(tokenizer: Tokenizer, template: ChatTemplate) -> set[int]:
+    return {tokenizer.token_to_id(token) for token in template.stop_tokens}
+
+
+def reply_text(tokenizer: Tokenizer, new_ids: list[int], stop_ids: set[int]) -> tuple[str, bool]:
+    """(the generated text without its closing stop token, whether it ended at one)."""
     stopped = bool(new_ids) and new_ids[-1] in stop_ids
     return tokenizer.decode(new_ids[:-1] if stopped else new_ids, skip_special_tokens=False), stopped
 
@@ -59,13 +68,18 @@ def exact_match_counts(
     tokenizer: Tokenizer,
     template: ChatTemplate,
     max_new_tokens: int,
+    batch_size: int = 16,
 ) -> tuple[int, int]:
-    """(correct, total) over `items`, greedy."""
+    """(correct, total) over `items`, greedy, `batch_size` prompts decoded together (each as it would be
+    alone: sft.model.generate.generate_batch)."""
     was_training = model.training
     model.eval()
+    stop_ids = stop_token_ids(tokenizer, template)
+    prompts = [prompt_ids(messages, tokenizer, template) for messages, _ in items]
+    replies = generate_batch(model, prompts, max_new_tokens, stop_ids, batch_size)
     correct = sum(
-        exact_match(generate_reply(model, messages, tokenizer, template, max_new_tokens)[0], expected)
-        for messages, expected in items
+        exact_match(reply_text(tokenizer, new_ids, stop_ids)[0], expected)
+        for new_ids, (_, expected) in zip(replies, items, strict=True)
     )
     model.train(was_training)
     return correct, len(items)

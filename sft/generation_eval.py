@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sft.evaluate import reply_text
 from sft.model.generate import generate_batch
 from sft.protocol.pipeline import ConversationEncoder, only_turn
 from sft.protocol.types import Conversation, ProtocolError
@@ -128,8 +129,7 @@ def evaluate_generations(
         model.train(was_training)
     generations = []
     for item, ids in zip(items, new_ids, strict=True):
-        stopped = bool(ids) and ids[-1] in stop_ids
-        text = tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=False)
+        text, stopped = reply_text(tokenizer, ids, stop_ids)
         generations.append(
             Generation(text, stopped, score_generation(text, item.reference, item.reference_calls))
         )

@@ -12,13 +12,14 @@ import torch
 
 from sft.cli import eval as eval_cli
 from sft.eval_report import render_html
+from sft.evaluate import exact_match_counts, generate_reply, sample_eval_items
 from sft.generation_eval import GenerationSettings, generate_batch, generation_items
 from sft.loss import full_logits_loss_sum
 from sft.model.generate import generate
 from sft.protocol.pipeline import Accounting, ConversationEncoder, read_conversations
 from sft.protocol.templates import BUILTINS, render_chat_prompt
 from sft.protocol.types import ProtocolConfig
-from tests.helpers import tiny_decoder, write_checkpoint
+from tests.helpers import tiny_decoder, tiny_model, write_checkpoint
 
 HELD_OUT = [
     {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there."}]},
@@ -228,3 +229,15 @@ def test_batched_generation_equals_one_by_one_with_a_transformers_model(tmp_path
     rows = batch_rows_seen(model)
     assert generate_batch(model, prompts, 6, stop_ids, batch_size=4) == expected
     assert max(rows) == 4 and any(ids[-1] in stop_ids for ids in expected)
+
+
+def test_sample_exact_match_decodes_in_batches_what_each_item_gives_alone(tokenizer):
+    """Each item's reference is the model's own reply generated alone: batched, every one must match."""
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=512)
+    chatml = BUILTINS["chatml"]
+    items = [(messages, "") for messages, _ in sample_eval_items(seed=3, count=40, max_items=9)]
+    alone = [(messages, generate_reply(model, messages, tokenizer, chatml, 12)[0]) for messages, _ in items]
+    assert len({reply for _, reply in alone}) > 1  # replies differ: a batching mix-up would show
+    rows = batch_rows_seen(model)
+    assert exact_match_counts(model, alone, tokenizer, chatml, 12, batch_size=4) == (9, 9)
+    assert max(rows) == 4

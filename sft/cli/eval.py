@@ -154,7 +154,12 @@ def evaluate_checkpoint(config: EvalRunConfig, explicit: set[str] | None = None)
     if data.get("name", "sample") == "sample" and not data.get("val") and config.eval.exact_match:
         items = sample_eval_items(seed, data["num_val"], config.eval.max_items)
         correct, total = exact_match_counts(
-            bundle.model, items, bundle.tokenizer, bundle.template, config.eval.max_new_tokens
+            bundle.model,
+            items,
+            bundle.tokenizer,
+            bundle.template,
+            config.eval.max_new_tokens,
+            config.eval.batch_size,
         )
         metrics["eval/exact_match"] = correct / total
         report["exact_match_items"] = total
