@@ -32,11 +32,6 @@ class PrefixTree:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def attention_mask(self) -> np.ndarray:
-        """[nodes, nodes] bool, True where query i may attend to key j: j <= i < subtree_end[j]."""
-        index = np.arange(len(self))
-        return (index[None, :] <= index[:, None]) & (index[:, None] < self.subtree_end[None, :])
-
 
 def build_prefix_tree(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> PrefixTree:
     """The prefix tree of rows given as (input_ids, labels), labels unshifted (IGNORE_INDEX where not

@@ -4,10 +4,12 @@ sees exactly its row's earlier tokens, and the loss pairs are the rows' trained 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sft.data.prefix_tree import build_prefix_tree, prefix_tree_size, tokens_computed
+from sft.model.attention import tree_mask
 from sft.protocol.labels import IGNORE_INDEX
 
 
@@ -20,7 +22,7 @@ def row(ids, trained=()):
 
 def check(tree, rows):
     assert prefix_tree_size([ids for ids, _ in rows]) == len(tree)  # what packing counts without the tree
-    mask = tree.attention_mask()
+    mask = tree_mask(torch.as_tensor(tree.subtree_end)[None])[0, 0].numpy()  # what training attends with
     for (ids, labels), nodes in zip(rows, tree.row_nodes, strict=True):
         assert tree.input_ids[nodes].tolist() == ids.tolist()
         assert tree.position_ids[nodes].tolist() == list(range(len(ids)))
@@ -48,7 +50,7 @@ def test_rows_that_share_history_share_nodes():
 def test_documents_side_by_side_are_a_forest_of_paths():
     rows = [row([1, 2, 3], trained=[2]), row([4, 5], trained=[1])]
     tree = build_prefix_tree(rows)
-    mask = tree.attention_mask()
+    mask = tree_mask(torch.as_tensor(tree.subtree_end)[None])[0, 0].numpy()  # what training attends with
     assert tree.position_ids.tolist() == [0, 1, 2, 0, 1]
     assert np.array_equal(mask[3:, :3], np.zeros((2, 3), bool)) and np.array_equal(
         mask[:3, 3:], np.zeros((3, 2), bool)

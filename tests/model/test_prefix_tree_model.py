@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sft.data.prefix_tree import build_prefix_tree
-from sft.model.attention import AttentionPlan
+from sft.model.attention import AttentionPlan, tree_mask
 from sft.model.llama import LlamaConfig, LlamaForCausalLM, rotary_cos_sin
 from sft.protocol.labels import IGNORE_INDEX
 
@@ -50,7 +50,7 @@ def per_token_losses_of_rows(model, rows) -> torch.Tensor:
 
 def per_token_losses_of_tree(model, tree) -> torch.Tensor:
     ids, positions = torch.as_tensor(tree.input_ids), torch.as_tensor(tree.position_ids)
-    hidden = hidden_states(model, ids, positions, torch.as_tensor(tree.attention_mask()))[0]
+    hidden = hidden_states(model, ids, positions, tree_mask(torch.as_tensor(tree.subtree_end)[None])[0, 0])[0]
     logits = model.lm_head(hidden[torch.as_tensor(tree.loss_positions)])
     return F.cross_entropy(logits, torch.as_tensor(tree.loss_targets), reduction="none")
 
