@@ -9,7 +9,8 @@ On the same data and tokenizer (a byte-level BPE trained here on the real data),
                 builtin chatml as Jinja with {% generation %} tags (what sft-export ships: reasoning, tool
                 calls and tools too), given the already-parsed messages (reading not timed)
   bare          Tokenizer.encode_batch of the already-rendered texts (chunked as ours) and their ids
-Each is the best of --repeats runs. transformers runs on the first --hf-rows conversations only (a rate).
+The methods take turns for --repeats rounds: rates are each one's best round, ratios the median of the
+rounds' side-by-side ratios. transformers runs on the first --hf-rows conversations only (a rate).
 Before timing, ours is checked against transformers token for token.
 """
 
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -72,19 +74,21 @@ def synthetic_records(count: int, seed: int = 0) -> list[str]:
     return lines
 
 
-def best_of(repeats: int, runs: dict[str, Callable[[], tuple[int, int]]]) -> dict[str, tuple]:
-    """{name: (wall time, CPU time, rows, tokens)}: each method's least wall and least CPU time over its
-    runs; the methods take turns, so a busy moment on a shared machine hits them all."""
-    best: dict[str, tuple] = {}
-    for _ in range(repeats):
-        for name, run in runs.items():
+def timed_rounds(repeats: int, runs: dict[str, Callable[[], tuple[int, int]]]) -> dict[str, dict]:
+    """{name: {"wall": [...], "cpu": [...], "rows", "tokens"}}: each method's time in each round. The
+    methods take turns within a round, in reversed order every other round, so a slow spell of a shared
+    machine falls on neighbouring runs of all of them and the per-round ratios cancel it."""
+    results: dict[str, dict] = {}
+    for round_number in range(repeats):
+        order = list(runs.items())
+        for name, run in order if round_number % 2 == 0 else reversed(order):
             started, cpu_started = time.perf_counter(), time.process_time()
             rows, tokens = run()
             elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-            if name in best:
-                elapsed, cpu = min(elapsed, best[name][0]), min(cpu, best[name][1])
-            best[name] = (elapsed, cpu, rows, tokens)
-    return best
+            result = results.setdefault(name, {"wall": [], "cpu": [], "rows": rows, "tokens": tokens})
+            result["wall"].append(elapsed)
+            result["cpu"].append(cpu)
+    return results
 
 
 def run_ours(encoder: ConversationEncoder, path: str) -> tuple[int, int]:
@@ -135,7 +139,7 @@ def bench(name: str, path: str, tokenizer: Tokenizer, hf_tokenizer, args: argpar
         )
 
     hf_subset = messages[: args.hf_rows]
-    results = best_of(
+    results = timed_rounds(
         args.repeats,
         {
             "ours": lambda: run_ours(encoder, path),
@@ -143,10 +147,7 @@ def bench(name: str, path: str, tokenizer: Tokenizer, hf_tokenizer, args: argpar
             "bare encode_batch": lambda: run_bare(tokenizer, texts),
         },
     )
-    return [
-        {"data": name, "method": method, "seconds": seconds, "cpu": cpu, "rows": rows, "tokens": tokens}
-        for method, (seconds, cpu, rows, tokens) in results.items()
-    ]
+    return [{"data": name, "method": method, **times} for method, times in results.items()]
 
 
 class Replay:
@@ -208,23 +209,30 @@ def print_table(rows: list[dict]) -> None:
         group = [row for row in rows if row["data"] == data]
         ours = group[0]
         for row in group:
-            wall, cpu = ratios(ours, row)
+            wall, cpu = (statistics.median(values) for values in ratios(ours, row))
             shown = ("—", "—") if row is ours else (f"{wall:.2f}", f"{cpu:.2f}")
+            seconds, cpu_seconds = min(row["wall"]), min(row["cpu"])
             print(
-                f"| {data} | {row['method']} | {row['rows']:,} | {row['rows'] / row['seconds']:,.0f} "
-                f"| {row['tokens'] / row['seconds']:,.0f} | {row['cpu'] / row['tokens'] * 1e6:.2f} "
+                f"| {data} | {row['method']} | {row['rows']:,} | {row['rows'] / seconds:,.0f} "
+                f"| {row['tokens'] / seconds:,.0f} | {cpu_seconds / row['tokens'] * 1e6:.2f} "
                 f"| {shown[0]} | {shown[1]} |"
             )
     by_method = {(row["data"], row["method"]): row for row in rows}
     for data in dict.fromkeys(row["data"] for row in rows):
         wall, cpu = ratios(by_method[data, "ours"], by_method[data, "bare encode_batch"])
-        print(f"{data}: ours / bare encode_batch = {wall:.2f}x wall time, {cpu:.2f}x CPU time per token")
+        print(
+            f"{data}: ours / bare encode_batch = {statistics.median(wall):.2f}x wall time "
+            f"(rounds {min(wall):.2f}-{max(wall):.2f}), {statistics.median(cpu):.2f}x CPU time per token "
+            f"(rounds {min(cpu):.2f}-{max(cpu):.2f}); median of {len(wall)} rounds"
+        )
 
 
-def ratios(ours: dict, other: dict) -> tuple[float, float]:
-    """(wall, CPU) time per token of ours over `other`'s, measured in the same run."""
-    wall, cpu = (ours[key] / ours["tokens"] / (other[key] / other["tokens"]) for key in ("seconds", "cpu"))
-    return wall, cpu
+def ratios(ours: dict, other: dict) -> tuple[list[float], list[float]]:
+    """(wall, CPU) time per token of ours over `other`'s in each round (measured side by side)."""
+    return tuple(
+        [a / ours["tokens"] / (b / other["tokens"]) for a, b in zip(ours[key], other[key], strict=True)]
+        for key in ("wall", "cpu")
+    )
 
 
 def main() -> None:
@@ -238,7 +246,7 @@ def main() -> None:
     parser.add_argument(
         "--check-rows", type=int, default=300, help="conversations compared with transformers"
     )
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; ratios are their median")
     parser.add_argument("--real-data", type=Path, default=REAL_DATA, help="the dev data sets' folder")
     parser.add_argument(
         "--stages", action="store_true", help="also the CPU time of each stage beside bare encode_batch"
