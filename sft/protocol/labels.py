@@ -75,7 +75,7 @@ def labels_from_encoding(
     encoding: Encoding, spans: Sequence[tuple[int, int]]
 ) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, labels) of one encoded text: `build_loss_labels` without reading every offset."""
-    ids = np.array(encoding.ids, dtype=np.int64)
+    ids = np.fromiter(encoding.ids, dtype=np.int64, count=len(encoding))  # faster than np.array(list)
     ranges = trained_token_ranges(encoding, spans)
     if ranges is None:
         return ids, build_loss_labels(ids, encoding.offsets, spans)

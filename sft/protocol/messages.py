@@ -22,6 +22,12 @@ def parse_messages(turns: list[Any], key: str) -> list[Message]:
 def _parse_message(turn: Any, name: str) -> Message:
     if not isinstance(turn, dict):
         raise wrong_type(name, "an object", turn)
+    if len(turn) == 2:  # most messages are a role and a string content: what the full parse would give
+        role, content = (
+            (turn["role"], turn.get("content")) if "role" in turn else (turn.get("from"), turn.get("value"))
+        )
+        if type(role) is str and type(content) is str and role != "function_call":
+            return Message(role, content)
     role_key, content_key = ("role", "content") if "role" in turn else ("from", "value")
     role = require(turn, role_key, str, name)
     if role == "function_call":  # LLaMA-Factory's ShareGPT: the value holds the call(s) as JSON

@@ -56,7 +56,7 @@ def normalize_conversations(
     `conversation.where`."""
     role_map = _role_map(config)
     numbered: list[tuple[int, Message]] = []
-    surrogates = _may_hold_surrogates(conversation.messages)
+    surrogates = not conversation.surrogates_checked and _may_hold_surrogates(conversation.messages)
     for number, message in enumerate(conversation.messages, start=1):
         if not isinstance(message.content, str):
             raise ProtocolError(
@@ -108,8 +108,8 @@ def _with_role(message: Message, role: str, content: str, train: bool) -> Messag
 
 
 def _may_hold_surrogates(messages: list[Message]) -> bool:
-    """Whether some string of the messages may hold a lone surrogate (files are checked when read; a
-    conversation built in memory may hold one): one search over them all, so that only then is each
+    """Whether some string of the messages may hold a lone surrogate (a conversation built in memory may;
+    one read from a file was checked by its reader): one search over them all, so that only then is each
     message checked on its own, for an error that names it."""
     try:
         return SURROGATE.search("".join(text for m in messages for text in message_strings(m))) is not None

@@ -268,6 +268,7 @@ def record_to_conversation(
         in_array=in_array,
         duplicate_keys=duplicate_keys,
         variables=_variables(data),
+        surrogates_checked=isinstance(record, RawRecord),
     )
 
 

@@ -80,6 +80,8 @@ class Conversation:
     in_array: bool = False
     duplicate_keys: tuple[str, ...] = ()  # keys the record's JSON gave twice (the last value was kept)
     variables: dict[str, Any] = field(default_factory=dict)  # per-record template variables
+    # Read from a file, whose reader already refused lone surrogates (records.py): normalize need not look.
+    surrogates_checked: bool = False
 
     @property
     def where(self) -> str:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from sft.protocol.messages import parse_messages
 from sft.protocol.records import (
     BLANK_LINE,
     RawRecord,
@@ -469,3 +472,40 @@ def test_json_file_with_a_scalar_or_bad_bytes(tmp_path):
     bad_bytes.write_bytes(b'[{"prompt": "\xff"}]')
     assert [record.error.reason for record in iter_raw_records(scalar)] == ["not_an_object"]
     assert [record.error.reason for record in iter_raw_records(bad_bytes)] == ["invalid_utf8"]
+
+
+# --- the plain-message fast path ---------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    keys=st.sampled_from([("role", "content"), ("from", "value"), ("role", "value"), ("from", "content")]),
+    role=st.one_of(
+        st.sampled_from(["user", "gpt", "function_call", "tool"]), st.text(), st.none(), st.integers()
+    ),
+    content=st.one_of(st.text(), st.none(), st.integers(), st.just([{"type": "text", "text": "x"}])),
+)
+def test_a_two_key_message_parses_as_the_full_parse_would(keys, role, content):
+    """Most messages are a role and a string: they take a shortcut, which must give the Message (or the
+    error) that the full parse gives; a third key that changes nothing ("train": true) forces the full
+    parse."""
+
+    def parse(turn):
+        try:
+            return parse_messages([turn], "messages")
+        except ProtocolError as error:  # its message lists the keys, which differ by "train"
+            return error.reason
+
+    turn = {keys[0]: role, keys[1]: content}
+    assert parse(turn) == parse({**turn, "train": True})
+
+
+def test_conversations_read_from_files_are_marked_checked_for_surrogates(tmp_path):
+    """The reader refuses lone surrogates, so normalize skips its search for records from a file; a
+    conversation built in memory is searched (test_pipeline checks that it is refused)."""
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()]
+    )
+    (record,) = iter_raw_records(path)
+    assert record_to_conversation(record).surrogates_checked
+    assert not record_to_conversation(record.data).surrogates_checked
