@@ -29,6 +29,8 @@ from sft.protocol.records import RawRecord, iter_raw_records
 
 HF_PREFIX = "hf://"
 ROWS_PER_BATCH = 1024  # rows converted to Python at a time: bounded memory, little per-batch overhead
+RELEASE_EVERY = 16  # Parquet batches between handing Arrow's freed memory back
+PARQUET_READ_BUFFER = 1 << 20  # bytes: a column chunk is streamed through this, not read whole
 _GLOB_CHARS = set("*?[")
 TABLE_SUFFIXES = (".parquet", ".arrow")
 
@@ -160,16 +162,21 @@ def _file_records(file: str) -> Iterator[RawRecord]:
 def _parquet_batches(file: str) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(file) as table:
-        for index in range(table.num_row_groups):  # one row group decoded at a time
-            yield from table.read_row_group(index, use_threads=False).to_batches(max_chunksize=ROWS_PER_BATCH)
-            _release_freed_arrow_memory()
+    with pq.ParquetFile(file, buffer_size=PARQUET_READ_BUFFER, pre_buffer=False) as table:
+        # ROWS_PER_BATCH rows decoded at a time, their pages read through a small buffer, even inside a row
+        # group: a file written as one row group of a million rows (as pandas and pyarrow do by default)
+        # is never read or decoded whole.
+        batches = table.iter_batches(batch_size=ROWS_PER_BATCH, use_threads=False)
+        for number, batch in enumerate(batches, start=1):
+            yield batch
+            if number % RELEASE_EVERY == 0:
+                _release_freed_arrow_memory()
 
 
 def _release_freed_arrow_memory() -> None:
-    """Arrow's allocator (mimalloc) keeps the memory of freed row groups, more the more rows are read: the
-    BPE pass over 1M rows left the process +108 MB (300k: +49 MB); handed back after each row group, ~+50 MB
-    at both (scripts/bench_memory.py --format parquet)."""
+    """Arrow's allocator (mimalloc) keeps the memory of freed batches, more the more rows are read: the
+    BPE pass over 1M rows left the process +108 MB (300k: +49 MB); handed back every RELEASE_EVERY
+    batches, ~+50 MB at both (scripts/bench_memory.py --format parquet)."""
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import string
 import subprocess
 import sys
 
@@ -43,6 +45,7 @@ def test_rows_are_located_across_record_batches_and_row_groups(tmp_path, monkeyp
     import sft.protocol.sources as sources
 
     monkeypatch.setattr(sources, "ROWS_PER_BATCH", 3)
+    monkeypatch.setattr(sources, "RELEASE_EVERY", 2)
     rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)]
     path = write_parquet(tmp_path / "d.parquet", rows, row_group_size=4)
     released_after: list[int] = []  # rows read when the freed Arrow memory was handed back
@@ -51,7 +54,30 @@ def test_rows_are_located_across_record_batches_and_row_groups(tmp_path, monkeyp
     records.extend(read_records(path))
     assert [record.line for record in records] == list(range(1, 11))
     assert [record.data for record in records] == rows
-    assert released_after == [4, 8, 10]  # after each row group (what Arrow keeps grows with rows otherwise)
+    assert released_after == [6, 10]  # every 2 batches of 3 rows, and at the end
+
+
+def test_a_file_of_one_big_row_group_is_never_decoded_whole(tmp_path, monkeypatch):
+    """pandas and pyarrow write a file in one row group unless told otherwise: it is read and decoded a
+    batch at a time all the same, so what Arrow holds does not grow with the row group."""
+    import sft.protocol.sources as sources
+
+    monkeypatch.setattr(sources, "ROWS_PER_BATCH", 50)
+    letters = "".join(random.Random(0).choices(string.ascii_letters, k=8000))
+
+    def arrow_bytes_held(count: int) -> int:
+        rows = [{"prompt": letters[i : i + 4000], "completion": str(i)} for i in range(count)]
+        path = write_parquet(tmp_path / f"{count}.parquet", rows, row_group_size=count, compression="none")
+        assert pq.ParquetFile(path).num_row_groups == 1
+        start, most = pa.total_allocated_bytes(), 0
+        for number, record in enumerate(read_records(path)):
+            most = max(most, pa.total_allocated_bytes() - start)
+            assert record.data == rows[number]
+        return most
+
+    small, large = arrow_bytes_held(1000), arrow_bytes_held(4000)  # row groups of 4 MB and 16 MB
+    # Decoded whole, the held bytes grew with the row group: 8.0 MB, then 32.1 MB.
+    assert large < 2 * small and large < 12_000_000, (small, large)
 
 
 def test_without_nulls_drops_null_fields_at_any_depth_but_keeps_list_items():
