@@ -47,7 +47,13 @@ class GenerationEvalCallback(L.Callback):
             return
         generator = torch.Generator().manual_seed(self.config.seed)
         generations, metrics = evaluate_generations(
-            model, module.tokenizer, module.template.stop_tokens, items, self.settings, generator
+            model,
+            module.tokenizer,
+            module.template.stop_tokens,
+            items,
+            self.settings,
+            generator,
+            module.template,
         )
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

@@ -179,6 +179,7 @@ def generation_report(bundle, encoder: ConversationEncoder, config: EvalRunConfi
         items,
         GenerationSettings.from_section(config.eval),
         generator,
+        bundle.template,
     )
     metrics.update(scores)
     return report_items(items, [generations])
