@@ -21,6 +21,14 @@ from typing import Any
 
 from sft.tool_call_text import find_tool_calls, tool_call
 
+SCORE_NAMES = (  # every score an item can have, in the order reports and tables show them
+    "exact_match",
+    "normalized_exact_match",
+    "token_f1",
+    "tool_call_parses",
+    "tool_call_name",
+    "tool_call_arguments",
+)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
