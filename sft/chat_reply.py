@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sft.protocol.templates.builtin import BuiltinTemplate
 from sft.protocol.types import ToolCall
 from sft.tool_call_text import channel_call, channel_messages, find_tool_calls
 
@@ -46,6 +47,10 @@ def parse_reply(reply: str, template: Any = None) -> Reply:
     if "<|channel|>" in reply and "<|message|>" in reply:
         return _parse_channels(reply)
     reasoning, answer = split_reasoning(reply)
+    if isinstance(template, BuiltinTemplate):  # text a builtin writes between the body and its eot
+        answer = answer.removesuffix(
+            template.assistant_footer[: template.assistant_footer.index(template.eot)]
+        )
     content, calls = _calls(answer, template)
     return Reply(content, reasoning, calls, shown=reply)
 

@@ -1,5 +1,5 @@
 """Replies parsed into the records' schema: what a template renders for an assistant message, cut where
-generation stops, parses back into that message (GPT-OSS channels, Qwen3 and chatml <think>/<tool_call>);
+generation stops, parses back into that message (GPT-OSS channels, Qwen3 and the builtins' <think> and calls);
 sft-chat keeps it so, and the next turn renders history as the template does (GPT-OSS drops the CoT)."""
 
 from __future__ import annotations
@@ -52,14 +52,16 @@ def generated(template, message: Message) -> str:
         ("gptoss", GPT_OSS_EOT, ["<|return|>", "<|call|>"]),
         ("qwen3", ["<|im_end|>"], None),
         ("chatml", None, None),
+        ("llama3", None, None),  # calls as bare JSON
+        ("microlm", None, None),
     ],
 )
 @pytest.mark.parametrize("message", ASSISTANT, ids=["answer_thought", "answer", "call_thought", "call"])
 def test_a_rendered_turn_parses_back_into_its_message(name, eot, stop, message):
-    template = BUILTINS[name] if name == "chatml" else stock(name, eot)
+    template = BUILTINS[name] if name in BUILTINS else stock(name, eot)
     if stop:
         template = JinjaTemplate(template.source, eot=eot, stop=stop, origin=name)
-    reply = parse_reply(generated(template, message))
+    reply = parse_reply(generated(template, message), template)
     reasoning = message.reasoning if name != "qwen3" or message.reasoning else ""  # Qwen3 thinks always
     assert (reply.content, reply.reasoning, reply.tool_calls) == (
         message.content,
