@@ -34,18 +34,20 @@ class TableLogger:
 
 
 def test_the_wandb_table_has_every_score_and_tool_call_scores_for_calls(monkeypatch):
-    template = BUILTINS["llama3"]  # calls as bare JSON: read in the template's own format
+    template = BUILTINS["chatml"]  # calls in <tool_call> blocks: a bare JSON call is no call here
     tokenizer = make_tokenizer()
     call = ToolCall("get_weather", {"city": "Bern"})
     conversations = [
         Conversation([Message("user", "Hello"), Message("assistant", "Hi there.")]),
         Conversation([Message("user", "Weather in Bern?"), Message("assistant", "", tool_calls=(call,))]),
+        Conversation([Message("user", "Weather, Bern?"), Message("assistant", "", tool_calls=(call,))]),
     ]
     encoder = ConversationEncoder(tokenizer, template, ProtocolConfig())
     items = generation_items(conversations, encoder, max_items=10)
-    answers = {  # the model says the first reference and calls the tool with the wrong city
+    answers = {  # the first reference; the call with the wrong city; the call, but not in the format
         tuple(items[0].prompt_ids): items[0].reference,
-        tuple(items[1].prompt_ids): '{"name": "get_weather", "parameters": {"city": "Basel"}}',
+        tuple(items[1].prompt_ids): items[1].reference.replace("Bern", "Basel"),
+        tuple(items[2].prompt_ids): '{"name": "get_weather", "arguments": {"city": "Bern"}}',
     }
     monkeypatch.setattr(
         sft.generation_eval,
@@ -66,17 +68,17 @@ def test_the_wandb_table_has_every_score_and_tool_call_scores_for_calls(monkeypa
     callback.on_train_batch_end(trainer, module)
 
     [(step, metrics)] = logger.metrics
-    assert step == 2 and metrics["gen/exact_match"] == 0.5
-    assert (metrics["gen/tool_call_parses"], metrics["gen/tool_call_name"]) == (1.0, 1.0)
-    assert metrics["gen/tool_call_arguments"] == 0.0
+    assert step == 2 and metrics["gen/exact_match"] == 1 / 3
+    assert (metrics["gen/tool_call_parses"], metrics["gen/tool_call_arguments"]) == (0.5, 0.0)
     [(key, columns, rows, step)] = logger.tables
     assert (key, step) == ("gen/items", 2)
     assert columns == ["step", "where", "prompt", "reference", "generation", "stopped", *SCORE_NAMES]
-    answer, called = (dict(zip(columns, row, strict=True)) for row in rows)
+    answer, wrong_city, bare = (dict(zip(columns, row, strict=True)) for row in rows)
     assert answer["generation"] == "Hi there." and answer["stopped"] is True
     assert [answer[name] for name in SCORE_NAMES] == [1.0, 1.0, 1.0, None, None, None]
-    assert called["prompt"] == items[1].prompt and called["reference"] == items[1].reference
-    assert [called[name] for name in SCORE_NAMES[3:]] == [1.0, 1.0, 0.0]
+    assert wrong_city["prompt"] == items[1].prompt and wrong_city["reference"] == items[1].reference
+    assert [wrong_city[name] for name in SCORE_NAMES[3:]] == [1.0, 1.0, 0.0]
+    assert [bare[name] for name in SCORE_NAMES[3:]] == [0.0, 0.0, 0.0]
 
 
 def test_the_wandb_sample_table_is_generated_in_one_batch_as_each_prompt_alone(monkeypatch):
