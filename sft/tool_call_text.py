@@ -10,6 +10,7 @@ template, or none, every common format is read:
 - GPT-OSS messages to `functions.NAME`, their text the arguments;
 - Mistral's `[TOOL_CALLS]` followed by a JSON list of calls, or by `NAME[ARGS]{json}`;
 - Llama 3.1's `<|python_tag|>` followed by a JSON call or a builtin tool's `NAME.call(key="value")`;
+- Gemma 4's `<|tool_call>call:NAME{key:value,…}<tool_call|>` (bare keys, strings between `<|"|>`);
 - bare JSON objects with a name and arguments/parameters (Llama 3.1/3.2's custom tools).
 
 A call's text that does not parse is still found (as None), so that a score can count it as broken.
@@ -44,6 +45,9 @@ GLM_ARGUMENT = re.compile(r"<arg_key>([^<]*)</arg_key>\s*<arg_value>((?:(?!<arg_
 MISTRAL_CALLS = "[TOOL_CALLS]"
 MISTRAL_NAMED_CALL = re.compile(r"\s*([^\s\[]+)(?:\[CALL_ID\][^\[]*)?\[ARGS\]")
 PYTHON_TAG = "<|python_tag|>"
+GEMMA_CALL = re.compile(r"<\|tool_call>call:([^{\s]+)(.*?)<tool_call\|>", re.S)
+GEMMA_STRING = '<|"|>'
+GEMMA_KEY = re.compile(r"([{,]\s*)([^\s:{},\[\]\"]+)\s*:")
 BARE_CALL_START = re.compile(r'\{\s*"name"\s*:')
 
 
@@ -109,7 +113,7 @@ def find_tool_calls(text: str, template: Any = None) -> list[FoundCall]:
     if isinstance(template, BuiltinTemplate):
         return _pattern_calls(text, template.tool_call)
     found = _tagged_calls(text, "<tool_call>", "</tool_call>", _tagged_body)
-    found += _channel_calls(text) + _mistral_calls(text) + _python_tag_calls(text)
+    found += _channel_calls(text) + _mistral_calls(text) + _python_tag_calls(text) + _gemma_calls(text)
     kept: list[FoundCall] = []
     for call in sorted(found, key=lambda call: call.start):
         # A format inside another's call is that call's text; the calls of one list share its span.
@@ -225,6 +229,26 @@ def _python_call(source: str) -> Call | None:
     except (SyntaxError, ValueError):
         pass
     return None
+
+
+def _gemma_calls(text: str) -> list[FoundCall]:
+    """Gemma 4's calls: the arguments become JSON once each `<|"|>…<|"|>` string is a JSON string and each
+    bare key is quoted."""
+    found = []
+    for block in GEMMA_CALL.finditer(text):
+        pieces = block.group(2).split(GEMMA_STRING)  # outside, inside, outside, … a string
+        arguments = "".join(
+            json.dumps(piece) if index % 2 else GEMMA_KEY.sub(r'\1"\2":', piece)
+            for index, piece in enumerate(pieces)
+        )
+        closed = len(pieces) % 2 == 1
+        call = (
+            _json_call(f'{{"name": {json.dumps(block.group(1))}, "arguments": {arguments}}}')
+            if closed
+            else None
+        )
+        found.append(FoundCall(block.start(), block.end(), call))
+    return found
 
 
 def _bare_json_calls(text: str, taken: list[FoundCall]) -> list[FoundCall]:
