@@ -9,10 +9,10 @@ import dataclasses
 import pytest
 
 from sft.chat_reply import parse_reply
-from sft.protocol.templates import BUILTINS, JinjaTemplate
+from sft.protocol.templates import BUILTINS
 from sft.protocol.types import Message, ToolCall
 from sft.scoring import score_generation, tool_calls_in_text
-from tests.test_chat_reply import generated, stock
+from tests.helpers import generated_reply, stock_template
 
 CALLS = (ToolCall("get_weather", {"city": "Bern", "days": 2}), ToolCall("get_time", {"zone": "CET"}))
 TOOL_SCORES = ("tool_call_parses", "tool_call_name", "tool_call_arguments")
@@ -50,13 +50,13 @@ def load(name: str):
         return BUILTINS[name]
     eot = STOCK[name][0]
     stop = ["<|return|>", "<|call|>"] if name == "gptoss" else None
-    return JinjaTemplate(stock(name, eot).source, eot=eot, stop=stop, origin=name)
+    return stock_template(name, eot, stop)
 
 
 @pytest.mark.parametrize("name, count", TEMPLATES)
 def test_a_rendered_reference_scores_one_against_itself(name, count):
     template = load(name)
-    reference = generated(template, message(*CALLS[:count]))
+    reference = generated_reply(template, message(*CALLS[:count]))
     scores = score_generation(reference, reference, CALLS[:count], template)
     assert scores == ALL_ONE
     assert score_generation(reference, reference, None, template) == ALL_ONE  # calls read from the text
@@ -69,18 +69,18 @@ def test_a_wrong_name_or_wrong_arguments_score_zero(name, count):
     template = load(name)
     renamed = dataclasses.replace(CALLS[0], name="get_forecast")
     changed = dataclasses.replace(CALLS[0], arguments={"city": "Basel", "days": 2})
-    scores = score_generation(generated(template, message(renamed)), "", CALLS[:1], template)
+    scores = score_generation(generated_reply(template, message(renamed)), "", CALLS[:1], template)
     assert tuple(scores[name] for name in TOOL_SCORES) == (1.0, 0.0, 0.0)
-    scores = score_generation(generated(template, message(changed)), "", CALLS[:1], template)
+    scores = score_generation(generated_reply(template, message(changed)), "", CALLS[:1], template)
     assert tuple(scores[name] for name in TOOL_SCORES) == (1.0, 1.0, 0.0)
-    answer = generated(template, Message("assistant", "It is sunny in Bern."))
+    answer = generated_reply(template, Message("assistant", "It is sunny in Bern."))
     assert tool_scores(answer, template) == (0.0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("name, count", TEMPLATES)
 def test_a_call_that_does_not_parse_scores_zero(name, count):
     template = load(name)
-    reference = generated(template, message(*CALLS[:count]))
+    reference = generated_reply(template, message(*CALLS[:count]))
     broken = reference.replace('"Bern"', '"Bern', 1)  # the first call's JSON (or JSON value) is cut
     if broken == reference:  # the other formats do not quote strings: break their markup instead
         for markup in ("</function>", "</arg_value>", 'Bern<|"|>'):
