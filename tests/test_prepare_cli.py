@@ -3,7 +3,6 @@ never imports (its contract command, run as a user runs it, is in tests/e2e/test
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import socket
@@ -15,12 +14,11 @@ import pytest
 
 from sft.cli.schemas import PrepareConfig
 from sft.config import load_config
-from sft.data import build
 from sft.data.build import prepare
 from sft.data.store import StoreError
 from sft.protocol.pipeline import DataError
 from sft.protocol.tokenizer import load_tokenizer
-from tests.helpers import A, B, contract, make_tokenizer, run_prepare, write_jsonl
+from tests.helpers import A, B, contract, make_read_only, make_tokenizer, run_prepare, write_jsonl
 
 # ---- prepare() in process: the cache ----------------------------------------------------------------------
 
@@ -96,9 +94,12 @@ def test_prepare_never_imports_torch_or_lightning():
     assert result.returncode == 0, result.stderr
 
 
-def test_preparers_of_one_cache_take_turns(tmp_path):
-    """Every rank of a job may call prepare(); the cache lock makes the others wait for the first."""
+@pytest.mark.parametrize("holders", [[False], [True, True]], ids=["another-alone", "two-ranks-sharing"])
+def test_preparers_of_one_cache_take_turns(tmp_path, holders):
+    """A preparer alone waits for the one before it, or for all the ranks preparing their shares at once
+    (they hold the cache lock together: tests/data/test_prepare_share.py)."""
     import threading
+    from contextlib import ExitStack
 
     from sft.data.build import cache_lock
 
@@ -109,7 +110,9 @@ def test_preparers_of_one_cache_take_turns(tmp_path):
         with cache_lock(cache):
             finished.set()
 
-    with cache_lock(cache):
+    with ExitStack() as held:
+        for shared in holders:
+            held.enter_context(cache_lock(cache, shared=shared))
         thread = threading.Thread(target=second_preparer)
         thread.start()
         assert not finished.wait(0.3)
@@ -210,13 +213,7 @@ def test_a_corrupted_cached_tokenizer_is_trained_again_and_a_bad_file_is_named(f
 
 def test_a_read_only_cache_serves_what_it_holds(files, tmp_path, monkeypatch):
     first = prepare(config(files))
-
-    def read_only_open(path, mode="r", *args, **kwargs):
-        if any(flag in mode for flag in "wax+"):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return open(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(build, "open", read_only_open, raising=False)
+    make_read_only(monkeypatch)
     again = prepare(config(files))
     assert again.train[0].store_dir == first.train[0].store_dir and again.accounting == first.accounting
     with pytest.raises(StoreError, match=rf"data.cache_dir={files['cache']} is read-only and lacks a store"):
