@@ -9,7 +9,7 @@ training callback; no Lightning here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -22,6 +22,10 @@ from sft.protocol.types import Conversation, ProtocolError
 from sft.scoring import mean_scores, score_generation
 
 METRIC_PREFIX = "gen/"
+# Without eval.max_new_tokens each item may generate its reference's tokens, its stop token and this many
+# more (a reply that runs on still shows how), at most REFERENCE_BUDGET_CAP: no reference is cut short.
+REFERENCE_MARGIN = 16
+REFERENCE_BUDGET_CAP = 2048
 
 
 @dataclass
@@ -44,15 +48,19 @@ class Generation:
 
 
 def generation_items(
-    conversations: Iterable[Conversation | ProtocolError], encoder: ConversationEncoder, max_items: int
+    conversations: Iterable[Conversation | ProtocolError],
+    encoder: ConversationEncoder,
+    max_items: int,
+    only: Container[str] | None = None,
 ) -> list[GenerationItem]:
     """Up to `max_items` items, in input order, from conversations prepared exactly as training prepares
     them (normalization, system prompt decision, mask strategy). Bad records are skipped: the loss pass
-    over the same input accounts for them."""
+    over the same input accounts for them. `only`: the places (`where`) of the conversations to take,
+    the rest still counting for each one's index (sft.data.validation.validation_conversations)."""
     items: list[GenerationItem] = []
     template, tokenizer = encoder.template, encoder.tokenizer
     for index, conversation in enumerate(conversations):
-        if isinstance(conversation, ProtocolError):
+        if isinstance(conversation, ProtocolError) or (only is not None and conversation.where not in only):
             continue
         try:
             conversation, _ = encoder.prepare(conversation, index)
@@ -87,7 +95,7 @@ def generation_items(
 class GenerationSettings:
     """How items are generated (the `eval` section's keys of the same names)."""
 
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None  # None: each item's own budget (new_token_budgets)
     batch_size: int = 16  # prompts decoded together (sorted by length, left-padded)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
@@ -101,6 +109,17 @@ class GenerationSettings:
         return cls(*(get(f.name, f.default) for f in fields(cls)))
 
 
+def new_token_budgets(
+    items: Sequence[GenerationItem], tokenizer: Any, max_new_tokens: int | None
+) -> int | list[int]:
+    """`max_new_tokens` when set, else each item's reference tokens + 1 (its stop token) + REFERENCE_MARGIN,
+    at most REFERENCE_BUDGET_CAP: a fixed budget below a reference's length would make it unmatchable."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    lengths = (len(tokenizer.encode(item.reference, add_special_tokens=False).ids) for item in items)
+    return [min(length + 1 + REFERENCE_MARGIN, REFERENCE_BUDGET_CAP) for length in lengths]
+
+
 def evaluate_generations(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -110,7 +129,8 @@ def evaluate_generations(
     generator: torch.Generator | None = None,
 ) -> tuple[list[Generation], dict[str, float]]:
     """Generate every item until one of `stop_tokens` (the template's) and score it; returns the
-    generations and the mean scores (`gen/...`)."""
+    generations and the mean scores (`gen/...`), with `gen/stopped`: the fraction that ended at a stop token
+    (the rest were cut by the budget or the context)."""
     stop_ids = {tokenizer.token_to_id(token) for token in stop_tokens}
     was_training = model.training
     model.eval()
@@ -118,7 +138,7 @@ def evaluate_generations(
         new_ids = generate_batch(
             model,
             [item.prompt_ids for item in items],
-            settings.max_new_tokens,
+            new_token_budgets(items, tokenizer, settings.max_new_tokens),
             stop_ids,
             settings.batch_size,
             settings.temperature,
@@ -136,4 +156,6 @@ def evaluate_generations(
     metrics = {
         METRIC_PREFIX + name: value for name, value in mean_scores(g.scores for g in generations).items()
     }
+    if generations:
+        metrics[METRIC_PREFIX + "stopped"] = sum(g.stopped for g in generations) / len(generations)
     return generations, metrics

@@ -241,3 +241,47 @@ def test_sample_exact_match_decodes_in_batches_what_each_item_gives_alone(tokeni
     rows = batch_rows_seen(model)
     assert exact_match_counts(model, alone, tokenizer, chatml, 12, batch_size=4) == (9, 9)
     assert max(rows) == 4
+
+
+def test_each_prompt_decodes_up_to_its_own_budget():
+    model = tiny_decoder()
+    prompts = [[5, 17, 42], [9, 9, 1, 30, 2, 6], [3], [8, 8, 8, 11]]
+    budgets = [2, 9, 5, 1]
+    expected = [generate(model, prompt, budget, set()) for prompt, budget in zip(prompts, budgets)]
+    assert [len(ids) for ids in expected] == budgets
+    for batch_size in (2, 4):
+        assert generate_batch(model, prompts, budgets, set(), batch_size=batch_size) == expected
+
+
+def test_without_max_new_tokens_no_reference_is_cut_and_stopped_says_how_many_were(monkeypatch, tokenizer):
+    """A 32-token budget for all (the old default) cuts a long reference, which then cannot match; the
+    default budgets each item by its reference, and gen/stopped reports the fraction that ended."""
+    import sft.generation_eval
+    from sft.generation_eval import evaluate_generations
+    from sft.protocol.types import Conversation, Message
+
+    long_answer = " ".join(str(number) for number in range(60))
+    conversations = [
+        Conversation([Message("user", "Count"), Message("assistant", long_answer)]),
+        Conversation([Message("user", "Hi"), Message("assistant", "Hello.")]),
+    ]
+    encoder = ConversationEncoder(tokenizer, BUILTINS["chatml"], ProtocolConfig())
+    items = generation_items(conversations, encoder, max_items=10)
+    answers = [tokenizer.encode(item.reference + "<|im_end|>").ids for item in items]
+    assert len(answers[0]) > 40
+    budgets_seen = []
+
+    def replay(model, prompts, budgets, *args):  # the model that answers every reference exactly
+        budgets_seen.append(budgets)
+        limits = [budgets] * len(prompts) if isinstance(budgets, int) else budgets
+        return [answer[:limit] for answer, limit in zip(answers, limits)]
+
+    monkeypatch.setattr(sft.generation_eval, "generate_batch", replay)
+    model = tiny_decoder()
+    _, metrics = evaluate_generations(model, tokenizer, ["<|im_end|>"], items, GenerationSettings())
+    assert metrics["gen/exact_match"] == 1.0 and metrics["gen/stopped"] == 1.0
+    assert budgets_seen[-1] == [len(answer) + 16 for answer in answers]
+    fixed = GenerationSettings(max_new_tokens=32)
+    generations, metrics = evaluate_generations(model, tokenizer, ["<|im_end|>"], items, fixed)
+    assert [g.stopped for g in generations] == [False, True]
+    assert metrics["gen/exact_match"] == 0.5 and metrics["gen/stopped"] == 0.5

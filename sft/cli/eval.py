@@ -1,9 +1,11 @@
 """sft-eval: a checkpoint's val loss and perplexity on trained tokens, generation scores on each trained
 assistant turn (sft.generation_eval), and the sample task's exact match.
 
-    sft-eval ckpt=outputs/RUN/checkpoints/last.ckpt                  # the embedded sample's held-out split
-    sft-eval ckpt=... data.val=[held_out.jsonl] out=report.json      # your data; report.html beside it
-    sft-eval 'ckpt=[a.ckpt,b.ckpt]' data.val=[held_out.jsonl]        # two checkpoints side by side
+    sft-eval ckpt=outputs/RUN/checkpoints/last.ckpt              # the run's own validation data and protocol
+    sft-eval ckpt=... data.val=[held_out.jsonl] out=report.json  # your data; report.html beside it
+    sft-eval 'ckpt=[a.ckpt,b.ckpt]'                              # side by side, on a.ckpt's validation data
+
+Without out=, the report and its page go beside the (first) checkpoint: last.eval.json, last.eval.html.
 
 The loss is the training one: summed cross-entropy over the tokens training would learn (assistant turns
 through their end-of-turn token) divided by their count, so it reads like `val/loss` in metrics.csv.
@@ -31,15 +33,12 @@ from sft.cli.schemas import SampleEvalConfig
 from sft.config import register_defaults
 from sft.data.collate import collate_rows, example_row
 from sft.data.config import DataConfig, as_list
-from sft.data.sample import generate_conversations
-from sft.data.validation import validation_examples
+from sft.data.validation import validation_conversations, validation_examples
 from sft.eval_report import report_items, write_html, write_json
 from sft.evaluate import exact_match_counts, sample_eval_items
-from sft.generation_eval import GenerationSettings, evaluate_generations, generation_items
+from sft.generation_eval import GenerationItem, GenerationSettings, evaluate_generations, generation_items
 from sft.loss import batch_loss_sum
-from sft.protocol.pipeline import Accounting, ConversationEncoder, EncodedExample, read_conversations
-from sft.protocol.records import record_to_conversation
-from sft.protocol.sources import resolve_source
+from sft.protocol.pipeline import Accounting, ConversationEncoder, EncodedExample
 from sft.protocol.types import ProtocolConfig
 from sft.schedule import command_line_keys
 
@@ -63,8 +62,8 @@ class EvalRunConfig:
     """conf/eval.yaml."""
 
     ckpt: str | list[str]  # an sft-train checkpoint (.ckpt), or two to compare side by side
-    out: str | None = None  # a path: also write the report as JSON
-    html: str | None = None  # a path for the HTML page; None: beside `out`, as .html
+    out: str | None = None  # the JSON report; None: beside the checkpoint, <stem>.eval.json (report_paths)
+    html: str | None = None  # the HTML page; None: beside the report, as .html
     seed: int = 1234  # train's default: the sample's held-out split and protocol.seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
@@ -73,18 +72,6 @@ class EvalRunConfig:
 
 
 register_defaults("sft_eval_defaults", EvalRunConfig)
-
-
-def eval_conversations(data: EvalDataConfig, seed: int):
-    """The conversations to score: the files in `data.val`, else the embedded sample's held-out split."""
-    files = as_list(data.val)
-    if not files:
-        records = generate_conversations(data.num_val, seed, split="val")
-        for line, record in enumerate(records, start=1):
-            yield record_to_conversation(record, source="sample-val", line=line)
-        return
-    for path in files:
-        yield from read_conversations(resolve_source(path), data.format, data.columns)
 
 
 def validation_autocast(precision: str | None, device: torch.device) -> contextlib.AbstractContextManager:
@@ -120,16 +107,23 @@ def trained_token_loss(
     return loss_sum, trained_tokens
 
 
-def evaluate_checkpoint(config: EvalRunConfig, explicit: set[str] | None = None) -> dict[str, Any]:
-    """The report: metrics under training's names, what was evaluated, and the accounting of every line.
-
-    `explicit`: the keys the command line set; the rest of `data`, `protocol` and `seed` follow the run
-    (its checkpoint's section: its own validation data, max_seq_len, system prompt). None: `config` as is."""
-    bundle = load_for_inference(config.ckpt, device=resolve_device(config.device))
+def run_settings(config: EvalRunConfig, section: dict[str, Any], explicit: set[str] | None) -> dict[str, Any]:
+    """The `seed`, `data` and `protocol` to evaluate with: the run's own (its checkpoint `section`: its
+    validation data, max_seq_len, system prompt) under what the command line set (`explicit`); None:
+    `config`'s as they are."""
     given = {"seed": config.seed, "data": asdict(config.data), "protocol": asdict(config.protocol)}
-    followed = given if explicit is None else follow_checkpoint(bundle.section, given, explicit)
-    data, seed = followed["data"], followed["seed"]
-    encoder = ConversationEncoder(bundle.tokenizer, bundle.template, ProtocolConfig(**followed["protocol"]))
+    return given if explicit is None else follow_checkpoint(section, given, explicit)
+
+
+def evaluate_checkpoint(
+    config: EvalRunConfig, explicit: set[str] | None = None, settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The report: metrics under training's names, what was evaluated, the `settings` it was evaluated with
+    (run_settings(config, checkpoint section, explicit) unless given) and the accounting of every line."""
+    bundle = load_for_inference(config.ckpt, device=resolve_device(config.device))
+    settings = settings or run_settings(config, bundle.section, explicit)
+    data, seed = settings["data"], settings["seed"]
+    encoder = ConversationEncoder(bundle.tokenizer, bundle.template, ProtocolConfig(**settings["protocol"]))
     accounting = Accounting()
     examples, description = validation_examples(data, seed, encoder, accounting)
     if not examples:
@@ -148,9 +142,12 @@ def evaluate_checkpoint(config: EvalRunConfig, explicit: set[str] | None = None)
         "examples": len(examples),
         "metrics": metrics,
         "accounting": accounting.to_dict(),
+        "settings": settings,
     }
     if config.eval.generate:
-        report["items"] = generation_report(bundle, encoder, config, metrics)
+        conversations, only = validation_conversations(data, seed, examples)
+        items = generation_items(conversations, encoder, config.eval.max_items, only)
+        report["items"] = generation_report(bundle, items, config.eval, seed, metrics)
     if data.get("name", "sample") == "sample" and not data.get("val") and config.eval.exact_match:
         items = sample_eval_items(seed, data["num_val"], config.eval.max_items)
         correct, total = exact_match_counts(
@@ -158,7 +155,7 @@ def evaluate_checkpoint(config: EvalRunConfig, explicit: set[str] | None = None)
             items,
             bundle.tokenizer,
             bundle.template,
-            config.eval.max_new_tokens,
+            config.eval.sample_max_new_tokens,
             config.eval.batch_size,
         )
         metrics["eval/exact_match"] = correct / total
@@ -166,27 +163,31 @@ def evaluate_checkpoint(config: EvalRunConfig, explicit: set[str] | None = None)
     return report
 
 
-def generation_report(bundle, encoder: ConversationEncoder, config: EvalRunConfig, metrics: dict) -> list:
-    """Generate each trained assistant turn (up to eval.max_items), add the mean scores to `metrics`;
-    returns the report's items."""
-    conversations = eval_conversations(config.data, config.seed)
-    items = generation_items(conversations, encoder, config.eval.max_items)
-    generator = torch.Generator().manual_seed(config.seed)
+def generation_report(
+    bundle, items: list[GenerationItem], section: SampleEvalConfig, seed: int, metrics: dict
+) -> list:
+    """Generate each item, add the mean scores to `metrics`; returns the report's items."""
+    generator = torch.Generator().manual_seed(seed)
     generations, scores = evaluate_generations(
         bundle.model,
         bundle.tokenizer,
         bundle.template.stop_tokens,
         items,
-        GenerationSettings.from_section(config.eval),
+        GenerationSettings.from_section(section),
         generator,
     )
     metrics.update(scores)
     return report_items(items, [generations])
 
 
-def compare_checkpoints(config: EvalRunConfig) -> dict[str, Any]:
-    """Each checkpoint of `ckpt=[a.ckpt,b.ckpt]` on the same items; their generations side by side."""
-    return side_by_side([evaluate_checkpoint(dataclasses.replace(config, ckpt=ckpt)) for ckpt in config.ckpt])
+def compare_checkpoints(config: EvalRunConfig, explicit: set[str] | None = None) -> dict[str, Any]:
+    """Each checkpoint of `ckpt=[a.ckpt,b.ckpt]` on the same items, with the first one's run settings
+    (its validation data and protocol, under `explicit`); their generations side by side."""
+    first, *others = config.ckpt
+    reports = [evaluate_checkpoint(dataclasses.replace(config, ckpt=first), explicit)]
+    settings = reports[0]["settings"]
+    reports += [evaluate_checkpoint(dataclasses.replace(config, ckpt=c), settings=settings) for c in others]
+    return side_by_side(reports)
 
 
 def side_by_side(reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -223,23 +224,35 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  {'exact_match_items':22s} {report['exact_match_items']}")
 
 
+def report_paths(config: EvalRunConfig) -> tuple[Path, Path]:
+    """(JSON report, HTML page): `out=`/`html=` when given, else beside the (first) checkpoint, as
+    `<stem>.eval.json` (`<a>.vs.<b>.eval.json` for two), inside the run like TRL's eval_results.json; the
+    page beside the report, as .html."""
+    if config.out:
+        out = Path(config.out)
+    else:
+        checkpoints = [Path(ckpt) for ckpt in as_list(config.ckpt)]
+        out = checkpoints[0].with_name(".vs.".join(c.stem for c in checkpoints) + ".eval.json")
+    return out, Path(config.html) if config.html else out.with_suffix(".html")
+
+
 def run(config: EvalRunConfig, cfg: DictConfig) -> None:
+    explicit = command_line_keys(list(HydraConfig.get().overrides.task))
     try:
         if isinstance(config.ckpt, list):
-            report = compare_checkpoints(config)
+            report = compare_checkpoints(config, explicit)
             page = report
             print_comparison(report)
         else:
-            report = evaluate_checkpoint(config, command_line_keys(list(HydraConfig.get().overrides.task)))
+            report = evaluate_checkpoint(config, explicit)
             page = side_by_side([dict(report)])
             print_report(report)
     except CheckpointError as error:
         sys.exit(f"sft-eval: {error}")
-    if config.out:
-        write_json(report, config.out)
-        print(f"report: {config.out}")
-    html = config.html or (config.out and str(Path(config.out).with_suffix(".html")))
-    if html and config.eval.generate:
+    out, html = report_paths(config)
+    write_json(report, out)
+    print(f"report: {out}")
+    if config.eval.generate:
         write_html(page, html)
         print(f"page:   {html}")
 

@@ -89,6 +89,9 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.every_n_train_steps={self.every_n_train_steps}: expected >= 1")
 
 
+SAMPLE_MAX_NEW_TOKENS = 32
+
+
 @dataclass
 class SampleEvalConfig:
     """Greedy exact match on held-out sample conversations (data=sample only), and generation on data.val:
@@ -97,16 +100,23 @@ class SampleEvalConfig:
 
     exact_match: bool = True
     max_items: int = 200
-    max_new_tokens: int = 32
+    # None: generation gives each item its reference's length + 16 tokens (sft.generation_eval), the sample's
+    # exact match and W&B samples SAMPLE_MAX_NEW_TOKENS; a number: that budget for all of them
+    max_new_tokens: int | None = None
     generate: bool = True  # sft-eval: the gen/* scores, the report's items and the HTML page
     generate_every_n_steps: int = 0
     batch_size: int = 16  # prompts generated together (sorted by length, left-padded)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
 
+    @property
+    def sample_max_new_tokens(self) -> int:
+        """The fixed budget of the sample's exact match and of W&B samples (short replies)."""
+        return SAMPLE_MAX_NEW_TOKENS if self.max_new_tokens is None else self.max_new_tokens
+
     def __post_init__(self) -> None:
         for key in ("max_items", "max_new_tokens", "batch_size"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"eval.{key}={getattr(self, key)}: expected >= 1")
         if self.generate_every_n_steps < 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(

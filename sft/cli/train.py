@@ -207,7 +207,7 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
         callbacks.append(StepProgressBar(config.trainer.get("log_every_n_steps", 50)))
     if config.data.name == "sample" and config.eval.exact_match:
         items = sample_eval_items(config.seed, config.data.num_val, config.eval.max_items)
-        callbacks.append(ExactMatchCallback(items, config.eval.max_new_tokens, config.eval.batch_size))
+        callbacks.append(ExactMatchCallback(items, config.eval.sample_max_new_tokens, config.eval.batch_size))
     if config.eval.generate_every_n_steps:
         from sft.generation_callback import GenerationEvalCallback
 
@@ -215,7 +215,7 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
     if config.logger.name == "wandb":
         from sft.wandb_generations import WandbExtras
 
-        callbacks.append(WandbExtras(config.logger.generations, config.eval.max_new_tokens))
+        callbacks.append(WandbExtras(config.logger.generations, config.eval.sample_max_new_tokens))
     ckpt_path = resume_from(config.ckpt_path, run_dir)
     if ckpt_path == "last":
         ckpt_path = str(checkpoint_dir / "last.ckpt") if (checkpoint_dir / "last.ckpt").is_file() else None

@@ -51,27 +51,46 @@ def file_conversations(
         yield from read_conversations(resolve_source(path), fmt, columns)
 
 
-def validation_examples(
-    data: Mapping[str, Any], seed: int, encoder: ConversationEncoder, accounting: Accounting
-) -> tuple[list[EncodedExample], str]:
-    """(the validation examples of a run with this `data` section and `seed`, what they are) encoded in
-    memory; `accounting` covers every line read (for a val_fraction split: the whole training data)."""
+def validation_source(
+    data: Mapping[str, Any], seed: int
+) -> tuple[Iterator[Conversation | ProtocolError], str, float]:
+    """(the conversations a run with this `data` section and `seed` validates from, what they are, the
+    fraction of them held out: 0 when all of them are validation data)."""
     fmt, columns = data.get("format", "auto"), data.get("columns")
     if val_files := as_list(data.get("val")):
-        examples = encoder.encode_conversations(file_conversations(val_files, fmt, columns), accounting)
-        return list(examples), ", ".join(val_files)
+        return file_conversations(val_files, fmt, columns), ", ".join(val_files), 0.0
     if data.get("name", "sample") == "sample":
-        examples = encoder.encode_conversations(sample_val_conversations(data["num_val"], seed), accounting)
-        return list(examples), f"sample held-out split (seed {seed}, {data['num_val']} conversations)"
+        description = f"sample held-out split (seed {seed}, {data['num_val']} conversations)"
+        return sample_val_conversations(data["num_val"], seed), description, 0.0
     fraction = data.get("val_fraction") or 0.0
     if fraction <= 0:
         raise ValueError(
             "the run had no validation data (no data.val, data.val_fraction=0); give files: data.val=[...]"
         )
     train_files = as_list(data.get("train"))
-    conversations = file_conversations(train_files, fmt, columns)
-    examples = list(encoder.encode_conversations(conversations, accounting))
-    first_rows = [example.split is None or example.split[0] == 1 for example in examples]
-    _, held_out = split_val(np.arange(len(examples)), fraction, seed, np.cumsum(first_rows))
     description = f"data.val_fraction={fraction} of {', '.join(train_files)} (seed {seed})"
-    return [examples[i] for i in held_out], description
+    return file_conversations(train_files, fmt, columns), description, fraction
+
+
+def validation_examples(
+    data: Mapping[str, Any], seed: int, encoder: ConversationEncoder, accounting: Accounting
+) -> tuple[list[EncodedExample], str]:
+    """(the validation examples of a run with this `data` section and `seed`, what they are) encoded in
+    memory; `accounting` covers every line read (for a val_fraction split: the whole training data)."""
+    conversations, description, fraction = validation_source(data, seed)
+    examples = list(encoder.encode_conversations(conversations, accounting))
+    if fraction > 0:
+        first_rows = [example.split is None or example.split[0] == 1 for example in examples]
+        _, held_out = split_val(np.arange(len(examples)), fraction, seed, np.cumsum(first_rows))
+        examples = [examples[i] for i in held_out]
+    return examples, description
+
+
+def validation_conversations(
+    data: Mapping[str, Any], seed: int, examples: list[EncodedExample]
+) -> tuple[Iterator[Conversation | ProtocolError], set[str] | None]:
+    """(the stream `validation_examples` encoded, the places of the conversations its `examples` came from:
+    None when every conversation of the stream is validation data). Generation reads the whole stream, so
+    each conversation keeps its index, on which the system-prompt draw depends."""
+    conversations, _, fraction = validation_source(data, seed)
+    return conversations, ({example.where for example in examples} if fraction > 0 else None)

@@ -59,7 +59,7 @@ def generate(
 def generate_batch(
     model: torch.nn.Module,
     prompts: Sequence[list[int]],
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     stop_ids: set[int],
     batch_size: int,
     temperature: float = 0.0,
@@ -70,10 +70,15 @@ def generate_batch(
 
     Prompts are sorted by length, so that a batch pads little, and left-padded: each row gets its own
     positions and a mask that hides its padding, in the prompt pass and every cached step, so it sees what
-    it would alone. A row stops at a stop id or its budget (max_new_tokens, or what its context leaves); an
-    empty prompt or one that fills the context gets no ids. A batch ends when every row has stopped."""
+    it would alone. A row stops at a stop id or its budget (max_new_tokens, one for all or one per prompt, or
+    what its context leaves); an empty prompt or one that fills the context gets no ids. A batch ends when
+    every row has stopped."""
     context_len = model.config.max_position_embeddings
-    budgets = [min(max_new_tokens, context_len - len(prompt)) if prompt else 0 for prompt in prompts]
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+    budgets = [
+        min(limit, context_len - len(prompt)) if prompt else 0
+        for prompt, limit in zip(prompts, limits, strict=True)
+    ]
     order = sorted(
         (index for index, budget in enumerate(budgets) if budget > 0), key=lambda i: len(prompts[i])
     )
