@@ -319,7 +319,7 @@ def cache_lock(cache_dir: Path, shared: bool = False) -> Iterator[bool]:
     the lock, which nobody can take to write there either; only what is already in it can be opened."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     try:
-        handle = open(cache_dir / ".lock", "a")
+        handle = open(cache_dir / ".lock", "a+")  # readable too: NFS emulates a shared flock by a read lock
     except OSError as error:
         if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
