@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,15 +54,16 @@ class GenerationEvalCallback(L.Callback):
         self.settings = GenerationSettings.from_section(config.eval)
         self._items: list[GenerationItem] | None = None
         self._last_step = -1
+        self._single_process_model = SingleProcessModel()
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if step == 0 or step % self.every_n_steps or step == self._last_step:
             return  # after accumulation, several micro-batches end on the same optimizer step
         self._last_step = step
-        model = single_process_model(module)
-        if trainer.is_global_zero:
-            self._generate(trainer, module, model, step)
+        with self._single_process_model(module) as model:
+            if trainer.is_global_zero:
+                self._generate(trainer, module, model, step)
         trainer.strategy.barrier("generation_eval")
 
     def _generate(self, trainer: L.Trainer, module: L.LightningModule, model: torch.nn.Module, step: int):
@@ -100,22 +103,39 @@ class GenerationEvalCallback(L.Callback):
         return self._items
 
 
-def single_process_model(module: L.LightningModule) -> torch.nn.Module:
-    """A model that one process can run alone: the module's own, or, when its parameters are sharded
-    (DTensor), a full copy gathered to rank 0's CPU (a collective: call it on every rank)."""
-    from torch.distributed.tensor import DTensor
+class SingleProcessModel:
+    """A model that one process can run alone, on the module's device: the module's own, or, when its
+    parameters are sharded (DTensor), a full copy gathered to rank 0 (a collective: enter it on every rank).
 
-    model = module.model
-    if not any(isinstance(parameter, DTensor) for parameter in model.parameters()):
-        return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    The copy is built once (model=hf: one from_pretrained) and kept on the CPU between evaluations; each
+    use loads the gathered weights into it, moves it to the module's device (a GPU) for generation and
+    back afterwards, so the device holds the second model only while it generates."""
 
-    from sft.model import build_model
+    def __init__(self) -> None:
+        self._copy: torch.nn.Module | None = None
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
-    if not state:  # only rank 0 receives the gathered weights, and only rank 0 generates
-        return model
-    full = build_model(dict(module.hparams["model_config"]))
-    full.load_state_dict(state)
-    return full.eval()
+    @contextmanager
+    def __call__(self, module: L.LightningModule) -> Iterator[torch.nn.Module]:
+        from torch.distributed.tensor import DTensor
+
+        model = module.model
+        if not any(isinstance(parameter, DTensor) for parameter in model.parameters()):
+            yield model
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # one full copy, rank 0's
+        state = get_model_state_dict(model, options=options)
+        if not state:  # only rank 0 receives the gathered weights, and only rank 0 generates
+            yield model
+            return
+        if self._copy is None:
+            from sft.model import build_model
+
+            self._copy = build_model(dict(module.hparams["model_config"])).eval()
+        self._copy.load_state_dict(state)
+        del state
+        try:
+            yield self._copy.to(module.device)
+        finally:
+            self._copy.to("cpu")  # moves keep tied weights tied and buffers (HF's rotary) as they are

@@ -107,6 +107,22 @@ def contract(files, tmp_path, *extra: str) -> list[str]:
     ]
 
 
+def make_read_only(monkeypatch) -> None:
+    """Every file preparation opens to write or lock fails as on a read-only mount (root, as in CI
+    containers, ignores file modes)."""
+    import errno
+
+    from sft.data import build, ranks
+
+    def read_only_open(path, mode="r", *args, **kwargs):
+        if any(flag in mode for flag in "wax+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return open(path, mode, *args, **kwargs)
+
+    for module in (build, ranks):
+        monkeypatch.setattr(module, "open", read_only_open, raising=False)
+
+
 # ---- stock chat templates (trl's wheel) and what a model writes for a message ---------------------------
 
 

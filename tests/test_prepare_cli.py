@@ -3,7 +3,7 @@ never imports (its contract command, run as a user runs it, is in tests/e2e/test
 
 from __future__ import annotations
 
-import errno
+import fcntl
 import json
 import os
 import socket
@@ -15,12 +15,11 @@ import pytest
 
 from sft.cli.schemas import PrepareConfig
 from sft.config import load_config
-from sft.data import build
 from sft.data.build import prepare
 from sft.data.store import StoreError
 from sft.protocol.pipeline import DataError
 from sft.protocol.tokenizer import load_tokenizer
-from tests.helpers import A, B, contract, make_tokenizer, run_prepare, write_jsonl
+from tests.helpers import A, B, contract, make_read_only, make_tokenizer, run_prepare, write_jsonl
 
 # ---- prepare() in process: the cache ----------------------------------------------------------------------
 
@@ -96,9 +95,12 @@ def test_prepare_never_imports_torch_or_lightning():
     assert result.returncode == 0, result.stderr
 
 
-def test_preparers_of_one_cache_take_turns(tmp_path):
-    """Every rank of a job may call prepare(); the cache lock makes the others wait for the first."""
+@pytest.mark.parametrize("holders", [[False], [True, True]], ids=["another-alone", "two-ranks-sharing"])
+def test_preparers_of_one_cache_take_turns(tmp_path, holders):
+    """A preparer alone waits for the one before it, or for all the ranks preparing their shares at once
+    (they hold the cache lock together)."""
     import threading
+    from contextlib import ExitStack
 
     from sft.data.build import cache_lock
 
@@ -109,12 +111,65 @@ def test_preparers_of_one_cache_take_turns(tmp_path):
         with cache_lock(cache):
             finished.set()
 
-    with cache_lock(cache):
+    with ExitStack() as held:
+        for shared in holders:
+            held.enter_context(cache_lock(cache, shared=shared))
         thread = threading.Thread(target=second_preparer)
         thread.start()
         assert not finished.wait(0.3)
     thread.join(5)
     assert finished.is_set()
+
+
+# ---- several ranks preparing their shares at once (simulated one after the other, through their environment)
+
+
+def as_rank(monkeypatch, rank: int, world_size: int = 2) -> None:
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(world_size))
+
+
+def test_two_ranks_open_a_read_only_cache_and_name_what_it_lacks(files, monkeypatch):
+    cfg = config(files)
+    cfg.data.train = [files["a"], files["b"]]
+    single = prepare(cfg)
+    make_read_only(monkeypatch)
+    for rank in (0, 1):
+        as_rank(monkeypatch, rank)
+        shared = prepare(cfg)
+        assert [store.store_dir for store in shared.train] == [store.store_dir for store in single.train]
+        assert shared.accounting == single.accounting
+    cfg.protocol.max_seq_len = 100  # another key: a store the cache lacks, which nobody may write
+    with pytest.raises(StoreError, match=rf"data.cache_dir={files['cache']} is read-only and lacks a store"):
+        prepare(cfg)
+
+
+def leftover_stores(stores) -> tuple:
+    """(abandoned, alive, elsewhere): temporaries of a dead and of a live writer of this host, and of a
+    writer on another host (whose pid says nothing here)."""
+    stores.mkdir(parents=True, exist_ok=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    host = socket.gethostname()
+    abandoned = stores / f"{'0' * 64}.tmp-{host}-{int(dead.stdout)}-0123abcd"
+    alive = stores / f"{'1' * 64}.tmp-{host}-{os.getpid()}-0123abcd"
+    elsewhere = stores / f"{'2' * 64}.tmp-other-host-{int(dead.stdout)}-0123abcd"
+    for directory in (abandoned, alive, elsewhere):
+        directory.mkdir()
+        (directory / "input_ids.bin").write_bytes(b"\0" * 10)
+    return abandoned, alive, elsewhere
+
+
+def test_ranks_remove_abandoned_stores_only_when_nobody_else_prepares(files, tmp_path, monkeypatch):
+    abandoned, alive, _ = leftover_stores(tmp_path / "cache" / "stores")
+    cfg = config(files)
+    as_rank(monkeypatch, 0)
+    with open(tmp_path / "cache" / ".lock", "a") as other:  # another rank (or job) is preparing here
+        fcntl.flock(other, fcntl.LOCK_SH)
+        prepare(cfg)
+    assert abandoned.exists() and alive.exists()  # its pid gone here may be a live writer elsewhere
+    as_rank(monkeypatch, 1)
+    prepare(cfg)  # alone in the cache
+    assert not abandoned.exists() and alive.exists()
 
 
 # ---- hostile and careless input ----------------------------------------------------------------------------
@@ -180,18 +235,7 @@ def test_a_truncated_json_array_is_located_and_its_whole_records_counted(files, 
 
 
 def test_stores_left_half_written_by_dead_preparers_are_removed(files, tmp_path):
-    stores = tmp_path / "cache" / "stores"
-    stores.mkdir(parents=True)
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    host = socket.gethostname()
-    abandoned = stores / f"{'0' * 64}.tmp-{host}-{int(dead.stdout)}-0123abcd"
-    alive = stores / f"{'1' * 64}.tmp-{host}-{os.getpid()}-0123abcd"
-    elsewhere = stores / f"{'2' * 64}.tmp-other-host-{int(dead.stdout)}-0123abcd"
-    for directory in (abandoned, alive, elsewhere):
-        directory.mkdir()
-        (directory / "input_ids.bin").write_bytes(b"\0" * 10)
+    abandoned, alive, elsewhere = leftover_stores(tmp_path / "cache" / "stores")
     prepare(config(files))
     assert not abandoned.exists() and alive.exists() and elsewhere.exists()
 
@@ -210,13 +254,7 @@ def test_a_corrupted_cached_tokenizer_is_trained_again_and_a_bad_file_is_named(f
 
 def test_a_read_only_cache_serves_what_it_holds(files, tmp_path, monkeypatch):
     first = prepare(config(files))
-
-    def read_only_open(path, mode="r", *args, **kwargs):
-        if any(flag in mode for flag in "wax+"):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return open(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(build, "open", read_only_open, raising=False)
+    make_read_only(monkeypatch)
     again = prepare(config(files))
     assert again.train[0].store_dir == first.train[0].store_dir and again.accounting == first.accounting
     with pytest.raises(StoreError, match=rf"data.cache_dir={files['cache']} is read-only and lacks a store"):

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -295,41 +295,59 @@ def prepare(cfg: PrepareConfig, local_ranks: int = 1) -> PreparedData:
     if ranks.world_size > 1:
         return prepare_share(cfg, ranks)
     with cache_lock(cache_dir) as writable:
-        if writable:  # under the lock nobody else is preparing: leftovers of killed preparers can go
-            remove_abandoned_stores(cache_dir / "stores")
         return _prepare_locked(cfg, cache_dir, cfg.data.format, cfg.protocol, template, writable, ranks)
 
 
 def prepare_share(cfg: PrepareConfig, ranks: PrepareRanks, ready: Ready | None = None) -> PreparedData:
-    """One rank's preparation when every rank prepares its share at once (sft.data.ranks): entry locks,
-    no cache-wide lock; every store of the run is opened in the end."""
+    """One rank's preparation when every rank prepares its share at once (sft.data.ranks): the cache lock
+    shared with the other ranks, entry locks; every store of the run is opened in the end."""
+    cache_dir = Path(cfg.data.cache_dir)
     template = load_template(dataclasses.asdict(cfg.template))
-    return _prepare_locked(
-        cfg, Path(cfg.data.cache_dir), cfg.data.format, cfg.protocol, template, True, ranks, ready
-    )
+    with cache_lock(cache_dir, shared=True) as writable:
+        return _prepare_locked(
+            cfg, cache_dir, cfg.data.format, cfg.protocol, template, writable, ranks, ready
+        )
 
 
 @contextmanager
-def cache_lock(cache_dir: Path) -> Iterator[bool]:
-    """One preparer per cache at a time: when every rank of a job runs `prepare` (srun, torchrun), the first
-    builds the tokenizer and stores and the others wait, then open them from the cache.
+def cache_lock(cache_dir: Path, shared: bool = False) -> Iterator[bool]:
+    """Who prepares in a cache at once: one process preparing everything alone (another such process, a
+    second run on the same data, waits, then opens what the first built), or, `shared`, every rank of a
+    job, each building its share under entry locks (prepare_share) while a lone preparer waits.
 
     Yields whether the cache is writable. A read-only cache (a shared, prepared data set) is used without
     the lock, which nobody can take to write there either; only what is already in it can be opened."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     try:
-        handle = open(cache_dir / ".lock", "a")
+        handle = open(cache_dir / ".lock", "a+")  # readable too: NFS emulates a shared flock by a read lock
     except OSError as error:
         if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
         yield False
         return
     with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        _lock_and_clean(handle, cache_dir / "stores", shared)
         try:
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lock_and_clean(handle: IO[str], stores: Path, shared: bool) -> None:
+    """Take the cache lock; whoever gets it while no one else holds it (nobody else is preparing here)
+    removes the leftovers of killed preparers. A shared taker finding others at work leaves them alone:
+    a temporary that looks dead (its pid gone here) may be a live writer in another pid namespace."""
+    if shared:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            return
+    else:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    remove_abandoned_stores(stores)
+    if shared:
+        fcntl.flock(handle, fcntl.LOCK_SH)  # the job's other ranks may come in now
 
 
 def _prepare_locked(

@@ -126,12 +126,13 @@ def prepare_in_turn(
     taken up front, so that the other ranks wait for them rather than duplicate them), then every entry
     under its lock again: a store another rank built is only opened; one whose builder failed is built
     here and fails the same way. On one rank this is simply every entry in order; `lock_dir` None (a
-    read-only cache, where nothing is built) takes no locks. `ready()`, called once this rank holds its
-    locks, returns when every rank does (prepare_on_local_ranks), so none takes another's entry first."""
+    read-only cache, where nothing is built, only opened) takes no locks and has no shares: every rank
+    opens every entry. `ready()`, called once this rank holds its locks, returns when every rank does
+    (prepare_on_local_ranks), so none takes another's entry first."""
     unique = dict(zip(entries, sizes, strict=True))  # an entry listed twice is built once, by one owner
     owners = assign_entries(list(unique.values()), ranks.world_size)
     built: dict[str, T] = {}
-    if ranks.world_size > 1:
+    if ranks.world_size > 1 and lock_dir is not None:
         mine = [entry for entry, owner in zip(unique, owners, strict=True) if owner == ranks.rank]
         print(f"sft: {ranks.describe(len(mine), len(unique))}", file=sys.stderr)
         locks = [ArtifactLock(entry_lock_path(lock_dir, entry)).acquire() for entry in mine]

@@ -1,5 +1,6 @@
 """hardware=fsdp_cpu (FSDP2 over gloo) matches one process step for step, clips by the global gradient norm,
-evaluates with a sharded model, and resumes from its checkpoint with identical losses.
+evaluates with a sharded model, generates during training with its gathered copy, and resumes from its
+checkpoint with identical losses.
 
 Run as the `sft-train` console script: ModelParallelStrategy re-launches the command line for each extra
 process, which `python -c` cannot be."""
@@ -80,14 +81,19 @@ def assert_same_steps(want: Path, got: Path, steps: set[int]) -> None:
 def single(tmp_path_factory, cache_dir) -> Path:
     """The reference: one process over the same global batch (4 rows = 2 ranks x 2)."""
     run_dir = tmp_path_factory.mktemp("fsdp") / "single"
-    sft_train(run_dir, cache_dir, "hardware=cpu", "data.batch_size=4")
+    sft_train(run_dir, cache_dir, "hardware=cpu", "data.batch_size=4", "eval.generate_every_n_steps=2")
     return run_dir
 
 
 def test_two_sharded_processes_match_one_process(tmp_path, cache_dir, single):
     sharded = tmp_path / "sharded"
-    sft_train(sharded, cache_dir, "hardware=fsdp_cpu", "data.batch_size=2")
+    sft_train(sharded, cache_dir, "hardware=fsdp_cpu", "data.batch_size=2", "eval.generate_every_n_steps=2")
     assert_same_steps(single, sharded, {0, 1, 2, 3})
+    for metric in ("gen/exact_match", "gen/token_f1"):  # generated on rank 0 by the gathered full model
+        assert (
+            metric_rows(sharded, metric) == metric_rows(single, metric)
+            and len(metric_rows(single, metric)) == 2
+        )
     assert all(norm > 0.05 for norm in metric_rows(single, "train/grad_norm").values())  # clipping ran
     want, got = summary(single)["metrics"], summary(sharded)["metrics"]
     for metric in ("val/loss", "eval/exact_match"):

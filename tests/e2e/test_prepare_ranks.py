@@ -1,5 +1,6 @@
 """Preparation on two ranks at once (as torchrun or srun start them) gives the stores, rows, order and
-accounting of one process, each rank encoding its own share; a BPE tokenizer is trained once."""
+accounting of one process, each rank encoding its own share; a BPE tokenizer is trained once; a read-only
+cache (a real read-only mount) is opened by both ranks."""
 
 from __future__ import annotations
 
@@ -90,6 +91,49 @@ def test_two_ranks_prepare_disjoint_shares_into_the_stores_of_one_process(tmp_pa
         json.loads(p.read_text()) for p in (tmp_path / "shared-cache" / "stores").glob("*/manifest.json")
     ]
     assert sum(manifest["accounting"]["read"] for manifest in manifests) == 30 * 2 + 20 * 3 + 6 + 15 + 6
+
+
+def read_only_view(source: Path, view: Path) -> list[str]:
+    """A prefix that runs a command with `view` a read-only mount of `source`, in a mount namespace of its
+    own (no privileges needed where user namespaces are allowed; as root, a mode would not stop writes)."""
+    mount = 'mount --bind "$1" "$2" && mount -o remount,bind,ro "$2" && shift 2 && exec "$@"'
+    return ["unshare", "-rm", "sh", "-c", mount, "sh", str(source), str(view)]
+
+
+def test_two_ranks_open_a_read_only_cache_and_name_what_it_lacks(tmp_path):
+    """A prepared data set shared read-only: every rank opens every store, taking no lock there."""
+    files = [write_jsonl(tmp_path / f"{index}.jsonl", records) for index, records in enumerate([A * 3, B, A])]
+    cache, view = tmp_path / "cache", tmp_path / "read-only"
+    single = prepare_command(tmp_path, files, cache, tmp_path / "single.jsonl")
+    assert subprocess.run(single, capture_output=True, env=environment(), cwd=tmp_path).returncode == 0
+    view.mkdir()
+    if subprocess.run([*read_only_view(cache, view), "true"], capture_output=True).returncode:
+        pytest.skip("no unprivileged mount namespace here (unshare -rm) for a read-only mount")
+
+    def on_two_ranks(*overrides: str) -> list[tuple[int, str]]:
+        ranks = [
+            subprocess.Popen(
+                [
+                    *read_only_view(cache, view),
+                    *prepare_command(tmp_path, files, view, tmp_path / f"rank{rank}.jsonl"),
+                    *overrides,
+                ],
+                stderr=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                text=True,
+                cwd=tmp_path,
+                env=environment(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2"),
+            )
+            for rank in (0, 1)
+        ]
+        errors = [process.communicate(timeout=300)[1] for process in ranks]
+        return [(process.returncode, error) for process, error in zip(ranks, errors, strict=True)]
+
+    assert [code for code, _ in on_two_ranks()] == [0, 0]
+    expected = (tmp_path / "single.jsonl").read_bytes()
+    assert (tmp_path / "rank0.jsonl").read_bytes() == expected == (tmp_path / "rank1.jsonl").read_bytes()
+    for code, stderr in on_two_ranks("protocol.max_seq_len=100"):  # another key: stores the cache lacks
+        assert code != 0 and f"data.cache_dir={view} is read-only and lacks a store" in stderr
 
 
 def test_hardware_ddp_cpu_prepares_on_both_ranks_at_once_what_one_process_prepares(tmp_path):
