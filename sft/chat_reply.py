@@ -4,26 +4,19 @@ drop reasoning there), and so that the terminal shows the reasoning apart from t
 
 Formats read: GPT-OSS's channels (`<|channel|>analysis<|message|>…<|end|><|start|>assistant<|channel|>
 final<|message|>…`, calls `<|start|>assistant to=functions.NAME<|channel|>commentary json<|message|>{…}`,
-the stop token already cut); `<think>…</think>` (Qwen, Nemotron, the builtins) and `<tool_call>{"name",
-"arguments"}</tool_call>` (Qwen, the builtin chatml). Text that does not parse stays in the content.
+the stop token already cut); `<think>…</think>` (Qwen, Nemotron, the builtins) and tool calls as the
+template writes them (sft.tool_call_text: the builtins' own pattern, the common Jinja formats). Text that
+does not parse stays in the content.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from sft.protocol.templates.builtin import BuiltinTemplate
 from sft.protocol.types import ToolCall
-
-# One GPT-OSS message: its header (channel, recipient), then its text up to the marker that closes it
-# (none for the last one: generation stopped at <|return|> or <|call|>, which are not part of the reply).
-CHANNEL_MESSAGE = re.compile(r"(?P<header>.*?)<\|message\|>(?P<text>.*?)(?:<\|end\|><\|start\|>|\Z)", re.S)
-CHANNEL = re.compile(r"<\|channel\|>\s*(\w+)")
-RECIPIENT = re.compile(r"\bto=functions\.([^\s<]+)")
-QWEN_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+from sft.tool_call_text import channel_call, channel_messages, find_tool_calls
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +41,17 @@ class Reply:
         return message
 
 
-def parse_reply(reply: str) -> Reply:
-    """The reply's reasoning, content and calls (see the module docstring)."""
+def parse_reply(reply: str, template: Any = None) -> Reply:
+    """The reply's reasoning, content and calls (see the module docstring); `template` is the one the
+    reply was generated with (its call format), None for every common format."""
     if "<|channel|>" in reply and "<|message|>" in reply:
         return _parse_channels(reply)
     reasoning, answer = split_reasoning(reply)
-    content, calls = _qwen_calls(answer)
+    if isinstance(template, BuiltinTemplate):  # text a builtin writes between the body and its eot
+        answer = answer.removesuffix(
+            template.assistant_footer[: template.assistant_footer.index(template.eot)]
+        )
+    content, calls = _calls(answer, template)
     return Reply(content, reasoning, calls, shown=reply)
 
 
@@ -66,55 +64,28 @@ def split_reasoning(reply: str) -> tuple[str | None, str]:
     return thinking.split("<think>")[-1].strip("\n"), answer.lstrip("\n")
 
 
-def channel_messages(reply: str) -> Iterator[tuple[str, str | None, str]]:
-    """(channel, the function it calls or None, text) of each GPT-OSS message of a reply."""
-    for found in CHANNEL_MESSAGE.finditer(reply):
-        channel, recipient = CHANNEL.search(found.group("header")), RECIPIENT.search(found.group("header"))
-        yield (
-            channel.group(1) if channel else "final",
-            recipient.group(1) if recipient else None,
-            found.group("text"),
-        )
-
-
 def _parse_channels(reply: str) -> Reply:
     """GPT-OSS: analysis → reasoning, a message to functions.NAME → a call (its text a JSON object), any
     other channel (final, commentary) → content. Shown as one `[channel] text` line per message."""
     reasoning, content, calls, shown = [], [], [], []
-    for channel, function, text in channel_messages(reply):
-        arguments = _json_object(text) if function else None
-        if arguments is not None:
-            calls.append(ToolCall(function, arguments))
-            shown.append(f"[call {function}] {text}")
+    for message in channel_messages(reply):
+        call = channel_call(message) if message.function else None
+        if call is not None:
+            calls.append(ToolCall(call["name"], call["arguments"]))
+            shown.append(f"[call {message.function}] {message.text}")
             continue
-        (reasoning if channel == "analysis" else content).append(text)
-        shown.append(f"[{channel}] {text}")
+        (reasoning if message.channel == "analysis" else content).append(message.text)
+        shown.append(f"[{message.channel}] {message.text}")
     return Reply(
         "\n".join(content), "\n".join(reasoning) if reasoning else None, tuple(calls), shown="\n".join(shown)
     )
 
 
-def _qwen_calls(answer: str) -> tuple[str, tuple[ToolCall, ...]]:
-    """(content, calls): each `<tool_call>` holding a JSON object with a name and object arguments is a
-    call, and the content is the text before the first of them."""
-    calls = []
-    for found in QWEN_CALL.finditer(answer):
-        call = _json_object(found.group(1))
-        if (
-            call is None
-            or not isinstance(call.get("name"), str)
-            or not isinstance(call.get("arguments"), dict)
-        ):
-            return answer, ()
-        calls.append(ToolCall(call["name"], call["arguments"]))
-    if not calls:
+def _calls(answer: str, template: Any) -> tuple[str, tuple[ToolCall, ...]]:
+    """(content, calls): the text before the first call, and the calls, when every call parses; else the
+    whole answer as content."""
+    found = find_tool_calls(answer, template)
+    if not found or any(f.call is None for f in found):
         return answer, ()
-    return answer[: answer.index("<tool_call>")].rstrip("\n"), tuple(calls)
-
-
-def _json_object(text: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+    calls = tuple(ToolCall(f.call["name"], f.call["arguments"]) for f in found)
+    return answer[: found[0].start].rstrip("\n"), calls

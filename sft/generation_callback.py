@@ -1,5 +1,6 @@
 """`eval.generate_every_n_steps`: during training, generate data.val's trained assistant turns and log the
-scores (`gen/exact_match`, `gen/token_f1`, ...; a `wandb.Table` of the items with logger=wandb).
+scores (`gen/exact_match`, `gen/token_f1`, ...; with logger=wandb a `wandb.Table` of the items, their
+texts and every score).
 
 Generation runs on one process whatever the strategy: a sharded (FSDP2) model is gathered into a full copy
 on rank 0 (every rank takes part in the gather), DDP's rank 0 uses its own replica; the other ranks wait.
@@ -18,11 +19,32 @@ import lightning as L
 import torch
 
 from sft.data.build import data_files
-from sft.generation_eval import GenerationItem, GenerationSettings, evaluate_generations, generation_items
+from sft.generation_eval import (
+    Generation,
+    GenerationItem,
+    GenerationSettings,
+    evaluate_generations,
+    generation_items,
+)
 from sft.protocol.pipeline import ConversationEncoder, read_conversations
+from sft.scoring import SCORE_NAMES
 
 if TYPE_CHECKING:
     from sft.config import TrainConfig
+
+
+def generations_table(
+    step: int, items: list[GenerationItem], generations: list[Generation]
+) -> tuple[list[str], list[list[Any]]]:
+    """(columns, rows) of the items' table: each item's text and every score (None where an item has no
+    such score: the tool-call scores of a turn that calls no tool)."""
+    columns = ["step", "where", "prompt", "reference", "generation", "stopped", *SCORE_NAMES]
+    rows = [
+        [step, item.where, item.prompt, item.reference, generation.text, generation.stopped]
+        + [generation.scores.get(name) for name in SCORE_NAMES]
+        for item, generation in zip(items, generations, strict=True)
+    ]
+    return columns, rows
 
 
 class GenerationEvalCallback(L.Callback):
@@ -50,17 +72,18 @@ class GenerationEvalCallback(L.Callback):
             return
         generator = torch.Generator().manual_seed(self.config.seed)
         generations, metrics = evaluate_generations(
-            model, module.tokenizer, module.template.stop_tokens, items, self.settings, generator
+            model,
+            module.tokenizer,
+            module.template.stop_tokens,
+            items,
+            self.settings,
+            generator,
+            module.template,
         )
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             if hasattr(logger, "log_table"):  # W&B
-                columns = ["step", "where", "prompt", "reference", "generation", "exact_match", "token_f1"]
-                rows = [
-                    [step, item.where, item.prompt, item.reference, generation.text]
-                    + [generation.scores["exact_match"], generation.scores["token_f1"]]
-                    for item, generation in zip(items, generations, strict=True)
-                ]
+                columns, rows = generations_table(step, items, generations)
                 logger.log_table("gen/items", columns=columns, data=rows, step=step)
 
     def _load_items(self, module: L.LightningModule) -> list[GenerationItem]:

@@ -127,10 +127,11 @@ def evaluate_generations(
     items: Sequence[GenerationItem],
     settings: GenerationSettings,
     generator: torch.Generator | None = None,
+    template: Any = None,
 ) -> tuple[list[Generation], dict[str, float]]:
-    """Generate every item until one of `stop_tokens` (the template's) and score it; returns the
-    generations and the mean scores (`gen/...`), with `gen/stopped`: the fraction that ended at a stop token
-    (the rest were cut by the budget or the context)."""
+    """Generate every item until one of `stop_tokens` (the template's) and score it (tool calls read in
+    `template`'s format); returns the generations and the mean scores (`gen/...`), with `gen/stopped`: the
+    fraction that ended at a stop token (the rest were cut by the budget or the context)."""
     stop_ids = {tokenizer.token_to_id(token) for token in stop_tokens}
     was_training = model.training
     model.eval()
@@ -151,7 +152,7 @@ def evaluate_generations(
     for item, ids in zip(items, new_ids, strict=True):
         text, stopped = reply_text(tokenizer, ids, stop_ids)
         generations.append(
-            Generation(text, stopped, score_generation(text, item.reference, item.reference_calls))
+            Generation(text, stopped, score_generation(text, item.reference, item.reference_calls, template))
         )
     metrics = {
         METRIC_PREFIX + name: value for name, value in mean_scores(g.scores for g in generations).items()

@@ -3,27 +3,32 @@
 - exact_match: the texts are equal (surrounding whitespace ignored).
 - normalized_exact_match / token_f1: SQuAD's rules: lower-cased, punctuation and the articles a/an/the
   removed, whitespace collapsed; F1 over the multiset of words (two empty answers score 1).
-- tool calls, when the reference makes any: `tool_call_parses` (the generation holds calls and each is a
-  JSON object with a name), `tool_call_name` (the same function names, in order) and `tool_call_arguments`
+- tool calls, when the reference makes any: `tool_call_parses` (the generation holds calls and each
+  parses as one), `tool_call_name` (the same function names, in order) and `tool_call_arguments`
   (names and arguments equal, arguments compared as JSON values, so key order and spacing do not count).
 
-Calls are read in the OpenAI shape `{"name", "arguments"}` (arguments an object or a JSON string of one,
-optionally wrapped as `{"type": "function", "function": {...}}`) and from the text form
-`<tool_call>{json}</tool_call>` that templates render them as, or GPT-OSS's messages to `functions.NAME`.
+Reference calls are the turn's structured calls or, without them, the calls its text holds; calls in text
+are read as the template that rendered the reference writes them (sft.tool_call_text).
 """
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sft.chat_reply import channel_messages
+from sft.tool_call_text import find_tool_calls, tool_call
 
-TOOL_CALL_TEXT = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+SCORE_NAMES = (  # every score an item can have, in the order reports and tables show them
+    "exact_match",
+    "normalized_exact_match",
+    "token_f1",
+    "tool_call_parses",
+    "tool_call_name",
+    "tool_call_arguments",
+)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -55,47 +60,18 @@ def token_f1(generated: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def tool_call(value: Any) -> dict[str, Any] | None:
-    """A call as {"name": str, "arguments": JSON value}, or None when `value` is not one; a structured
-    call object (the protocol's ToolCall: `.name`, `.arguments`) reads as its two fields."""
-    if not isinstance(value, Mapping) and hasattr(value, "name") and hasattr(value, "arguments"):
-        value = {"name": value.name, "arguments": value.arguments}
-    if (
-        isinstance(value, Mapping)
-        and value.get("type") == "function"
-        and isinstance(value.get("function"), Mapping)
-    ):
-        value = value["function"]
-    if not isinstance(value, Mapping) or not isinstance(value.get("name"), str):
-        return None
-    arguments = value.get("arguments", value.get("parameters", {}))
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except ValueError:
-            return None
-    return {"name": value["name"], "arguments": arguments}
+def tool_calls_in_text(text: str, template: Any = None) -> list[dict[str, Any] | None]:
+    """Each call `text` holds, in `template`'s format (every common one without it), None where its text
+    does not parse."""
+    return [found.call for found in find_tool_calls(text, template)]
 
 
-def tool_calls_in_text(text: str) -> list[dict[str, Any] | None]:
-    """Each `<tool_call>...</tool_call>` block of `text`, and each GPT-OSS message to `functions.NAME`, as
-    a call, or None where it does not parse."""
-    calls = []
-    for body in TOOL_CALL_TEXT.findall(text):
-        try:
-            calls.append(tool_call(json.loads(body)))
-        except ValueError:
-            calls.append(None)
-    calls += [
-        tool_call({"name": name, "arguments": body}) for _, name, body in channel_messages(text) if name
-    ]
-    return calls
-
-
-def tool_call_scores(generated: str, reference_calls: Sequence[Any]) -> dict[str, float]:
+def tool_call_scores(
+    generated: str, reference_calls: Sequence[Any], template: Any = None
+) -> dict[str, float]:
     """The three tool-call scores of a generation against the reference's calls (structured or parsed)."""
     expected = [tool_call(call) for call in reference_calls]
-    produced = tool_calls_in_text(generated)
+    produced = tool_calls_in_text(generated, template)
     parses = bool(produced) and all(call is not None for call in produced)
     names_match = parses and [c["name"] for c in produced] == [c and c["name"] for c in expected]
     return {
@@ -106,17 +82,20 @@ def tool_call_scores(generated: str, reference_calls: Sequence[Any]) -> dict[str
 
 
 def score_generation(
-    generated: str, reference: str, reference_calls: Sequence[Any] | None = None
+    generated: str, reference: str, reference_calls: Sequence[Any] | None = None, template: Any = None
 ) -> dict[str, float]:
-    """Every score of one item; tool-call scores only when the reference calls tools."""
-    calls = list(reference_calls or []) or [c for c in tool_calls_in_text(reference) if c is not None]
+    """Every score of one item; tool-call scores only when the reference calls tools. `template` is the
+    chat template that rendered the reference (its call format); None reads every common format."""
+    calls = list(reference_calls or []) or [
+        c for c in tool_calls_in_text(reference, template) if c is not None
+    ]
     scores = {
         "exact_match": exact_match(generated, reference),
         "normalized_exact_match": normalized_exact_match(generated, reference),
         "token_f1": token_f1(generated, reference),
     }
     if calls:
-        scores.update(tool_call_scores(generated, calls))
+        scores.update(tool_call_scores(generated, calls, template))
     return scores
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 
-from sft.model.generate import generate
+from sft.model.generate import generate_batch
 from sft.protocol.labels import IGNORE_INDEX
 
 
@@ -27,11 +27,13 @@ def held_out_items(dataset, count: int) -> list[tuple[list[int], list[int]]]:
 
 class WandbExtras(L.Callback):
     """The model's parameter count at the start of fit, and after each validation a `wandb.Table` of
-    (step, prompt, expected, generated) on up to `count` held-out examples, greedy, on rank 0."""
+    (step, prompt, expected, generated) on up to `count` held-out examples, greedy, `batch_size` prompts
+    decoded together, on rank 0."""
 
-    def __init__(self, count: int, max_new_tokens: int):
+    def __init__(self, count: int, max_new_tokens: int, batch_size: int = 16):
         self.count = count
         self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
         self._items: list[tuple[list[int], list[int]]] | None = None
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -54,19 +56,19 @@ class WandbExtras(L.Callback):
             self._items = held_out_items(dataset, self.count)
         tokenizer = module.tokenizer
         stop_ids = {tokenizer.token_to_id(token) for token in module.template.stop_tokens}
-        rows = []
         was_training = module.model.training
         module.model.eval()
-        for prompt, reference in self._items:
-            generated = generate(module.model, prompt, self.max_new_tokens, stop_ids)
-            rows.append(
-                [
-                    trainer.global_step,
-                    tokenizer.decode(prompt, skip_special_tokens=False),
-                    tokenizer.decode([i for i in reference if i not in stop_ids], skip_special_tokens=False),
-                    tokenizer.decode([i for i in generated if i not in stop_ids], skip_special_tokens=False),
-                ]
-            )
+        prompts = [prompt for prompt, _ in self._items]
+        generated = generate_batch(module.model, prompts, self.max_new_tokens, stop_ids, self.batch_size)
         module.model.train(was_training)
+        rows = [
+            [
+                trainer.global_step,
+                tokenizer.decode(prompt, skip_special_tokens=False),
+                tokenizer.decode([i for i in reference if i not in stop_ids], skip_special_tokens=False),
+                tokenizer.decode([i for i in new_ids if i not in stop_ids], skip_special_tokens=False),
+            ]
+            for (prompt, reference), new_ids in zip(self._items, generated, strict=True)
+        ]
         columns = ["step", "prompt", "expected", "generated"]
         trainer.logger.log_table("eval/generations", columns=columns, data=rows, step=trainer.global_step)

@@ -123,6 +123,34 @@ def make_read_only(monkeypatch) -> None:
         monkeypatch.setattr(module, "open", read_only_open, raising=False)
 
 
+# ---- stock chat templates (trl's wheel) and what a model writes for a message ---------------------------
+
+
+def stock_template(name: str, eot: list[str], stop: list[str] | None = None):
+    """trl's stock `{name}.jinja` as a JinjaTemplate (the test is skipped without trl)."""
+    import importlib.resources
+
+    import pytest
+
+    from sft.protocol.templates import JinjaTemplate
+
+    pytest.importorskip("trl")
+    source = Path(str(importlib.resources.files("trl") / "chat_templates" / f"{name}.jinja")).read_text()
+    return JinjaTemplate(source, eot=eot, stop=stop, origin=name)
+
+
+def generated_reply(template, message) -> str:
+    """What the model writes for `message` after a user turn, up to (without) the token it stops at."""
+    from sft.protocol.types import Message
+
+    history = [Message("user", "Weather in Bern?")]
+    prompt = template.render_text(history, None, True)
+    text = template.render_text([*history, message])
+    assert text.startswith(prompt)
+    reply = text[len(prompt) :]
+    return reply[: min(reply.find(stop) % (len(reply) + 1) for stop in template.stop_tokens)]
+
+
 # ---- sft-inspect's output -----------------------------------------------------------------------------
 
 

@@ -1,12 +1,10 @@
 """Replies parsed into the records' schema: what a template renders for an assistant message, cut where
-generation stops, parses back into that message (GPT-OSS channels, Qwen3 and chatml <think>/<tool_call>);
+generation stops, parses back into that message (GPT-OSS channels, Qwen3 and the builtins' <think> and calls);
 sft-chat keeps it so, and the next turn renders history as the template does (GPT-OSS drops the CoT)."""
 
 from __future__ import annotations
 
-import importlib.resources
 import io
-from pathlib import Path
 
 import pytest
 
@@ -15,9 +13,9 @@ from sft.chat_reply import Reply, parse_reply
 from sft.checkpoint import InferenceBundle
 from sft.cli.chat import ChatSession, run_repl
 from sft.evaluate import as_message
-from sft.protocol.templates import BUILTINS, JinjaTemplate
+from sft.protocol.templates import BUILTINS
 from sft.protocol.types import Message, ToolCall
-from tests.helpers import CORPUS, make_tokenizer
+from tests.helpers import CORPUS, generated_reply, make_tokenizer, stock_template
 
 GPT_OSS_EOT = ["<|return|>", "<|end|>", "<|call|>"]
 GPT_OSS_SPECIALS = [*GPT_OSS_EOT, "<|start|>", "<|channel|>", "<|message|>"]
@@ -30,36 +28,20 @@ ASSISTANT = [
 ]
 
 
-def stock(name: str, eot: list[str]) -> JinjaTemplate:
-    pytest.importorskip("trl")
-    source = Path(str(importlib.resources.files("trl") / "chat_templates" / f"{name}.jinja")).read_text()
-    return JinjaTemplate(source, eot=eot, origin=name)
-
-
-def generated(template, message: Message) -> str:
-    """What the model writes for `message` after a user turn, up to (without) the token it stops at."""
-    history = [Message("user", "Weather in Bern?")]
-    prompt = template.render_text(history, None, True)
-    text = template.render_text([*history, message])
-    assert text.startswith(prompt)
-    reply = text[len(prompt) :]
-    return reply[: min(reply.find(stop) % (len(reply) + 1) for stop in template.stop_tokens)]
-
-
 @pytest.mark.parametrize(
     "name, eot, stop",
     [
         ("gptoss", GPT_OSS_EOT, ["<|return|>", "<|call|>"]),
         ("qwen3", ["<|im_end|>"], None),
         ("chatml", None, None),
+        ("llama3", None, None),  # calls as bare JSON
+        ("microlm", None, None),
     ],
 )
 @pytest.mark.parametrize("message", ASSISTANT, ids=["answer_thought", "answer", "call_thought", "call"])
 def test_a_rendered_turn_parses_back_into_its_message(name, eot, stop, message):
-    template = BUILTINS[name] if name == "chatml" else stock(name, eot)
-    if stop:
-        template = JinjaTemplate(template.source, eot=eot, stop=stop, origin=name)
-    reply = parse_reply(generated(template, message))
+    template = BUILTINS[name] if name in BUILTINS else stock_template(name, eot, stop)
+    reply = parse_reply(generated_reply(template, message), template)
     reasoning = message.reasoning if name != "qwen3" or message.reasoning else ""  # Qwen3 thinks always
     assert (reply.content, reply.reasoning, reply.tool_calls) == (
         message.content,
@@ -92,9 +74,7 @@ def test_calls_that_do_not_parse_stay_in_the_content():
 def test_sft_chat_keeps_gpt_oss_replies_in_the_schema_and_renders_history_as_the_template(monkeypatch):
     """A call with its reasoning, the tool's result (/tool), the answer, then a new question: the answer's
     prompt holds the call's reasoning, the next question's does not (GPT-OSS drops CoT once answered)."""
-    template = JinjaTemplate(
-        stock("gptoss", GPT_OSS_EOT).source, eot=GPT_OSS_EOT, stop=["<|return|>", "<|call|>"]
-    )
+    template = stock_template("gptoss", GPT_OSS_EOT, ["<|return|>", "<|call|>"])
     tokenizer = make_tokenizer(GPT_OSS_SPECIALS, 400, CORPUS + ["Look it up. Report it. It is 21 C in Bern."])
     scripted = [
         "<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant to=functions.get_weather"

@@ -88,7 +88,7 @@ class ChatSession:
             top_p=self.top_p,
             generator=self.generator,
         )
-        parsed = parse_reply(reply)  # history renders the way the template renders it
+        parsed = parse_reply(reply, self.bundle.template)  # history renders as the template renders it
         self.history += [message, parsed.message()]
         return parsed.shown, stopped
 

@@ -175,6 +175,7 @@ def generation_report(
         items,
         GenerationSettings.from_section(section),
         generator,
+        bundle.template,
     )
     metrics.update(scores)
     return report_items(items, [generations])

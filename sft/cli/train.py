@@ -215,7 +215,9 @@ def train(config: TrainConfig, record: dict[str, Any] | None = None) -> dict[str
     if config.logger.name == "wandb":
         from sft.wandb_generations import WandbExtras
 
-        callbacks.append(WandbExtras(config.logger.generations, config.eval.sample_max_new_tokens))
+        callbacks.append(
+            WandbExtras(config.logger.generations, config.eval.sample_max_new_tokens, config.eval.batch_size)
+        )
     ckpt_path = resume_from(config.ckpt_path, run_dir)
     if ckpt_path == "last":
         ckpt_path = str(checkpoint_dir / "last.ckpt") if (checkpoint_dir / "last.ckpt").is_file() else None

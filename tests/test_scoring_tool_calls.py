@@ -1,0 +1,137 @@
+"""Tool-call scores for every builtin template's call format and the stock Jinja formats: a reference
+rendered through its template scores 1 against itself; a wrong name, wrong arguments or a call that does
+not parse score 0 where they should."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from sft.chat_reply import parse_reply
+from sft.protocol.templates import BUILTINS
+from sft.protocol.types import Message, ToolCall
+from sft.scoring import score_generation, tool_calls_in_text
+from tests.helpers import generated_reply, stock_template
+
+CALLS = (ToolCall("get_weather", {"city": "Bern", "days": 2}), ToolCall("get_time", {"zone": "CET"}))
+TOOL_SCORES = ("tool_call_parses", "tool_call_name", "tool_call_arguments")
+ALL_ONE = dict.fromkeys(["exact_match", "normalized_exact_match", "token_f1", *TOOL_SCORES], 1.0)
+
+
+def message(*calls: ToolCall, content: str = "Let me look.") -> Message:
+    return Message("assistant", content, tool_calls=calls)
+
+
+def tool_scores(text: str, template) -> tuple[float, ...]:
+    scores = score_generation(text, "", CALLS, template)
+    return tuple(scores[name] for name in TOOL_SCORES)
+
+
+STOCK = {  # trl's stock templates: (end-of-turn markers, calls per message they render)
+    "qwen2_5": (["<|im_end|>"], 2),  # Hermes JSON in <tool_call>
+    "qwen3": (["<|im_end|>"], 2),
+    "qwen3_6": (["<|im_end|>"], 2),  # <tool_call><function=…><parameter=…>
+    "glm4moe": (["<|user|>", "<|observation|>"], 2),  # <tool_call>NAME<arg_key>…
+    "llama3_1": (["<|eot_id|>", "<|eom_id|>"], 1),  # bare {"name", "parameters"}
+    "llama3_2": (["<|eot_id|>", "<|eom_id|>"], 1),
+    "gemma4": (["<turn|>"], 2),  # <|tool_call>call:NAME{key:<|"|>value<|"|>}<tool_call|>
+    "gptoss": (["<|return|>", "<|end|>", "<|call|>"], 1),  # a message to functions.NAME, then <|call|>
+}
+
+
+TEMPLATES = [pytest.param(name, 2, id=name) for name in BUILTINS] + [
+    pytest.param(name, count, id=name) for name, (_, count) in STOCK.items()
+]
+
+
+def load(name: str):
+    if name in BUILTINS:
+        return BUILTINS[name]
+    eot = STOCK[name][0]
+    stop = ["<|return|>", "<|call|>"] if name == "gptoss" else None
+    return stock_template(name, eot, stop)
+
+
+@pytest.mark.parametrize("name, count", TEMPLATES)
+def test_a_rendered_reference_scores_one_against_itself(name, count):
+    template = load(name)
+    reference = generated_reply(template, message(*CALLS[:count]))
+    scores = score_generation(reference, reference, CALLS[:count], template)
+    assert scores == ALL_ONE
+    assert score_generation(reference, reference, None, template) == ALL_ONE  # calls read from the text
+    reply = parse_reply(reference, template)  # sft-chat reads the same calls
+    assert reply.tool_calls == CALLS[:count]
+
+
+@pytest.mark.parametrize("name, count", TEMPLATES)
+def test_a_wrong_name_or_wrong_arguments_score_zero(name, count):
+    template = load(name)
+    renamed = dataclasses.replace(CALLS[0], name="get_forecast")
+    changed = dataclasses.replace(CALLS[0], arguments={"city": "Basel", "days": 2})
+    scores = score_generation(generated_reply(template, message(renamed)), "", CALLS[:1], template)
+    assert tuple(scores[name] for name in TOOL_SCORES) == (1.0, 0.0, 0.0)
+    scores = score_generation(generated_reply(template, message(changed)), "", CALLS[:1], template)
+    assert tuple(scores[name] for name in TOOL_SCORES) == (1.0, 1.0, 0.0)
+    answer = generated_reply(template, Message("assistant", "It is sunny in Bern."))
+    assert tool_scores(answer, template) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("name, count", TEMPLATES)
+def test_a_call_that_does_not_parse_scores_zero(name, count):
+    template = load(name)
+    reference = generated_reply(template, message(*CALLS[:count]))
+    broken = reference.replace('"Bern"', '"Bern', 1)  # the first call's JSON (or JSON value) is cut
+    if broken == reference:  # the other formats do not quote strings: break their markup instead
+        for markup in ("</function>", "</arg_value>", 'Bern<|"|>'):
+            broken = broken.replace(markup, markup.removesuffix('<|"|>').removeprefix("</"), 1)
+    assert broken != reference
+    scores = score_generation(broken, reference, CALLS[:count], template)
+    assert (scores["tool_call_parses"], scores["tool_call_arguments"]) == (0.0, 0.0)
+    assert parse_reply(broken, template).tool_calls == ()  # sft-chat keeps it as text
+
+
+WEATHER = {"name": "get_weather", "arguments": {"city": "Bern", "days": 2}}
+TIME = {"name": "get_time", "arguments": {"zone": "CET"}}
+
+
+def test_a_builtin_reads_its_own_format_only():
+    """chatml writes calls in <tool_call> blocks: a bare JSON call there is text; llama3 writes them bare."""
+    bare = 'Sure. {"name": "get_weather", "parameters": {"city": "Bern", "days": 2}}'
+    assert tool_calls_in_text(bare, BUILTINS["chatml"]) == []
+    assert tool_calls_in_text(bare, BUILTINS["llama3"]) == [WEATHER]
+    assert tool_calls_in_text(bare) == [WEATHER]  # a Jinja template: every common format
+
+
+@pytest.mark.parametrize(
+    "text, calls",
+    [
+        (  # Mistral v3: [TOOL_CALLS] and a JSON list, with ids
+            '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Bern", "days": 2}, '
+            '"id": "a1b2c3d4e"}, {"name": "get_time", "arguments": {"zone": "CET"}, "id": "f5g6h7i8j"}]',
+            [WEATHER, TIME],
+        ),
+        (  # Mistral Small 3.2 / Magistral: NAME[ARGS]{json} per call
+            '[TOOL_CALLS]get_weather[ARGS]{"city": "Bern", "days": 2}'
+            '[TOOL_CALLS]get_time[ARGS]{"zone": "CET"}',
+            [WEATHER, TIME],
+        ),
+        ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Bern"', [None]),
+        ('[TOOL_CALLS]get_weather[ARGS]{"city": ', [None]),
+        (  # Llama 3.1: <|python_tag|> then JSON, or a builtin tool's call
+            '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Bern", "days": 2}}',
+            [WEATHER],
+        ),
+        (
+            '<|python_tag|>brave_search.call(query="weather in Bern")',
+            [{"name": "brave_search", "arguments": {"query": "weather in Bern"}}],
+        ),
+        ("<|python_tag|>brave_search.call(query=", [None]),
+        (  # a JSON object that is no call is text
+            'The answer is {"city": "Bern"} and {"name": "x"}.',
+            [],
+        ),
+    ],
+)
+def test_common_jinja_formats_read_by_hand(text, calls):
+    assert tool_calls_in_text(text) == calls
