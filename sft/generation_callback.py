@@ -8,6 +8,7 @@ on rank 0 (every rank takes part in the gather), DDP's rank 0 uses its own repli
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import warnings
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import lightning as L
 import torch
 
 from sft.data.build import data_files
+from sft.data.validation import validation_conversations, validation_examples
 from sft.generation_eval import (
     Generation,
     GenerationItem,
@@ -26,7 +28,7 @@ from sft.generation_eval import (
     evaluate_generations,
     generation_items,
 )
-from sft.protocol.pipeline import ConversationEncoder, read_conversations
+from sft.protocol.pipeline import Accounting, ConversationEncoder, read_conversations
 from sft.scoring import SCORE_NAMES
 
 if TYPE_CHECKING:
@@ -87,19 +89,30 @@ class GenerationEvalCallback(L.Callback):
                 logger.log_table("gen/items", columns=columns, data=rows, step=step)
 
     def _load_items(self, module: L.LightningModule) -> list[GenerationItem]:
-        """data.val's items (the sample's held-out split with data=sample), read once."""
+        """The run's validation conversations' items, read once: data.val (the sample's held-out split with
+        data=sample), else the whole conversations that data.val_fraction holds out, found as sft-eval
+        finds them (sft.data.validation)."""
         if self._items is None:
-            data = self.config.data
-            _, val = data_files(data, Path(data.cache_dir), self.config.seed)
-            if not val:
-                warnings.warn(
-                    "eval.generate_every_n_steps needs data.val files: nothing to generate", stacklevel=2
-                )
-            conversations = itertools.chain.from_iterable(
-                read_conversations(entry, data.format, data.columns) for entry in val
-            )
+            data, seed = self.config.data, self.config.seed
             encoder = ConversationEncoder(module.tokenizer, module.template, self.config.protocol)
-            self._items = generation_items(conversations, encoder, self.config.eval.max_items)
+            _, val = data_files(data, Path(data.cache_dir), seed)
+            only = None
+            if val:
+                conversations = itertools.chain.from_iterable(
+                    read_conversations(entry, data.format, data.columns) for entry in val
+                )
+            elif data.val_fraction > 0:
+                section = dataclasses.asdict(data)
+                examples, _ = validation_examples(section, seed, encoder, Accounting())
+                conversations, only = validation_conversations(section, seed, examples)
+            else:
+                warnings.warn(
+                    "eval.generate_every_n_steps needs validation data (data.val or data.val_fraction): "
+                    "nothing to generate",
+                    stacklevel=2,
+                )
+                conversations = iter(())
+            self._items = generation_items(conversations, encoder, self.config.eval.max_items, only)
         return self._items
 
 
