@@ -226,7 +226,7 @@ def _python_call(source: str) -> Call | None:
         ):
             arguments = {k.arg: ast.literal_eval(k.value) for k in expression.keywords if k.arg}
             return {"name": expression.func.value.id, "arguments": arguments}
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):  # literal_eval's refusals
         pass
     return None
 

@@ -88,9 +88,9 @@ def test_the_wandb_sample_table_is_generated_in_one_batch_as_each_prompt_alone(m
     dataset = SimpleNamespace(index=examples, example_ids=np.arange(len(examples)))
     calls = []
 
-    def counted(model, prompts, *args, **kwargs):
-        calls.append(len(prompts))
-        return generate_batch(model, prompts, *args, **kwargs)
+    def counted(model, prompts, max_new_tokens, stop_ids, batch_size, *args, **kwargs):
+        calls.append((len(prompts), batch_size))
+        return generate_batch(model, prompts, max_new_tokens, stop_ids, batch_size, *args, **kwargs)
 
     monkeypatch.setattr(sft.wandb_generations, "generate_batch", counted)
     tokenizer = SimpleNamespace(
@@ -111,7 +111,7 @@ def test_the_wandb_sample_table_is_generated_in_one_batch_as_each_prompt_alone(m
     )
     WandbExtras(count=3, max_new_tokens=6, batch_size=8).on_validation_epoch_end(trainer, module)
 
-    assert calls == [3]  # one batch for the three prompts
+    assert calls == [(3, 8)]  # the three prompts decoded together, eval.batch_size at a time
     [(key, columns, rows, step)] = logger.tables
     assert (key, columns, step) == ("eval/generations", ["step", "prompt", "expected", "generated"], 5)
     alone = [generate(model, ids[:6].tolist(), 6, {63}) for ids, _ in examples]

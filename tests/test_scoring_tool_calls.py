@@ -127,6 +127,7 @@ def test_a_builtin_reads_its_own_format_only():
             [{"name": "brave_search", "arguments": {"query": "weather in Bern"}}],
         ),
         ("<|python_tag|>brave_search.call(query=", [None]),
+        ("<|python_tag|>f.call(x={[1]: 2})", [None]),  # an unhashable key: broken, not a crash
         (  # a JSON object that is no call is text
             'The answer is {"city": "Bern"} and {"name": "x"}.',
             [],

@@ -171,6 +171,7 @@ def _parquet_batches(file: str) -> Iterator[Any]:
             yield batch
             if number % RELEASE_EVERY == 0:
                 _release_freed_arrow_memory()
+    _release_freed_arrow_memory()  # and at the end of each file (a shard may hold fewer batches)
 
 
 def _release_freed_arrow_memory() -> None:

@@ -46,15 +46,15 @@ def test_rows_are_located_across_record_batches_and_row_groups(tmp_path, monkeyp
 
     monkeypatch.setattr(sources, "ROWS_PER_BATCH", 3)
     monkeypatch.setattr(sources, "RELEASE_EVERY", 2)
-    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)]
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(13)]
     path = write_parquet(tmp_path / "d.parquet", rows, row_group_size=4)
     released_after: list[int] = []  # rows read when the freed Arrow memory was handed back
     records = []
     monkeypatch.setattr(sources, "_release_freed_arrow_memory", lambda: released_after.append(len(records)))
     records.extend(read_records(path))
-    assert [record.line for record in records] == list(range(1, 11))
+    assert [record.line for record in records] == list(range(1, 14))
     assert [record.data for record in records] == rows
-    assert released_after == [6, 10]  # every 2 batches of 3 rows, and at the end
+    assert released_after == [6, 12, 13]  # every 2 batches of 3 rows, and at the end of the file
 
 
 def test_a_file_of_one_big_row_group_is_never_decoded_whole(tmp_path, monkeypatch):
