@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from sft.checkpoint import load_for_inference, run_section
@@ -142,3 +143,16 @@ def test_training_generates_on_the_conversations_val_fraction_holds_out(tmp_path
     assert [item.where for item in items] == [example.where for example in held_out] and len(items) == 6
     for item, example in zip(items, held_out, strict=True):
         assert item.prompt_ids == example.input_ids[: len(item.prompt_ids)].tolist()
+
+
+def test_a_report_that_cannot_be_written_is_refused_before_the_evaluation(tmp_path, tokenizer, monkeypatch):
+    """The report goes beside the checkpoint by default: a read-only run folder is named at once (with
+    out= as the way out), not after the whole evaluation as a traceback."""
+    first, _ = run_with_val_file(tmp_path, tokenizer)
+    monkeypatch.setattr(eval_cli.os, "access", lambda path, mode: Path(path) != tmp_path)
+    monkeypatch.setattr(eval_cli, "evaluate_checkpoint", lambda *args: pytest.fail("evaluated anyway"))
+    with pytest.raises(SystemExit, match=r"cannot write a\.eval\.json in .* give out=PATH\.json"):
+        eval_main(monkeypatch, tmp_path, f"ckpt={first}")
+    (tmp_path / "reports").mkdir()
+    monkeypatch.setattr(eval_cli.os, "access", lambda path, mode: True)
+    assert eval_cli.unwritable_folder(tmp_path / "reports" / "new" / "r.json") is None  # made when written

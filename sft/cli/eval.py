@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -237,8 +238,20 @@ def report_paths(config: EvalRunConfig) -> tuple[Path, Path]:
     return out, Path(config.html) if config.html else out.with_suffix(".html")
 
 
+def unwritable_folder(path: Path) -> Path | None:
+    """The folder that keeps `path` from being written (its nearest existing one, when that is not
+    writable), else None."""
+    folder = path.resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    return None if os.access(folder, os.W_OK) else folder
+
+
 def run(config: EvalRunConfig, cfg: DictConfig) -> None:
     explicit = command_line_keys(list(HydraConfig.get().overrides.task))
+    for path in report_paths(config):  # found before the evaluation, not after it
+        if folder := unwritable_folder(path):
+            sys.exit(f"sft-eval: cannot write {path.name} in {folder} (not writable); give out=PATH.json")
     try:
         if isinstance(config.ckpt, list):
             report = compare_checkpoints(config, explicit)
