@@ -9,18 +9,15 @@ on rank 0 (every rank takes part in the gather), DDP's rank 0 uses its own repli
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 
-from sft.data.build import data_files
-from sft.data.validation import validation_conversations, validation_examples
+from sft.data.validation import validation_conversations, validation_examples, validation_source
 from sft.generation_eval import (
     Generation,
     GenerationItem,
@@ -28,7 +25,7 @@ from sft.generation_eval import (
     evaluate_generations,
     generation_items,
 )
-from sft.protocol.pipeline import Accounting, ConversationEncoder, read_conversations
+from sft.protocol.pipeline import Accounting, ConversationEncoder
 from sft.scoring import SCORE_NAMES
 
 if TYPE_CHECKING:
@@ -89,29 +86,24 @@ class GenerationEvalCallback(L.Callback):
                 logger.log_table("gen/items", columns=columns, data=rows, step=step)
 
     def _load_items(self, module: L.LightningModule) -> list[GenerationItem]:
-        """The run's validation conversations' items, read once: data.val (the sample's held-out split with
-        data=sample), else the whole conversations that data.val_fraction holds out, found as sft-eval
-        finds them (sft.data.validation)."""
+        """The run's validation conversations' items, read once, chosen as sft-eval chooses them
+        (sft.data.validation): data.val, the sample's held-out split, or the whole conversations that
+        data.val_fraction holds out."""
         if self._items is None:
-            data, seed = self.config.data, self.config.seed
+            section, seed = dataclasses.asdict(self.config.data), self.config.seed
             encoder = ConversationEncoder(module.tokenizer, module.template, self.config.protocol)
-            _, val = data_files(data, Path(data.cache_dir), seed)
-            only = None
-            if val:
-                conversations = itertools.chain.from_iterable(
-                    read_conversations(entry, data.format, data.columns) for entry in val
-                )
-            elif data.val_fraction > 0:
-                section = dataclasses.asdict(data)
-                examples, _ = validation_examples(section, seed, encoder, Accounting())
-                conversations, only = validation_conversations(section, seed, examples)
-            else:
+            try:
+                _, _, fraction = validation_source(section, seed)
+            except ValueError:
                 warnings.warn(
                     "eval.generate_every_n_steps needs validation data (data.val or data.val_fraction): "
                     "nothing to generate",
                     stacklevel=2,
                 )
-                conversations = iter(())
+                self._items = []
+                return self._items
+            held_out = validation_examples(section, seed, encoder, Accounting())[0] if fraction > 0 else []
+            conversations, only = validation_conversations(section, seed, held_out)
             self._items = generation_items(conversations, encoder, self.config.eval.max_items, only)
         return self._items
 
