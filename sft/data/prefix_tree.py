@@ -81,23 +81,23 @@ def _lexicographic(sequences: Sequence[np.ndarray]) -> tuple[list[int], np.ndarr
 def _insertion_preorder(order: list[int], shared: np.ndarray) -> tuple[list[int], np.ndarray]:
     """The rows, given in lexicographic order, reordered so that sibling subtrees come in insertion order
     (the order of their first rows) rather than by token id; with each one's common prefix with the row
-    before it. Works on the rows alone: a subtree is a run of rows, cut where `shared` is the run's least."""
-    rows = np.asarray(order, dtype=np.int64)
+    before it. Works on the rows alone (plain lists: a few per turn): a subtree is a run of rows, cut into
+    its children where `shared` is the run's least."""
+    shared_list = shared.tolist()
     reordered: list[int] = []
     reordered_shared: list[int] = []
-    runs = [(0, len(rows), 0)] if len(rows) else []  # (first, end, common prefix with the row before)
+    runs = [(0, len(order), 0)] if order else []  # (first, end, common prefix with the row before)
     while runs:
         first, end, before = runs.pop()
         if end - first == 1:
-            reordered.append(int(rows[first]))
+            reordered.append(order[first])
             reordered_shared.append(before)
             continue
-        common = int(shared[first + 1 : end].min())  # the run's rows branch (or end) at this depth
-        cuts = np.r_[first, first + 1 + np.flatnonzero(shared[first + 1 : end] == common), end]
-        children = np.argsort(np.minimum.reduceat(rows[first:end], cuts[:-1] - first))
+        common = min(shared_list[first + 1 : end])  # the run's rows branch (or end) at this depth
+        cuts = [first, *(i for i in range(first + 1, end) if shared_list[i] == common), end]
+        children = sorted(zip(cuts, cuts[1:]), key=lambda child: min(order[child[0] : child[1]]))
         for rank in reversed(range(len(children))):  # a stack: the first child is taken next
-            child = children[rank]
-            runs.append((int(cuts[child]), int(cuts[child + 1]), before if rank == 0 else common))
+            runs.append((*children[rank], before if rank == 0 else common))
     return reordered, np.array(reordered_shared, dtype=np.int64)
 
 
