@@ -1,10 +1,11 @@
 """Tool-call scores for every builtin template's call format and the stock Jinja formats: a reference
 rendered through its template scores 1 against itself; a wrong name, wrong arguments or a call that does
-not parse score 0 where they should."""
+not parse score 0 where they should; sft-chat reads the same calls and keeps the text around them."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -12,7 +13,7 @@ from sft.chat_reply import parse_reply
 from sft.protocol.templates import BUILTINS
 from sft.protocol.types import Message, ToolCall
 from sft.scoring import score_generation, tool_calls_in_text
-from tests.helpers import generated_reply, stock_template
+from tests.helpers import generated_reply, stock_template, stock_template_source
 
 CALLS = (ToolCall("get_weather", {"city": "Bern", "days": 2}), ToolCall("get_time", {"zone": "CET"}))
 TOOL_SCORES = ("tool_call_parses", "tool_call_name", "tool_call_arguments")
@@ -28,28 +29,32 @@ def tool_scores(text: str, template) -> tuple[float, ...]:
     return tuple(scores[name] for name in TOOL_SCORES)
 
 
-STOCK = {  # trl's stock templates: (end-of-turn markers, calls per message they render)
-    "qwen2_5": (["<|im_end|>"], 2),  # Hermes JSON in <tool_call>
-    "qwen3": (["<|im_end|>"], 2),
-    "qwen3_6": (["<|im_end|>"], 2),  # <tool_call><function=…><parameter=…>
-    "glm4moe": (["<|user|>", "<|observation|>"], 2),  # <tool_call>NAME<arg_key>…
-    "llama3_1": (["<|eot_id|>", "<|eom_id|>"], 1),  # bare {"name", "parameters"}
-    "llama3_2": (["<|eot_id|>", "<|eom_id|>"], 1),
-    "gemma4": (["<turn|>"], 2),  # <|tool_call>call:NAME{key:<|"|>value<|"|>}<tool_call|>
-    "gptoss": (["<|return|>", "<|end|>", "<|call|>"], 1),  # a message to functions.NAME, then <|call|>
+STOCK = {  # trl's stock templates: (end-of-turn markers, calls per message they render, stop tokens)
+    "qwen2_5": (["<|im_end|>"], 2, None),  # Hermes JSON in <tool_call>
+    "qwen3": (["<|im_end|>"], 2, None),
+    "qwen3_6": (["<|im_end|>"], 2, None),  # <tool_call><function=…><parameter=…>
+    "glm4moe": (["<|user|>", "<|observation|>"], 2, None),  # <tool_call>NAME<arg_key>…
+    "llama3_1": (["<|eot_id|>", "<|eom_id|>"], 1, None),  # bare {"name", "parameters"}
+    "llama3_2": (["<|eot_id|>", "<|eom_id|>"], 1, None),
+    # <|tool_call>call:NAME{key:<|"|>value<|"|>}<tool_call|>, the content after the calls
+    "gemma4": (["<turn|>"], 2, ["<turn|>", "<|tool_response>"]),
+    "gptoss": (["<|return|>", "<|end|>", "<|call|>"], 1, ["<|return|>", "<|call|>"]),  # to=functions.NAME
+    "lfm2_2_5": (["<|im_end|>"], 2, None),  # <|tool_call_start|>[NAME(key='value'), …]<|tool_call_end|>
+    "muse_glimmer": (["<|eot|>"], 2, None),  # <atem:invoke name="NAME"><atem:parameter name="KEY">…
 }
+# render no content beside calls (GPT-OSS renders it as the analysis channel: reasoning)
+DROPS_CONTENT = {"llama3_1", "llama3_2", "muse_glimmer", "gptoss"}
 
 
 TEMPLATES = [pytest.param(name, 2, id=name) for name in BUILTINS] + [
-    pytest.param(name, count, id=name) for name, (_, count) in STOCK.items()
+    pytest.param(name, count, id=name) for name, (_, count, _) in STOCK.items()
 ]
 
 
 def load(name: str):
     if name in BUILTINS:
         return BUILTINS[name]
-    eot = STOCK[name][0]
-    stop = ["<|return|>", "<|call|>"] if name == "gptoss" else None
+    eot, _, stop = STOCK[name]
     return stock_template(name, eot, stop)
 
 
@@ -60,8 +65,9 @@ def test_a_rendered_reference_scores_one_against_itself(name, count):
     scores = score_generation(reference, reference, CALLS[:count], template)
     assert scores == ALL_ONE
     assert score_generation(reference, reference, None, template) == ALL_ONE  # calls read from the text
-    reply = parse_reply(reference, template)  # sft-chat reads the same calls
+    reply = parse_reply(reference, template)  # sft-chat reads the same calls, and keeps the text
     assert reply.tool_calls == CALLS[:count]
+    assert reply.content == ("" if name in DROPS_CONTENT else "Let me look.")
 
 
 @pytest.mark.parametrize("name, count", TEMPLATES)
@@ -77,14 +83,22 @@ def test_a_wrong_name_or_wrong_arguments_score_zero(name, count):
     assert tool_scores(answer, template) == (0.0, 0.0, 0.0)
 
 
+BROKEN_MARKUP = {
+    "</function>": "function>",
+    "</arg_value>": "arg_value>",
+    'Bern<|"|>': "Bern",
+    "'Bern'": "'Bern",
+    "</atem:parameter>": "atem:parameter>",
+}
+
+
 @pytest.mark.parametrize("name, count", TEMPLATES)
 def test_a_call_that_does_not_parse_scores_zero(name, count):
     template = load(name)
     reference = generated_reply(template, message(*CALLS[:count]))
     broken = reference.replace('"Bern"', '"Bern', 1)  # the first call's JSON (or JSON value) is cut
-    if broken == reference:  # the other formats do not quote strings: break their markup instead
-        for markup in ("</function>", "</arg_value>", 'Bern<|"|>'):
-            broken = broken.replace(markup, markup.removesuffix('<|"|>').removeprefix("</"), 1)
+    for markup, cut in BROKEN_MARKUP.items():  # the other formats do not quote strings as JSON
+        broken = broken.replace(markup, cut, 1) if broken == reference else broken
     assert broken != reference
     scores = score_generation(broken, reference, CALLS[:count], template)
     assert (scores["tool_call_parses"], scores["tool_call_arguments"]) == (0.0, 0.0)
