@@ -142,6 +142,24 @@ def test_a_builtin_reads_its_own_format_only():
         ),
         ("<|python_tag|>brave_search.call(query=", [None]),
         ("<|python_tag|>f.call(x={[1]: 2})", [None]),  # an unhashable key: broken, not a crash
+        (  # DeepSeek-V3.1: NAME<｜tool▁sep｜>{json}, no type and no fence
+            "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"
+            '{"city": "Bern", "days": 2}<｜tool▁call▁end｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>'
+            '{"zone": "CET"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+            [WEATHER, TIME],
+        ),
+        ('<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Bern"}', [None]),
+        ("<｜tool▁call▁begin｜>get_weather<｜tool▁call▁end｜>", [None]),  # no separator
+        (  # LFM2: an object argument is JSON, a list Python's repr
+            '<|tool_call_start|>[f(opts={"on": true, "off": null}, tags=[\'x\', True])]<|tool_call_end|>',
+            [{"name": "f", "arguments": {"opts": {"on": True, "off": None}, "tags": ["x", True]}}],
+        ),
+        ("<|tool_call_start|>[get_weather(city='Bern', days=2)", [None]),  # not closed
+        ("<|tool_call_start|>[get_weather('Bern')]<|tool_call_end|>", [None]),  # a positional argument
+        (  # Muse Glimmer: an invoke that is not closed
+            '<atem:function_calls>\n<atem:invoke name="get_weather">\n<atem:parameter name="city">Bern',
+            [None],
+        ),
         (  # a JSON object that is no call is text
             'The answer is {"city": "Bern"} and {"name": "x"}.',
             [],
@@ -150,3 +168,68 @@ def test_a_builtin_reads_its_own_format_only():
 )
 def test_common_jinja_formats_read_by_hand(text, calls):
     assert tool_calls_in_text(text) == calls
+
+
+# ---- DeepSeek: trl's templates join a call's arguments as a string, so transformers renders them ----------
+
+DEEPSEEK = ["deepseekv3", "deepseek_r1_distill"]
+
+
+def deepseek_reply(name: str, *calls: ToolCall) -> str:
+    """What DeepSeek-V3 / R1 writes for `calls` after a user turn, rendered by transformers through trl's
+    template with each call's arguments a JSON string (as OpenAI's messages carry them), up to the
+    end-of-sentence token."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    source = stock_template_source(name)
+    user = {"role": "user", "content": "Weather in Bern?"}
+    assistant = {
+        "role": "assistant",
+        "content": None,  # R1's template renders calls only without content
+        "tool_calls": [
+            {"type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+            for c in calls
+        ],
+    }
+    (prompt,), _ = render_jinja_template([[user]], chat_template=source, bos_token="<bos>")
+    (text,), _ = render_jinja_template([[user, assistant]], chat_template=source, bos_token="<bos>")
+    assert text.startswith(prompt + "<｜Assistant｜><｜tool▁calls▁begin｜>")
+    return text[len(prompt) :].removeprefix("<｜Assistant｜>").removesuffix("<｜end▁of▁sentence｜>")
+
+
+@pytest.mark.parametrize("count", [1, 2])
+@pytest.mark.parametrize("name", DEEPSEEK)
+def test_deepseek_calls_score_one_against_themselves_and_zero_when_wrong(name, count):
+    reference = deepseek_reply(name, *CALLS[:count])
+    assert score_generation(reference, reference, CALLS[:count]) == ALL_ONE
+    assert score_generation(reference, reference) == ALL_ONE  # calls read from the text
+    renamed = dataclasses.replace(CALLS[0], name="get_forecast")
+    changed = dataclasses.replace(CALLS[0], arguments={"city": "Basel", "days": 2})
+    for generated, expected in ((renamed, (1.0, 0.0, 0.0)), (changed, (1.0, 1.0, 0.0))):
+        scores = score_generation(deepseek_reply(name, generated), "", CALLS[:1])
+        assert tuple(scores[score] for score in TOOL_SCORES) == expected
+    for broken in (reference.replace('"Bern"', '"Bern', 1), reference.replace("<｜tool▁call▁end｜>", "", 1)):
+        scores = score_generation(broken, reference, CALLS[:count])
+        assert (scores["tool_call_parses"], scores["tool_call_arguments"]) == (0.0, 0.0)
+        assert parse_reply(broken).tool_calls == ()
+    reply = parse_reply("Look it up.\n</think>\n\n" + reference)  # R1 thinks after its prompt's <think>
+    assert (reply.reasoning, reply.content, reply.tool_calls) == ("Look it up.", "", CALLS[:count])
+
+
+# ---- XML formats write a string as it is and any other value as JSON --------------------------------------
+
+
+@pytest.mark.parametrize("name", ["qwen3_6", "glm4moe", "muse_glimmer"])
+def test_a_string_and_a_number_an_xml_template_writes_alike_score_one_either_way(name):
+    template = load(name)
+    as_string, as_number = ToolCall("get_weather", {"days": "2"}), ToolCall("get_weather", {"days": 2})
+    written = generated_reply(template, message(as_string))
+    assert written == generated_reply(template, message(as_number))  # the template cannot tell them apart
+    for reference in (as_string, as_number):
+        assert tool_scores_against(written, reference, template) == (1.0, 1.0, 1.0)
+    assert tool_scores_against(written.replace("2", '"2"'), as_number, template) == (1.0, 1.0, 0.0)
+
+
+def tool_scores_against(text: str, reference: ToolCall, template) -> tuple[float, ...]:
+    scores = score_generation(text, "", [reference], template)
+    return tuple(scores[name] for name in TOOL_SCORES)
