@@ -54,12 +54,11 @@ PYTHON_TAG = "<|python_tag|>"
 GEMMA_CALL = re.compile(r"<\|tool_call>call:([^{\s]+)(.*?)<tool_call\|>", re.S)
 GEMMA_STRING = '<|"|>'
 GEMMA_KEY = re.compile(r"([{,]\s*)([^\s:{},\[\]\"]+)\s*:")
-DEEPSEEK_CALL = (
-    re.compile(  # one call, with the list's markers around it; unclosed: to the next call or the end
-        r"(?:<｜tool▁calls▁begin｜>\s*)?<｜tool▁call▁begin｜>(?P<body>(?:(?!<｜tool▁call▁begin｜>).)*?)"
-        r"(?:(?P<closed><｜tool▁call▁end｜>)(?:\s*<｜tool▁calls▁end｜>)?|(?=<｜tool▁call▁begin｜>)|\Z)",
-        re.S,
-    )
+# One DeepSeek call, with the list's markers next to it; one not closed runs to the next call or the end.
+DEEPSEEK_CALL = re.compile(
+    r"(?:<｜tool▁calls▁begin｜>\s*)?<｜tool▁call▁begin｜>(?P<body>(?:(?!<｜tool▁call▁begin｜>).)*?)"
+    r"(?:(?P<closed><｜tool▁call▁end｜>)(?:\s*<｜tool▁calls▁end｜>)?|(?=<｜tool▁call▁begin｜>)|\Z)",
+    re.S,
 )
 DEEPSEEK_SEP = "<｜tool▁sep｜>"
 DEEPSEEK_FENCED = re.compile(r"\s*([^\s`]+)\s*```(?:json)?\s*(.*?)\s*```\s*\Z", re.S)
@@ -74,6 +73,7 @@ ATEM_PARAMETER = re.compile(
     r'\s*<atem:parameter name="([^"]*)">((?:(?!<atem:parameter ).)*?)</atem:parameter>', re.S
 )
 JSON_NAMES = {"true": True, "false": False, "null": None}  # what tojson writes inside a Python literal
+LITERAL_REFUSALS = (SyntaxError, ValueError, TypeError, MemoryError, RecursionError)  # ast's, literal_eval's
 BARE_CALL_START = re.compile(r'\{\s*"name"\s*:')
 
 
@@ -176,7 +176,10 @@ class Written(NamedTuple):
 
 def _found(start: int, end: int, read: Call | None | Written) -> FoundCall:
     if isinstance(read, Written):
-        call = {"name": read.name, "arguments": {key: _xml_value(text) for key, text in read.texts.items()}}
+        call = {
+            "name": read.name,
+            "arguments": {key: _written_value(text) for key, text in read.texts.items()},
+        }
         return FoundCall(start, end, call, read.texts)
     return FoundCall(start, end, read)
 
@@ -206,7 +209,7 @@ def _written(name: str, body: str, argument: re.Pattern[str]) -> Written | None:
     return Written(name, dict(argument.findall(body)))
 
 
-def _xml_value(text: str) -> Any:
+def _written_value(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
@@ -261,7 +264,7 @@ def _python_tag_calls(text: str) -> list[FoundCall]:
 def _python_call(source: str) -> Call | None:
     try:
         return _call_node(ast.parse(source, mode="eval").body, method="call")
-    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):  # literal_eval's refusals
+    except LITERAL_REFUSALS:
         return None
 
 
@@ -281,6 +284,8 @@ def _call_node(node: ast.expr, method: str | None = None) -> Call | None:
 
 
 class JsonNames(ast.NodeTransformer):
+    """JSON's true/false/null as the constants they name."""
+
     def visit_Name(self, node: ast.Name) -> ast.expr:
         return ast.Constant(JSON_NAMES[node.id]) if node.id in JSON_NAMES else node
 
@@ -331,7 +336,7 @@ def _lfm_calls(text: str) -> list[FoundCall]:
                 listed = ast.parse(block.group(1).strip(), mode="eval").body
                 if isinstance(listed, ast.List) and listed.elts:
                     calls = [_call_node(node) for node in listed.elts]
-            except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+            except LITERAL_REFUSALS:
                 pass
         found += [FoundCall(block.start(), block.end(), call) for call in calls]
     return found
