@@ -24,8 +24,8 @@ def message(*calls: ToolCall, content: str = "Let me look.") -> Message:
     return Message("assistant", content, tool_calls=calls)
 
 
-def tool_scores(text: str, template) -> tuple[float, ...]:
-    scores = score_generation(text, "", CALLS, template)
+def tool_scores(text: str, template, calls=CALLS) -> tuple[float, ...]:
+    scores = score_generation(text, "", calls, template)
     return tuple(scores[name] for name in TOOL_SCORES)
 
 
@@ -75,10 +75,8 @@ def test_a_wrong_name_or_wrong_arguments_score_zero(name, count):
     template = load(name)
     renamed = dataclasses.replace(CALLS[0], name="get_forecast")
     changed = dataclasses.replace(CALLS[0], arguments={"city": "Basel", "days": 2})
-    scores = score_generation(generated_reply(template, message(renamed)), "", CALLS[:1], template)
-    assert tuple(scores[name] for name in TOOL_SCORES) == (1.0, 0.0, 0.0)
-    scores = score_generation(generated_reply(template, message(changed)), "", CALLS[:1], template)
-    assert tuple(scores[name] for name in TOOL_SCORES) == (1.0, 1.0, 0.0)
+    assert tool_scores(generated_reply(template, message(renamed)), template, CALLS[:1]) == (1.0, 0.0, 0.0)
+    assert tool_scores(generated_reply(template, message(changed)), template, CALLS[:1]) == (1.0, 1.0, 0.0)
     answer = generated_reply(template, Message("assistant", "It is sunny in Bern."))
     assert tool_scores(answer, template) == (0.0, 0.0, 0.0)
 
@@ -172,7 +170,10 @@ def test_common_jinja_formats_read_by_hand(text, calls):
 
 # ---- DeepSeek: trl's templates join a call's arguments as a string, so transformers renders them ----------
 
-DEEPSEEK = ["deepseekv3", "deepseek_r1_distill"]
+DEEPSEEK = {
+    "deepseekv3": "Let me look.",
+    "deepseek_r1_distill": None,
+}  # R1 renders calls without content only
 
 
 def deepseek_reply(name: str, *calls: ToolCall) -> str:
@@ -185,7 +186,7 @@ def deepseek_reply(name: str, *calls: ToolCall) -> str:
     user = {"role": "user", "content": "Weather in Bern?"}
     assistant = {
         "role": "assistant",
-        "content": None,  # R1's template renders calls only without content
+        "content": DEEPSEEK[name],
         "tool_calls": [
             {"type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
             for c in calls
@@ -193,7 +194,7 @@ def deepseek_reply(name: str, *calls: ToolCall) -> str:
     }
     (prompt,), _ = render_jinja_template([[user]], chat_template=source, bos_token="<bos>")
     (text,), _ = render_jinja_template([[user, assistant]], chat_template=source, bos_token="<bos>")
-    assert text.startswith(prompt + "<｜Assistant｜><｜tool▁calls▁begin｜>")
+    assert text.startswith(f"{prompt}<｜Assistant｜>{DEEPSEEK[name] or ''}<｜tool▁calls▁begin｜>")
     return text[len(prompt) :].removeprefix("<｜Assistant｜>").removesuffix("<｜end▁of▁sentence｜>")
 
 
@@ -206,14 +207,17 @@ def test_deepseek_calls_score_one_against_themselves_and_zero_when_wrong(name, c
     renamed = dataclasses.replace(CALLS[0], name="get_forecast")
     changed = dataclasses.replace(CALLS[0], arguments={"city": "Basel", "days": 2})
     for generated, expected in ((renamed, (1.0, 0.0, 0.0)), (changed, (1.0, 1.0, 0.0))):
-        scores = score_generation(deepseek_reply(name, generated), "", CALLS[:1])
-        assert tuple(scores[score] for score in TOOL_SCORES) == expected
+        assert tool_scores(deepseek_reply(name, generated), None, CALLS[:1]) == expected
     for broken in (reference.replace('"Bern"', '"Bern', 1), reference.replace("<｜tool▁call▁end｜>", "", 1)):
         scores = score_generation(broken, reference, CALLS[:count])
         assert (scores["tool_call_parses"], scores["tool_call_arguments"]) == (0.0, 0.0)
         assert parse_reply(broken).tool_calls == ()
     reply = parse_reply("Look it up.\n</think>\n\n" + reference)  # R1 thinks after its prompt's <think>
-    assert (reply.reasoning, reply.content, reply.tool_calls) == ("Look it up.", "", CALLS[:count])
+    assert (reply.reasoning, reply.content, reply.tool_calls) == (
+        "Look it up.",
+        DEEPSEEK[name] or "",
+        CALLS[:count],
+    )
 
 
 # ---- XML formats write a string as it is and any other value as JSON --------------------------------------
@@ -226,10 +230,5 @@ def test_a_string_and_a_number_an_xml_template_writes_alike_score_one_either_way
     written = generated_reply(template, message(as_string))
     assert written == generated_reply(template, message(as_number))  # the template cannot tell them apart
     for reference in (as_string, as_number):
-        assert tool_scores_against(written, reference, template) == (1.0, 1.0, 1.0)
-    assert tool_scores_against(written.replace("2", '"2"'), as_number, template) == (1.0, 1.0, 0.0)
-
-
-def tool_scores_against(text: str, reference: ToolCall, template) -> tuple[float, ...]:
-    scores = score_generation(text, "", [reference], template)
-    return tuple(scores[name] for name in TOOL_SCORES)
+        assert tool_scores(written, template, [reference]) == (1.0, 1.0, 1.0)
+    assert tool_scores(written.replace("2", '"2"'), template, [as_number]) == (1.0, 1.0, 0.0)
