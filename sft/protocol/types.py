@@ -82,6 +82,9 @@ class Conversation:
     variables: dict[str, Any] = field(default_factory=dict)  # per-record template variables
     # Read from a file, whose reader already refused lone surrogates (records.py): normalize need not look.
     surrogates_checked: bool = False
+    # The record's JSON text as read (None when it was not read from JSON): every string of the record
+    # is in it, so the control-token check can search it instead of every string (control_tokens.py).
+    source_text: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def where(self) -> str:
