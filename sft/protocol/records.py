@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from sft.protocol.messages import parse_messages, require, wrong_type
-from sft.protocol.types import SURROGATE, Conversation, Message, ProtocolError, location
+from sft.protocol.types import (
+    SURROGATE,
+    Conversation,
+    Message,
+    ProtocolError,
+    json_loads,
+    location,
+)
 
 BLANK_LINE = "blank_line"  # the reason a blank line is skipped (counted, never an error)
 
@@ -347,7 +354,7 @@ def _parse_tools(tools: Any) -> list[Any] | None:
         return None
     if isinstance(tools, str):
         try:
-            tools = json.loads(tools)
+            tools = json_loads(tools)
         except (ValueError, RecursionError) as error:
             raise ProtocolError(
                 "invalid_tools", f"'tools' is a string but not valid JSON ({error})"
