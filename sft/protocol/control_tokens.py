@@ -45,13 +45,13 @@ class ControlTokenScan:
     """Whether a conversation's strings may hold a control token, in one regex search; a match sends the
     caller to the exact per-string check, which names the string (or finds nothing).
 
-    Both searches rely on no control token holding a character that JSON escapes (`"`, `\\`, controls):
-    - A record read from JSON is searched as its text when that has no `\\uXXXX` or `\\/` escape (either
-      can spell a control token's character: the `/` of `</s>`). Then each string of the record is in the
-      text verbatim, so a control token in a string is in the text too.
-    - Otherwise its strings are joined with a character no control token holds, so no match spans two of
-      them. The record's tools and template variables go in as their JSON text (one C call, not a walk
-      over every nested string), where each of their strings appears verbatim."""
+    When no control token holds a character that JSON escapes (`"`, `\\`, controls), JSON text holds each
+    of its strings verbatim, unless a `\\uXXXX` or `\\/` escape spells one of their characters (the `/` of
+    `</s>`). So:
+    - a record read from JSON text without such escapes is searched as that text;
+    - otherwise its strings are joined with a character no control token holds, so no match spans two of
+      them; the record's tools and template variables go in as their JSON text (one C call, not a walk
+      over every nested string), or string by string when a control token holds such a character."""
 
     def __init__(self, texts: set[str]):
         self.pattern = literal_pattern(texts)

@@ -183,7 +183,7 @@ class ConversationEncoder:
                 ids, labels = shortened
             else:
                 ids, labels = ids[: self.config.max_seq_len], labels[: self.config.max_seq_len]
-        if labels.max() == IGNORE_INDEX:  # every trained token lay beyond max_seq_len, or never was (ids >= 0)
+        if labels.max() == IGNORE_INDEX:  # ids are >= 0: every trained token lay beyond max_seq_len, or none
             reason = "truncated_to_nothing" if truncated else "no_trained_tokens"
             accounting.note(accounting.dropped, reason, conversation.where)
             return None
