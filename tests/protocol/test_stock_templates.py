@@ -415,7 +415,7 @@ def test_printed_arguments_stay_the_object_transformers_prints():
     messages, tools = conversation("tools")
     dicts = [transformers_message(m) for m in messages]
     render = transformers.utils.chat_template_utils.render_jinja_template
-    hidden = PRINTS_ARGUMENTS.replace("{{ a }}", "{{ a._json_text }}")  # undefined: prints nothing
+    hidden = PRINTS_ARGUMENTS.replace("{{ a }}", "{{ a._call }}")  # undefined: prints nothing
     for source in (PRINTS_ARGUMENTS, hidden):
         [expected], _ = render([dicts], tools=tools, chat_template=source)
         assert JinjaTemplate(source, eot="</s>").render_text(messages, tools) == expected

@@ -36,19 +36,19 @@ class CallArguments(dict):
     JSON-string arguments: a plain dict makes them raise, and with this they render what transformers
     renders given the arguments as that string. Only `+` gains behaviour (it raised for every template
     before): `__str__` is left alone, so a template that prints the object renders what it renders in
-    transformers given the object. The JSON text is held under an underscore name the sandbox refuses."""
+    transformers given the object. The call is held under an underscore name the sandbox refuses."""
 
-    __slots__ = ("_json_text",)
+    __slots__ = ("_call",)
 
     def __init__(self, call: ToolCall):
         super().__init__(call.arguments)
-        self._json_text = call.arguments_json()
+        self._call = call  # its JSON text is encoded once, when first needed
 
     def __add__(self, other: Any) -> str:
-        return self._json_text + other if isinstance(other, str) else NotImplemented
+        return self._call.arguments_json() + other if isinstance(other, str) else NotImplemented
 
     def __radd__(self, other: Any) -> str:
-        return other + self._json_text if isinstance(other, str) else NotImplemented
+        return other + self._call.arguments_json() if isinstance(other, str) else NotImplemented
 
 
 def jinja_message(message: Message) -> dict[str, Any]:
