@@ -82,6 +82,7 @@ class Conversation:
     variables: dict[str, Any] = field(default_factory=dict)  # per-record template variables
     # Read from a file, whose reader already refused lone surrogates (records.py): normalize need not look.
     surrogates_checked: bool = False
+    index: int = 0  # its place in its entry's input, set by ConversationEncoder.prepare: the draw's index
 
     @property
     def where(self) -> str:
