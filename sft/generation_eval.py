@@ -61,8 +61,6 @@ def generation_items(
     items: list[GenerationItem] = []
     for entry, conversations in enumerate(entries):
         for index, conversation in enumerate(conversations):
-            if len(items) >= max_items:
-                return items
             if isinstance(conversation, ProtocolError) or (only is not None and (entry, index) not in only):
                 continue
             try:
@@ -70,6 +68,8 @@ def generation_items(
             except ProtocolError:
                 continue
             items += conversation_items(conversation, encoder)[: max_items - len(items)]
+            if len(items) >= max_items:
+                return items
     return items
 
 
