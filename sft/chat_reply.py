@@ -82,10 +82,12 @@ def _parse_channels(reply: str) -> Reply:
 
 
 def _calls(answer: str, template: Any) -> tuple[str, tuple[ToolCall, ...]]:
-    """(content, calls): the text before the first call, and the calls, when every call parses; else the
-    whole answer as content."""
+    """(content, calls): the text around the calls (before them in most templates, after them in
+    Gemma 4's), and the calls, when every call parses; else the whole answer as content."""
     found = find_tool_calls(answer, template)
     if not found or any(f.call is None for f in found):
         return answer, ()
     calls = tuple(ToolCall(f.call["name"], f.call["arguments"]) for f in found)
-    return answer[: found[0].start].rstrip("\n"), calls
+    starts, ends = [f.start for f in found] + [len(answer)], [0] + [f.end for f in found]
+    pieces = (answer[end:start].strip("\n") for end, start in zip(ends, starts, strict=True) if start > end)
+    return "\n".join(piece for piece in pieces if piece.strip()), calls

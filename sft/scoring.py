@@ -5,7 +5,10 @@
   removed, whitespace collapsed; F1 over the multiset of words (two empty answers score 1).
 - tool calls, when the reference makes any: `tool_call_parses` (the generation holds calls and each
   parses as one), `tool_call_name` (the same function names, in order) and `tool_call_arguments`
-  (names and arguments equal, arguments compared as JSON values, so key order and spacing do not count).
+  (names and arguments equal, arguments compared as JSON values, so key order and spacing do not count,
+  true is not 1, 2.0 is 2). Where a call's format writes a string as it is and any other value as JSON
+  (Qwen3.5's `<parameter=…>`, GLM's `<arg_value>`), both sides' arguments compare as that format writes
+  them: a string "2" and the number 2 are both `2` there, a string "Bern" is `Bern`, never `"Bern"`.
 
 Reference calls are the turn's structured calls or, without them, the calls its text holds; calls in text
 are read as the template that rendered the reference writes them (sft.tool_call_text).
@@ -13,13 +16,14 @@ are read as the template that rendered the reference writes them (sft.tool_call_
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sft.tool_call_text import find_tool_calls, tool_call
+from sft.tool_call_text import Call, FoundCall, find_tool_calls, tool_call
 
 SCORE_NAMES = (  # every score an item can have, in the order reports and tables show them
     "exact_match",
@@ -69,16 +73,63 @@ def tool_calls_in_text(text: str, template: Any = None) -> list[dict[str, Any] |
 def tool_call_scores(
     generated: str, reference_calls: Sequence[Any], template: Any = None
 ) -> dict[str, float]:
-    """The three tool-call scores of a generation against the reference's calls (structured or parsed)."""
-    expected = [tool_call(call) for call in reference_calls]
-    produced = tool_calls_in_text(generated, template)
-    parses = bool(produced) and all(call is not None for call in produced)
-    names_match = parses and [c["name"] for c in produced] == [c and c["name"] for c in expected]
+    """The three tool-call scores of a generation against the reference's calls (structured, or found in
+    its text)."""
+    expected = [_with_texts(call) for call in reference_calls]
+    produced = [_with_texts(found) for found in find_tool_calls(generated, template)]
+    parses = bool(produced) and all(call is not None for call, _ in produced)
+    names_match = parses and [c["name"] for c, _ in produced] == [c and c["name"] for c, _ in expected]
+    arguments_match = names_match and all(map(_same_arguments, produced, expected))
     return {
         "tool_call_parses": float(parses),
         "tool_call_name": float(names_match),
-        "tool_call_arguments": float(names_match and produced == expected),
+        "tool_call_arguments": float(arguments_match),
     }
+
+
+def _with_texts(call: Any) -> tuple[Call | None, Mapping[str, str] | None]:
+    """(the call, its arguments' texts where its format writes them as text)."""
+    return (call.call, call.written) if isinstance(call, FoundCall) else (tool_call(call), None)
+
+
+def _same_arguments(
+    first: tuple[Call | None, Mapping[str, str] | None], second: tuple[Call | None, Mapping[str, str] | None]
+) -> bool:
+    if first[1] is None and second[1] is None:
+        return _json_key(first[0]["arguments"]) == _json_key(second[0]["arguments"])
+    return _text_keys(*first) == _text_keys(*second)
+
+
+def _text_keys(call: Call, written: Mapping[str, str] | None) -> dict[str, tuple[str, str]]:
+    """Each argument as a format that writes text writes it (a string as it is, any other value as JSON),
+    then read back: as a JSON value where the text is one, else as the text."""
+    if written is None:
+        written = {
+            key: value if isinstance(value, str) else json.dumps(value)
+            for key, value in call["arguments"].items()
+        }
+    keys = {}
+    for key, text in written.items():
+        try:
+            keys[key] = ("json", _json_key(json.loads(text)))
+        except ValueError:
+            keys[key] = ("text", text)
+    return keys
+
+
+def _json_key(value: Any) -> str:
+    """A JSON value's canonical text: keys sorted, a whole float as its integer (JSON has one number)."""
+    return json.dumps(_whole_floats_as_int(value), sort_keys=True)
+
+
+def _whole_floats_as_int(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, Mapping):
+        return {key: _whole_floats_as_int(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_floats_as_int(item) for item in value]
+    return value
 
 
 def score_generation(
@@ -87,7 +138,7 @@ def score_generation(
     """Every score of one item; tool-call scores only when the reference calls tools. `template` is the
     chat template that rendered the reference (its call format); None reads every common format."""
     calls = list(reference_calls or []) or [
-        c for c in tool_calls_in_text(reference, template) if c is not None
+        found for found in find_tool_calls(reference, template) if found.call is not None
     ]
     scores = {
         "exact_match": exact_match(generated, reference),

@@ -11,11 +11,17 @@ template, or none, every common format is read:
 - Mistral's `[TOOL_CALLS]` followed by a JSON list of calls, or by `NAME[ARGS]{json}`;
 - Llama 3.1's `<|python_tag|>` followed by a JSON call or a builtin tool's `NAME.call(key="value")`;
 - Gemma 4's `<|tool_call>call:NAME{key:value,…}<tool_call|>` (bare keys, strings between `<|"|>`);
+- DeepSeek-V3/R1's `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME` then the arguments in a ```json fence,
+  and V3.1's `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{json}`, each closed by `<｜tool▁call▁end｜>`;
+- LFM2's `<|tool_call_start|>[NAME(key='value', …), …]<|tool_call_end|>` (Python literals);
+- Muse Glimmer's `<atem:invoke name="NAME"><atem:parameter name="KEY">value</atem:parameter>…</atem:invoke>`;
 - bare JSON objects with a name and arguments/parameters (Llama 3.1/3.2's custom tools).
 
 A call's text that does not parse is still found (as None), so that a score can count it as broken.
-XML values are read as JSON where they parse (the templates print non-strings as JSON), so a string
-argument that reads as JSON (`"2"`) compares as that value.
+The XML formats (`<parameter=…>`, `<arg_value>`, `<atem:parameter>`) write a string argument as it is and
+any other value as JSON, so `2` is the string "2" or the number 2 alike: such a call keeps each argument's
+text as written (`FoundCall.written`) for scores to compare as the template writes values, and its
+arguments read as JSON where they parse.
 """
 
 from __future__ import annotations
@@ -48,16 +54,38 @@ PYTHON_TAG = "<|python_tag|>"
 GEMMA_CALL = re.compile(r"<\|tool_call>call:([^{\s]+)(.*?)<tool_call\|>", re.S)
 GEMMA_STRING = '<|"|>'
 GEMMA_KEY = re.compile(r"([{,]\s*)([^\s:{},\[\]\"]+)\s*:")
+# One DeepSeek call, with the list's markers next to it; one not closed runs to the next call or the end.
+DEEPSEEK_CALL = re.compile(
+    r"(?:<｜tool▁calls▁begin｜>\s*)?<｜tool▁call▁begin｜>(?P<body>(?:(?!<｜tool▁call▁begin｜>).)*?)"
+    r"(?:(?P<closed><｜tool▁call▁end｜>)(?:\s*<｜tool▁calls▁end｜>)?|(?=<｜tool▁call▁begin｜>)|\Z)",
+    re.S,
+)
+DEEPSEEK_SEP = "<｜tool▁sep｜>"
+DEEPSEEK_FENCED = re.compile(r"\s*([^\s`]+)\s*```(?:json)?\s*(.*?)\s*```\s*\Z", re.S)
+LFM_CALLS = re.compile(r"<\|tool_call_start\|>(.*?)(?:<\|tool_call_end\|>|\Z)", re.S)
+ATEM_CALL = re.compile(  # one invoke, with the message header and function_calls markers next to it
+    r"(?:(?:<\|start\|>assistant)?\s*to=\S+?<\|message\|>)?(?:<atem:function_calls>\s*)?"
+    r'<atem:invoke name="([^"]*)">(.*?)'
+    r"(?:(?P<closed></atem:invoke>)(?:\s*</atem:function_calls>(?:<\|eom\|>)?)?|\Z)",
+    re.S,
+)
+ATEM_PARAMETER = re.compile(
+    r'\s*<atem:parameter name="([^"]*)">((?:(?!<atem:parameter ).)*?)</atem:parameter>', re.S
+)
+JSON_NAMES = {"true": True, "false": False, "null": None}  # what tojson writes inside a Python literal
+LITERAL_REFUSALS = (SyntaxError, ValueError, TypeError, MemoryError, RecursionError)  # ast's, literal_eval's
 BARE_CALL_START = re.compile(r'\{\s*"name"\s*:')
 
 
 @dataclass(frozen=True, slots=True)
 class FoundCall:
-    """A call's text at `text[start:end]`, read as a call (None: it does not parse)."""
+    """A call's text at `text[start:end]`, read as a call (None: it does not parse); `written`: each
+    argument's text, for the formats that write strings as they are and other values as JSON."""
 
     start: int
     end: int
     call: Call | None
+    written: Mapping[str, str] | None = None
 
 
 class ChannelMessage(NamedTuple):
@@ -114,6 +142,7 @@ def find_tool_calls(text: str, template: Any = None) -> list[FoundCall]:
         return _pattern_calls(text, template.tool_call)
     found = _tagged_calls(text, "<tool_call>", "</tool_call>", _tagged_body)
     found += _channel_calls(text) + _mistral_calls(text) + _python_tag_calls(text) + _gemma_calls(text)
+    found += _deepseek_calls(text) + _lfm_calls(text) + _atem_calls(text)
     kept: list[FoundCall] = []
     for call in sorted(found, key=lambda call: call.start):
         # A format inside another's call is that call's text; the calls of one list share its span.
@@ -132,10 +161,27 @@ def _pattern_calls(text: str, pattern: str) -> list[FoundCall]:
 
 
 def _tagged_calls(
-    text: str, opening: str, closing: str, read: Callable[[str], Call | None]
+    text: str, opening: str, closing: str, read: Callable[[str], Call | None | Written]
 ) -> list[FoundCall]:
     blocks = re.finditer(re.escape(opening) + r"\s*(.*?)\s*" + re.escape(closing), text, re.S)
-    return [FoundCall(block.start(), block.end(), read(block.group(1))) for block in blocks]
+    return [_found(block.start(), block.end(), read(block.group(1))) for block in blocks]
+
+
+class Written(NamedTuple):
+    """A call in a format that writes its arguments as text, and those texts."""
+
+    name: str
+    texts: dict[str, str]
+
+
+def _found(start: int, end: int, read: Call | None | Written) -> FoundCall:
+    if isinstance(read, Written):
+        call = {
+            "name": read.name,
+            "arguments": {key: _written_value(text) for key, text in read.texts.items()},
+        }
+        return FoundCall(start, end, call, read.texts)
+    return FoundCall(start, end, read)
 
 
 def _json_call(body: str) -> Call | None:
@@ -145,24 +191,25 @@ def _json_call(body: str) -> Call | None:
         return None
 
 
-def _tagged_body(body: str) -> Call | None:
+def _tagged_body(body: str) -> Call | None | Written:
     """A `<tool_call>` block's body: JSON, Qwen3.5's `<function=…>` XML or GLM's `NAME<arg_key>…`."""
     if body.startswith("{"):
         return _json_call(body)
     if function := XML_FUNCTION.match(body):
-        parameters, rest = {}, function.group(2)
-        for parameter in XML_PARAMETER.finditer(rest):
-            parameters[parameter.group(1)] = _xml_value(parameter.group(2))
-        if XML_PARAMETER.sub("", rest).strip():
-            return None  # text that is no parameter: not the format
-        return {"name": function.group(1), "arguments": parameters}
-    if (glm := GLM_CALL.match(body)) and not GLM_ARGUMENT.sub("", glm.group(2)).strip():
-        arguments = {key: _xml_value(value) for key, value in GLM_ARGUMENT.findall(glm.group(2))}
-        return {"name": glm.group(1), "arguments": arguments}
+        return _written(function.group(1), function.group(2), XML_PARAMETER)
+    if glm := GLM_CALL.match(body):
+        return _written(glm.group(1), glm.group(2), GLM_ARGUMENT)
     return None
 
 
-def _xml_value(text: str) -> Any:
+def _written(name: str, body: str, argument: re.Pattern[str]) -> Written | None:
+    """A call whose `body` is nothing but `argument` matches (key, text); None when other text is there."""
+    if argument.sub("", body).strip():
+        return None
+    return Written(name, dict(argument.findall(body)))
+
+
+def _written_value(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
@@ -216,19 +263,31 @@ def _python_tag_calls(text: str) -> list[FoundCall]:
 
 def _python_call(source: str) -> Call | None:
     try:
-        expression = ast.parse(source, mode="eval").body
-        if (
-            isinstance(expression, ast.Call)
-            and isinstance(expression.func, ast.Attribute)
-            and expression.func.attr == "call"
-            and isinstance(expression.func.value, ast.Name)
-            and not expression.args
-        ):
-            arguments = {k.arg: ast.literal_eval(k.value) for k in expression.keywords if k.arg}
-            return {"name": expression.func.value.id, "arguments": arguments}
-    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):  # literal_eval's refusals
-        pass
-    return None
+        return _call_node(ast.parse(source, mode="eval").body, method="call")
+    except LITERAL_REFUSALS:
+        return None
+
+
+def _call_node(node: ast.expr, method: str | None = None) -> Call | None:
+    """`NAME(key=literal, …)` (or `NAME.method(…)`) as a call; JSON's true/false/null read as literals
+    too, as LFM2 writes an object argument as JSON. Raises what literal_eval raises on other values."""
+    if not isinstance(node, ast.Call) or node.args:
+        return None
+    function = node.func
+    if method is not None:
+        is_method = isinstance(function, ast.Attribute) and function.attr == method
+        function = function.value if is_method else None
+    if not isinstance(function, ast.Name):
+        return None
+    arguments = {k.arg: ast.literal_eval(JsonNames().visit(k.value)) for k in node.keywords if k.arg}
+    return {"name": function.id, "arguments": arguments}
+
+
+class JsonNames(ast.NodeTransformer):
+    """JSON's true/false/null as the constants they name."""
+
+    def visit_Name(self, node: ast.Name) -> ast.expr:
+        return ast.Constant(JSON_NAMES[node.id]) if node.id in JSON_NAMES else node
 
 
 def _gemma_calls(text: str) -> list[FoundCall]:
@@ -249,6 +308,48 @@ def _gemma_calls(text: str) -> list[FoundCall]:
         )
         found.append(FoundCall(block.start(), block.end(), call))
     return found
+
+
+def _deepseek_calls(text: str) -> list[FoundCall]:
+    """DeepSeek's calls: `TYPE<｜tool▁sep｜>NAME` and a fenced JSON object (V3, R1), or
+    `NAME<｜tool▁sep｜>{json}` (V3.1); a call without its end marker is broken."""
+    found = []
+    for block in DEEPSEEK_CALL.finditer(text):
+        head, separator, tail = block.group("body").partition(DEEPSEEK_SEP)
+        call = None
+        if separator and block.group("closed"):
+            fenced = DEEPSEEK_FENCED.match(tail)
+            name, arguments = fenced.groups() if fenced else (head.strip(), tail.strip())
+            call = tool_call({"name": name, "arguments": arguments})
+        found.append(FoundCall(block.start(), block.end(), call))
+    return found
+
+
+def _lfm_calls(text: str) -> list[FoundCall]:
+    """LFM2's `<|tool_call_start|>[NAME(key=value, …), …]<|tool_call_end|>`: the list's calls share its
+    span; a list that does not parse (or is not closed) is one broken call."""
+    found = []
+    for block in LFM_CALLS.finditer(text):
+        calls: list[Call | None] = [None]
+        if block.group().endswith("<|tool_call_end|>"):
+            try:
+                listed = ast.parse(block.group(1).strip(), mode="eval").body
+                if isinstance(listed, ast.List) and listed.elts:
+                    calls = [_call_node(node) for node in listed.elts]
+            except LITERAL_REFUSALS:
+                pass
+        found += [FoundCall(block.start(), block.end(), call) for call in calls]
+    return found
+
+
+def _atem_calls(text: str) -> list[FoundCall]:
+    """Muse Glimmer's `<atem:invoke name="NAME">` blocks of `<atem:parameter name="KEY">` texts."""
+    return [
+        _found(
+            block.start(), block.end(), block.group("closed") and _written(*block.group(1, 2), ATEM_PARAMETER)
+        )
+        for block in ATEM_CALL.finditer(text)
+    ]
 
 
 def _bare_json_calls(text: str, taken: list[FoundCall]) -> list[FoundCall]:

@@ -126,17 +126,21 @@ def make_read_only(monkeypatch) -> None:
 # ---- stock chat templates (trl's wheel) and what a model writes for a message ---------------------------
 
 
-def stock_template(name: str, eot: list[str], stop: list[str] | None = None):
-    """trl's stock `{name}.jinja` as a JinjaTemplate (the test is skipped without trl)."""
+def stock_template_source(name: str) -> str:
+    """trl's stock `{name}.jinja`, read from the installed wheel (the test is skipped without trl)."""
     import importlib.resources
 
     import pytest
 
+    pytest.importorskip("trl")
+    return Path(str(importlib.resources.files("trl") / "chat_templates" / f"{name}.jinja")).read_text()
+
+
+def stock_template(name: str, eot: list[str], stop: list[str] | None = None):
+    """trl's stock `{name}.jinja` as a JinjaTemplate (the test is skipped without trl)."""
     from sft.protocol.templates import JinjaTemplate
 
-    pytest.importorskip("trl")
-    source = Path(str(importlib.resources.files("trl") / "chat_templates" / f"{name}.jinja")).read_text()
-    return JinjaTemplate(source, eot=eot, stop=stop, origin=name)
+    return JinjaTemplate(stock_template_source(name), eot=eot, stop=stop, origin=name)
 
 
 def generated_reply(template, message) -> str:

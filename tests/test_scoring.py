@@ -121,3 +121,49 @@ def test_mean_scores_average_tool_call_scores_over_tool_call_items_only():
         ]
     )
     assert means == {"exact_match": 0.5, "tool_call_name": 0.5}
+
+
+def qwen_xml(value: str) -> str:
+    return f"<tool_call>\n<function=f>\n<parameter=x>\n{value}\n</parameter>\n</function>\n</tool_call>"
+
+
+def glm_xml(value: str) -> str:
+    return f"<tool_call>f\n<arg_key>x</arg_key>\n<arg_value>{value}</arg_value>\n</tool_call>"
+
+
+@pytest.mark.parametrize("xml", [qwen_xml, glm_xml])
+@pytest.mark.parametrize(
+    "reference, written, expected",
+    [
+        ("2", "2", 1.0),  # a string is written as it is: "2" and 2 both read `2`
+        (2, "2", 1.0),
+        (2, '"2"', 0.0),  # a JSON string where the template writes the number
+        ("Bern", "Bern", 1.0),
+        ("Bern", '"Bern"', 0.0),  # the template never quotes a string
+        ("a b", "a  b", 0.0),
+        (True, "true", 1.0),
+        (True, "1", 0.0),
+        (2.0, "2", 1.0),
+        ({"a": 1, "b": [1, 2]}, '{"b":[1, 2],"a":1}', 1.0),  # non-strings compare as JSON values
+        ({"a": 1}, "{'a': 1}", 0.0),
+    ],
+)
+def test_xml_arguments_compare_as_the_template_writes_them(xml, reference, written, expected):
+    scores = tool_call_scores(xml(written), [{"name": "f", "arguments": {"x": reference}}])
+    assert scores["tool_call_arguments"] == expected
+
+
+@pytest.mark.parametrize("xml", [qwen_xml, glm_xml])
+def test_xml_arguments_read_from_both_texts_compare_as_written(xml):
+    assert score_generation(xml("2"), xml("2"))["tool_call_arguments"] == 1.0
+    assert score_generation(xml('"Bern"'), xml("Bern"))["tool_call_arguments"] == 0.0
+    assert score_generation(xml('"2"'), xml("2"))["tool_call_arguments"] == 0.0
+    assert score_generation(xml("Bern"), call_text("f", {"x": "Bern"}))["tool_call_arguments"] == 1.0
+
+
+def test_json_arguments_tell_true_from_1_but_not_2_from_2_0():
+    reference = [{"name": "f", "arguments": {"flag": True, "days": 2}}]
+    assert (
+        tool_call_scores(call_text("f", {"flag": True, "days": 2.0}), reference)["tool_call_arguments"] == 1
+    )
+    assert tool_call_scores(call_text("f", {"flag": 1, "days": 2}), reference)["tool_call_arguments"] == 0

@@ -193,7 +193,7 @@ def run(config: InspectConfig, cfg: DictConfig) -> None:
         sys.exit(
             "sft-inspect: no data.val files (data.val_fraction holds examples out of train at training time)"
         )
-    stats = dataset_stats(stores, config.protocol.max_seq_len)
+    stats = dataset_stats(stores, config.protocol.max_seq_len, config.data.prefix_sharing)
     examples = load_examples(prepared.tokenizer, stores, config.n)
     print_view(Console(), examples, stats, split)
     if config.html:

@@ -6,6 +6,8 @@ shared token once. A batch with a tree carries what its layout needs instead of 
 [B, T] (key j is visible to query i iff j <= i < subtree_end[j]; a document is a path, a padding token sees
 itself) and explicit loss pairs, `loss_positions` into the flattened [B * T] tokens and `loss_targets`.
 Batches without a tree keep labels and document ids, and with them the model's fast attention paths.
+Trees are built here, per batch, not kept from the start: building one takes about 1 ms of CPU for a
+16-turn 8k-token conversation, while keeping it would hold about 1 MB of memory per such conversation.
 """
 
 from __future__ import annotations

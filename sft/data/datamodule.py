@@ -20,7 +20,7 @@ from sft.data.collate import collate_rows, packed_row, without_targets
 from sft.data.packing import best_fit_decreasing, group_by_length, packing_efficiency
 from sft.data.sampler import ResumableBatchSampler
 from sft.data.store import TokenStore
-from sft.data.units import PackingUnits, conversation_units, single_examples
+from sft.data.units import PackingUnits, packing_units
 from sft.data.validation import split_val
 
 if TYPE_CHECKING:
@@ -234,11 +234,7 @@ class SFTDataModule(L.LightningDataModule):
         return self.val_dataset.index.records(self.val_dataset.example_ids)
 
     def _rows(self, index: StoreIndex, example_ids: np.ndarray) -> RowDataset:
-        units = (
-            conversation_units(index, example_ids, self.max_seq_len)
-            if self.data_config.prefix_sharing
-            else single_examples(index, example_ids)
-        )
+        units = packing_units(index, example_ids, self.max_seq_len, self.data_config.prefix_sharing)
         if not self.data_config.packing:
             return RowDataset(index, units, None)
         bins = best_fit_decreasing(units.lengths, self.max_seq_len)

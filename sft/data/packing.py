@@ -65,7 +65,9 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
 
 
 def packing_efficiency(lengths: np.ndarray, bins: list[np.ndarray], capacity: int) -> float:
-    """Real tokens / (bins × capacity): the share of packed rows that is not padding."""
+    """Real tokens / (bins × capacity): the share of packed rows that is not padding. `lengths` are those
+    packed: per packing unit (sft.data.units), so a split conversation's real tokens are its tree's nodes
+    (what is computed), not its rows' tokens."""
     if not bins:
         return 0.0
     lengths = np.asarray(lengths, dtype=np.int64)

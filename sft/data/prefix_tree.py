@@ -35,26 +35,17 @@ class PrefixTree:
 
 def build_prefix_tree(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> PrefixTree:
     """The prefix tree of rows given as (input_ids, labels), labels unshifted (IGNORE_INDEX where not
-    trained): token t of a row is trained iff labels[t] != IGNORE_INDEX, predicted from token t - 1."""
-    children: list[dict[int, int]] = [{}]  # trie node 0 is a virtual root above the first tokens
-    tokens: list[int] = [-1]
-    trie_paths = []
-    for ids, _ in rows:
-        node, path = 0, []
-        for token in np.asarray(ids).tolist():
-            child = children[node].get(token)
-            if child is None:
-                child = len(tokens)
-                children[node][token] = child
-                children.append({})
-                tokens.append(token)
-            path.append(child)
-            node = child
-        trie_paths.append(path)
+    trained): token t of a row is trained iff labels[t] != IGNORE_INDEX, predicted from token t - 1.
 
-    order, depth, subtree_end = _preorder(children)
-    index_of = {trie_node: index for index, trie_node in enumerate(order)}
-    row_nodes = [np.array([index_of[node] for node in path], dtype=np.int64) for path in trie_paths]
+    Built from the rows sorted, not by a walk over their tokens: in an order where every subtree's rows
+    are consecutive (a preorder), each row shares exactly its longest common prefix with the row before it
+    and its remaining tokens are the next nodes."""
+    ids = [np.asarray(row_ids, dtype=np.int64) for row_ids, _ in rows]
+    order, shared = _insertion_preorder(*_lexicographic(ids))
+    row_nodes, starts = _number_nodes(ids, order, shared)
+    lengths = np.array([len(ids[row]) for row in order], dtype=np.int64)
+    # a new node's depth: how far it is past its row's first new node, plus the nodes the row shares
+    depth = np.arange(starts[-1], dtype=np.int64) - np.repeat(starts[:-1] - shared, lengths - shared)
     positions, targets = [], []
     for nodes, (_, labels) in zip(row_nodes, rows, strict=True):
         labels = np.asarray(labels)
@@ -62,47 +53,93 @@ def build_prefix_tree(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> PrefixTr
         positions.append(nodes[trained])
         targets.append(labels[trained + 1])
     return PrefixTree(
-        input_ids=np.array([tokens[node] for node in order], dtype=np.int64),
-        position_ids=np.array(depth, dtype=np.int64),
-        subtree_end=np.array(subtree_end, dtype=np.int64),
-        loss_positions=np.concatenate(positions).astype(np.int64) if positions else np.zeros(0, np.int64),
-        loss_targets=np.concatenate(targets).astype(np.int64) if targets else np.zeros(0, np.int64),
+        input_ids=_concatenate([ids[row][first:] for row, first in zip(order, shared, strict=True)]),
+        position_ids=depth,
+        subtree_end=_subtree_ends(lengths, shared, starts),
+        loss_positions=_concatenate(positions),
+        loss_targets=_concatenate(targets),
         row_nodes=row_nodes,
     )
 
 
-def _preorder(children: list[dict[int, int]]) -> tuple[list[int], list[int], list[int]]:
-    """Trie nodes in depth-first preorder (children in insertion order), their depths, and each one's
-    subtree end in that order; iterative, so deep trees do not hit the recursion limit."""
-    order: list[int] = []
-    depth: list[int] = []
-    subtree_end: list[int] = []
-    stack = [(child, 0, False) for child in reversed(list(children[0].values()))]
-    while stack:
-        node, node_depth, closing = stack.pop()
-        if closing:
-            subtree_end[node_depth] = len(order)  # node_depth holds the node's index here
+def _lexicographic(sequences: Sequence[np.ndarray]) -> tuple[list[int], np.ndarray]:
+    """The sequences' indices in lexicographic order, and the length of each one's longest common prefix
+    with the one before it in that order (0 for the first): its longest with any earlier one."""
+    # Fixed-width bytes compare (memcmp, a prefix first) lexicographically under some order of token ids,
+    # which is all the grouping needs: rows that share a prefix are consecutive.
+    keys = [np.asarray(sequence, dtype=np.int64).tobytes() for sequence in sequences]
+    order = sorted(range(len(sequences)), key=keys.__getitem__)
+    shared = np.zeros(len(order), dtype=np.int64)
+    for i in range(1, len(order)):
+        previous, current = sequences[order[i - 1]], sequences[order[i]]
+        shortest = min(len(previous), len(current))
+        differ = np.flatnonzero(previous[:shortest] != current[:shortest])
+        shared[i] = differ[0] if len(differ) else shortest
+    return order, shared
+
+
+def _insertion_preorder(order: list[int], shared: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """The rows, given in lexicographic order, reordered so that sibling subtrees come in insertion order
+    (the order of their first rows) rather than by token id; with each one's common prefix with the row
+    before it. Works on the rows alone (plain lists: a few per turn): a subtree is a run of rows, cut into
+    its children where `shared` is the run's least."""
+    shared_list = shared.tolist()
+    reordered: list[int] = []
+    reordered_shared: list[int] = []
+    runs = [(0, len(order), 0)] if order else []  # (first, end, common prefix with the row before)
+    while runs:
+        first, end, before = runs.pop()
+        if end - first == 1:
+            reordered.append(order[first])
+            reordered_shared.append(before)
             continue
-        index = len(order)
-        order.append(node)
-        depth.append(node_depth)
-        subtree_end.append(-1)
-        stack.append((node, index, True))
-        stack.extend((child, node_depth + 1, False) for child in reversed(list(children[node].values())))
-    return order, depth, subtree_end
+        common = min(shared_list[first + 1 : end])  # the run's rows branch (or end) at this depth
+        cuts = [first, *(i for i in range(first + 1, end) if shared_list[i] == common), end]
+        children = sorted(zip(cuts, cuts[1:]), key=lambda child: min(order[child[0] : child[1]]))
+        for rank in reversed(range(len(children))):  # a stack: the first child is taken next
+            runs.append((*children[rank], before if rank == 0 else common))
+    return reordered, np.array(reordered_shared, dtype=np.int64)
+
+
+def _number_nodes(
+    ids: Sequence[np.ndarray], order: list[int], shared: np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each row's nodes when the rows, taken in `order`, number their new nodes consecutively; and where
+    each row's new nodes start (in `order`, then the node count)."""
+    starts = np.zeros(len(order) + 1, dtype=np.int64)
+    starts[1:] = np.cumsum([len(ids[row]) for row in order]) - np.cumsum(shared)
+    row_nodes: list[np.ndarray] = [np.zeros(0, np.int64)] * len(ids)
+    previous = np.zeros(0, np.int64)
+    for i, row in enumerate(order):
+        new = np.arange(starts[i], starts[i + 1], dtype=np.int64)
+        row_nodes[row] = previous = np.concatenate([previous[: shared[i]], new])
+    return row_nodes, starts
+
+
+def _subtree_ends(lengths: np.ndarray, shared: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Per node in preorder, its subtree's end. The node at depth t added by row i (in preorder) holds the
+    new nodes of rows i, i + 1, ... up to the first row j > i that shares at most t tokens with row i, the
+    first where the running minimum of `shared` after row i is at most t: it ends where row j's start."""
+    shared_after = np.append(shared, 0)  # past the last row, nothing is shared: the tree ends
+    ends = []
+    for i in np.flatnonzero(lengths > shared):
+        running_min = np.minimum.accumulate(shared_after[i + 1 :])
+        depths = np.arange(shared[i], lengths[i])
+        ends.append(starts[i + 1 + np.searchsorted(-running_min, -depths, side="left")])
+    return _concatenate(ends)
+
+
+def _concatenate(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, np.int64)
 
 
 def prefix_tree_size(rows: Sequence[np.ndarray]) -> int:
     """The node count of the rows' prefix tree without building it (what packing needs for every
     conversation): in lexicographic order each row adds its tokens beyond the longest common prefix with
-    the row before it, which is its longest with any earlier row."""
-    ordered = sorted(np.asarray(ids).tolist() for ids in rows)
-    nodes = sum(len(ids) for ids in ordered)
-    for previous, current in zip(ordered, ordered[1:], strict=False):
-        shortest = min(len(previous), len(current))
-        differ = np.flatnonzero(np.asarray(previous[:shortest]) != np.asarray(current[:shortest]))
-        nodes -= int(differ[0]) if len(differ) else shortest
-    return nodes
+    the row before it."""
+    rows = [np.asarray(ids) for ids in rows]
+    _, shared = _lexicographic(rows)
+    return sum(len(ids) for ids in rows) - int(shared.sum())
 
 
 def tokens_computed(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[int, int]:

@@ -1,7 +1,9 @@
 """Dataset statistics of prepared stores: what `sft-inspect` prints and writes as JSON.
 
-Computed from the stores' manifests and length arrays alone (numpy, no torch), so it costs a few
-milliseconds even for a million examples, and the packing figure is the one training will see.
+Computed from the stores' manifests and length arrays (numpy, no torch), so it costs a few milliseconds
+even for a million examples; the packing figure is the one training will see: with `data.prefix_sharing`
+a split conversation is packed as its prefix tree (sft.data.units), whose node count is read from its
+rows' tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from sft.data.build import store_accounting
 from sft.data.packing import best_fit_decreasing, packing_efficiency
 from sft.data.store import TokenStore
+from sft.data.units import packing_units
 from sft.protocol.pipeline import Accounting
 
 HISTOGRAM_BINS = 10
@@ -31,7 +34,7 @@ class DatasetStats:
     histogram: list[tuple[int, int, int]]  # (first length, last length, examples) per bin
     max_seq_len: int
     packed_rows: int
-    packing_efficiency: float  # real tokens / (packed rows × max_seq_len)
+    packing_efficiency: float  # real tokens (a tree's nodes, what is computed) / (packed rows × max_seq_len)
     accounting: Accounting  # of the files behind these stores
 
     @property
@@ -75,10 +78,24 @@ def length_histogram(lengths: np.ndarray, bins: int = HISTOGRAM_BINS) -> list[tu
     return [(shortest + i * width, shortest + (i + 1) * width - 1, int(c)) for i, c in enumerate(counts)]
 
 
-def dataset_stats(stores: Sequence[TokenStore], max_seq_len: int) -> DatasetStats:
-    """Counts, length distribution and best-fit-decreasing packing at `max_seq_len` over all `stores`."""
+def dataset_stats(
+    stores: Sequence[TokenStore], max_seq_len: int, prefix_sharing: bool = True
+) -> DatasetStats:
+    """Counts, length distribution and best-fit-decreasing packing at `max_seq_len` over all `stores`,
+    of the packing units training forms (`prefix_sharing` as `data.prefix_sharing`)."""
     lengths = np.concatenate([store.lengths for store in stores]) if stores else np.zeros(0, np.int64)
-    bins = best_fit_decreasing(lengths, max_seq_len)
+    # A conversation's rows are in one store: its units per store are its units over all stores.
+    unit_lengths = (
+        np.concatenate(
+            [
+                packing_units(store, np.arange(len(store)), max_seq_len, prefix_sharing).lengths
+                for store in stores
+            ]
+        )
+        if stores
+        else np.zeros(0, np.int64)
+    )
+    bins = best_fit_decreasing(unit_lengths, max_seq_len)
     accounting = Accounting()
     for store in stores:
         accounting.merge(store_accounting(store))
@@ -101,7 +118,7 @@ def dataset_stats(stores: Sequence[TokenStore], max_seq_len: int) -> DatasetStat
         histogram=length_histogram(lengths),
         max_seq_len=max_seq_len,
         packed_rows=len(bins),
-        packing_efficiency=packing_efficiency(lengths, bins, max_seq_len),
+        packing_efficiency=packing_efficiency(unit_lengths, bins, max_seq_len),
         accounting=accounting,
     )
 

@@ -37,6 +37,15 @@ class PackingUnits:
         return self.members[self.offsets[unit] : self.offsets[unit + 1]]
 
 
+def packing_units(
+    source: ExampleSource, example_ids: np.ndarray, max_seq_len: int, prefix_sharing: bool
+) -> PackingUnits:
+    """The units training packs (`prefix_sharing` as `data.prefix_sharing`)."""
+    if prefix_sharing:
+        return conversation_units(source, example_ids, max_seq_len)
+    return single_examples(source, example_ids)
+
+
 def single_examples(source: ExampleSource, example_ids: np.ndarray) -> PackingUnits:
     return PackingUnits(example_ids, np.arange(len(example_ids) + 1), source.lengths[example_ids])
 

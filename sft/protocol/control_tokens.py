@@ -42,13 +42,16 @@ def data_strings(conversation: Conversation) -> Iterator[tuple[str, str]]:
 
 
 class ControlTokenScan:
-    """Whether a conversation's strings hold a control token, in one regex search over all of them.
+    """Whether a conversation's strings may hold a control token, in one regex search; a match sends the
+    caller to the exact per-string check, which names the string (or finds nothing).
 
-    The strings are joined with a character no control token holds, so no match spans two of them. The
-    record's tools and template variables go in as their JSON text (one C call, not a walk over every
-    nested string) when no control token holds a character that JSON escapes (`"`, `\\`, controls): then
-    each of their strings appears in it verbatim, and a match outside a string only sends the caller to
-    the exact per-string check, which names the string (or finds nothing)."""
+    When no control token holds a character that JSON escapes (`"`, `\\`, controls), JSON text holds each
+    of its strings verbatim, unless a `\\uXXXX` or `\\/` escape spells one of their characters (the `/` of
+    `</s>`). So:
+    - a record read from JSON text without such escapes is searched as that text;
+    - otherwise its strings are joined with a character no control token holds, so no match spans two of
+      them; the record's tools and template variables go in as their JSON text (one C call, not a walk
+      over every nested string), or string by string when a control token holds such a character."""
 
     def __init__(self, texts: set[str]):
         self.pattern = literal_pattern(texts)
@@ -56,6 +59,9 @@ class ControlTokenScan:
         self.json_verbatim = not any(char in '"\\' or char < " " for text in texts for char in text)
 
     def maybe_found(self, conversation: Conversation) -> bool:
+        source = conversation.source_text
+        if source is not None and self.json_verbatim and not _HIDING_ESCAPE.search(source):
+            return self.pattern.search(source) is not None
         texts = [text for message in conversation.messages for text in message_strings(message)]
         for value in (conversation.tools, conversation.variables):
             texts += self._texts(value)
@@ -70,6 +76,9 @@ class ControlTokenScan:
             except (TypeError, ValueError):  # not JSON (a set, a cycle): walk it
                 pass
         return list(_strings(value))
+
+
+_HIDING_ESCAPE = re.compile(r"\\[u/]")  # a JSON escape that can spell a control token's character
 
 
 def _strings(value: object) -> Iterator[str]:

@@ -6,10 +6,9 @@ stored as an object), a tool message's `tool_call_id` and `name`, and LLaMA-Fact
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from sft.protocol.types import Message, ProtocolError, ToolCall
+from sft.protocol.types import Message, ProtocolError, ToolCall, json_loads
 
 PART_TYPES = ("text", "reasoning", "tool_call")
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # the first present wins, as in transformers
@@ -91,7 +90,7 @@ def _content_parts(content: str | list[Any], name: str) -> tuple[str, str | None
 def _parse_call_json(value: str, name: str) -> tuple[ToolCall, ...]:
     """`{"name", "arguments"}` JSON, or a list of such objects (LLaMA-Factory's function_call value)."""
     try:
-        parsed = json.loads(value)
+        parsed = json_loads(value)
     except (ValueError, RecursionError) as error:
         raise ProtocolError("invalid_tool_call", f"{name} is not JSON of a call ({error})") from None
     return _parse_tool_calls(parsed if isinstance(parsed, list) else [parsed], name)
@@ -119,7 +118,7 @@ def _parse_tool_calls(calls: Any, name: str) -> tuple[ToolCall, ...]:
         arguments = function.get("arguments", {})
         if isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
+                arguments = json_loads(arguments) if arguments.strip() else {}
             except (ValueError, RecursionError) as error:
                 raise ProtocolError(
                     "invalid_tool_call", f"{call_name} ({function['name']}): arguments are not JSON ({error})"

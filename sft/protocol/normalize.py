@@ -93,9 +93,16 @@ def normalize_conversations(
         numbered = _merge_consecutive(numbered)
     _check_structure(numbered, requires_alternation)
     tools = list(conversation.tools) if conversation.tools is not None else None
-    messages = [message for _, message in numbered]
-    return dataclasses.replace(
-        conversation, messages=messages, tools=tools, variables=dict(conversation.variables)
+    return Conversation(  # dataclasses.replace without its generic path (a hot loop: see _with_role)
+        [message for _, message in numbered],
+        conversation.source,
+        conversation.line,
+        tools,
+        conversation.in_array,
+        conversation.duplicate_keys,
+        dict(conversation.variables),
+        conversation.surrogates_checked,
+        conversation.source_text,
     )
 
 
@@ -119,6 +126,8 @@ def _may_hold_surrogates(messages: list[Message]) -> bool:
 
 def _role_map(config: ProtocolConfig) -> dict[str, str]:
     """The builtin aliases extended and overridden by `protocol.role_map`."""
+    if not config.role_map:
+        return ROLE_ALIASES
     for alias, role in config.role_map.items():
         if role not in ROLES:
             raise ValueError(f"protocol.role_map[{alias!r}]={role!r}: expected one of {ROLES}")

@@ -28,13 +28,21 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sft.protocol.messages import parse_messages, require, wrong_type
-from sft.protocol.types import SURROGATE, Conversation, Message, ProtocolError, location
+from sft.protocol.types import (
+    SURROGATE,
+    Conversation,
+    Message,
+    ProtocolError,
+    json_loads,
+    location,
+)
 
 BLANK_LINE = "blank_line"  # the reason a blank line is skipped (counted, never an error)
 
@@ -55,6 +63,7 @@ class RawRecord:
     error: ProtocolError | None = None
     in_array: bool = False
     duplicate_keys: tuple[str, ...] = ()
+    text: str | None = field(default=None, repr=False, compare=False)  # its JSON text, where it has one
 
     @property
     def where(self) -> str:
@@ -81,7 +90,7 @@ def iter_raw_records(path: str | Path) -> Iterator[RawRecord]:
             except ProtocolError as error:
                 yield RawRecord(source, line_number, error=error)
                 continue
-            yield _as_record(value, source, line_number, duplicates, _may_hold_surrogates(text))
+            yield _as_record(value, source, line_number, duplicates, _may_hold_surrogates(text), text=text)
 
 
 def _json_file_records(source: str, raw: bytes) -> Iterator[RawRecord]:
@@ -102,7 +111,7 @@ def _json_file_records(source: str, raw: bytes) -> Iterator[RawRecord]:
             yield RawRecord(source, 1, error=error)
             return
         if isinstance(value, dict):
-            yield _as_record(value, source, 1, duplicates, surrogates)
+            yield _as_record(value, source, 1, duplicates, surrogates, text=text)
         else:
             message = f"a .json file must hold an array of objects or one object, not {type(value).__name__}"
             yield RawRecord(source, 1, error=ProtocolError("not_an_object", message))
@@ -113,11 +122,12 @@ def _json_file_records(source: str, raw: bytes) -> Iterator[RawRecord]:
     while not empty:
         index += 1
         try:
-            value, duplicates, position = _parse(text, position, whole=False)
+            value, duplicates, end = _parse(text, position, whole=False)
         except ProtocolError as error:
             yield RawRecord(source, index, error=error, in_array=True)
             return
-        yield _as_record(value, source, index, duplicates, surrogates, in_array=True)
+        yield _as_record(value, source, index, duplicates, surrogates, True, text[position:end])
+        position = end
         position = _skip_whitespace(text, position)
         if text.startswith(",", position):
             position = _skip_whitespace(text, position + 1)
@@ -159,23 +169,29 @@ def _parse(
 ) -> tuple[Any, tuple[str, ...], int]:
     """The JSON value at `position`: (value, keys some object gave twice, end). `whole`: nothing but
     whitespace may follow it."""
-    duplicates: list[str] = []
-
-    def to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        value = dict(pairs)
-        if len(value) != len(pairs):
-            seen: set[str] = set()
-            duplicates.extend(key for key, _ in pairs if key in seen or seen.add(key))
-        return value
-
-    decoder = json.JSONDecoder(object_pairs_hook=to_dict)
+    duplicates = _parsing.duplicates = []
     try:
-        value, end = decoder.raw_decode(text, _skip_whitespace(text, position))
+        value, end = _DECODER.raw_decode(text, _skip_whitespace(text, position))
         if whole and _skip_whitespace(text, end) < len(text):
             raise json.JSONDecodeError("Extra data", text, _skip_whitespace(text, end))
     except (ValueError, RecursionError) as error:  # ValueError: JSONDecodeError, and ints over 4300 digits
         raise _invalid_json(error, hint) from None
     return value, tuple(dict.fromkeys(duplicates)), end
+
+
+_parsing = threading.local()  # `duplicates`: the keys that the parse running in this thread saw twice
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        _parsing.duplicates.extend(key for key, _ in pairs if key in seen or seen.add(key))
+    return value
+
+
+# One decoder for every record (making one costs as much as parsing a short record).
+_DECODER = json.JSONDecoder(object_pairs_hook=_object)
 
 
 def _invalid_json(error: Exception, hint: str = "") -> ProtocolError:
@@ -189,6 +205,7 @@ def _as_record(
     duplicates: tuple[str, ...] = (),
     check_surrogates: bool = False,
     in_array: bool = False,
+    text: str | None = None,
 ) -> RawRecord:
     if not isinstance(value, dict):
         message = f"expected a JSON object, got {type(value).__name__}"
@@ -197,7 +214,7 @@ def _as_record(
     if field_name is not None:
         message = f"{field_name} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape), which is not text"
         return RawRecord(source, line, error=ProtocolError("invalid_text", message), in_array=in_array)
-    return RawRecord(source, line, data=value, in_array=in_array, duplicate_keys=duplicates)
+    return RawRecord(source, line, data=value, in_array=in_array, duplicate_keys=duplicates, text=text)
 
 
 def _surrogate_field(record: dict[str, Any]) -> str | None:
@@ -243,10 +260,10 @@ def record_to_conversation(
     if isinstance(record, RawRecord):
         if record.error is not None:
             raise record.error
-        data, source, line = record.data, record.source, record.line
+        data, source, line, text = record.data, record.source, record.line, record.text
         in_array, duplicate_keys = record.in_array, record.duplicate_keys
     else:
-        data, in_array, duplicate_keys = record, False, ()
+        data, in_array, duplicate_keys, text = record, False, (), None
     if not isinstance(data, dict):
         raise ProtocolError("not_an_object", f"expected a JSON object, got {type(data).__name__}")
     record_format = detect_format(data) if fmt == "auto" else fmt
@@ -269,6 +286,7 @@ def record_to_conversation(
         duplicate_keys=duplicate_keys,
         variables=_variables(data),
         surrogates_checked=isinstance(record, RawRecord),
+        source_text=text,
     )
 
 
@@ -336,7 +354,7 @@ def _parse_tools(tools: Any) -> list[Any] | None:
         return None
     if isinstance(tools, str):
         try:
-            tools = json.loads(tools)
+            tools = json_loads(tools)
         except (ValueError, RecursionError) as error:
             raise ProtocolError(
                 "invalid_tools", f"'tools' is a string but not valid JSON ({error})"

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgspec
+
 ROLES = ("system", "user", "assistant", "tool")
 # A lone UTF-16 surrogate (valid in JSON as "\\ud800") cannot be encoded as UTF-8, so no tokenizer takes it.
 SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -69,6 +71,15 @@ def message_strings(message: Message) -> list[str]:
 JSON_TEXT = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False) without its set-up
 
 
+def json_loads(text: str) -> Any:
+    """`json.loads(text)`, parsed by msgspec where it can: it refuses NaN and lone surrogates, which go
+    to the standard library for its value or error, and gives the same value for everything else."""
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return json.loads(text)
+
+
 @dataclass(slots=True)
 class Conversation:
     """One record after reading: its messages plus where it came from (for errors and accounting)."""
@@ -82,6 +93,9 @@ class Conversation:
     variables: dict[str, Any] = field(default_factory=dict)  # per-record template variables
     # Read from a file, whose reader already refused lone surrogates (records.py): normalize need not look.
     surrogates_checked: bool = False
+    # The record's JSON text as read (None when it was not read from JSON): every string of the record
+    # is in it, so the control-token check can search it instead of every string (control_tokens.py).
+    source_text: str | None = field(default=None, repr=False, compare=False)
     index: int = 0  # its place in its entry's input, set by ConversationEncoder.prepare: the draw's index
 
     @property

@@ -3,18 +3,37 @@ chunks start small."""
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sft.protocol import pipeline
 from sft.protocol.control_tokens import ControlTokenScan, data_strings, literal_pattern
-from sft.protocol.pipeline import Accounting, ConversationEncoder
+from sft.protocol.pipeline import Accounting, ConversationEncoder, read_conversations
 from sft.protocol.templates import BUILTINS
 from sft.protocol.types import Conversation, Message, ProtocolConfig, ToolCall
 
 CHATML = {"<|im_start|>", "<|im_end|>"}
-PIECES = ["a", " ", "\n", '"', "\\", "<|im_", "end|>", "<|im_end|>", "true", "1", "\x00", "é", '<"q">']
+PIECES = [
+    "a",
+    " ",
+    "\n",
+    '"',
+    "\\",
+    "<|im_",
+    "end|>",
+    "<|im_end|>",
+    "true",
+    "1",
+    "\x00",
+    "é",
+    '<"q">',
+    "</s>",
+]
 TEXT = st.lists(st.sampled_from(PIECES), max_size=4).map("".join)
 JSON_VALUE = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), TEXT),
@@ -49,6 +68,53 @@ def test_the_scan_misses_nothing_the_per_string_check_finds(conversation, texts)
     """A hit may be false (the caller then runs the exact check), a miss never."""
     if exact_hit(conversation, texts):
         assert ControlTokenScan(texts).maybe_found(conversation)
+
+
+SPELLINGS = {  # ways a JSON writer may spell the same record
+    "verbatim": lambda record: json.dumps(record, ensure_ascii=False),
+    "ascii": json.dumps,
+    "escaped slash": lambda record: json.dumps(record, ensure_ascii=False).replace("/", "\\/"),
+    "escaped <": lambda record: json.dumps(record, ensure_ascii=False).replace("<", "\\u003c"),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    conversations(),
+    st.sampled_from([CHATML, {"</s>"}, {'<"q">', "<|im_end|>"}, {"a\nb", "é"}]),
+    st.sampled_from(sorted(SPELLINGS)),
+)
+def test_the_scan_of_a_record_read_from_json_misses_nothing(conversation, texts, spelling):
+    """A record read from a file is searched as its JSON text unless an escape in it could hide a token."""
+    messages = [
+        {
+            "role": m.role,
+            "content": m.content,
+            **({"reasoning_content": m.reasoning} if m.reasoning is not None else {}),
+            **(
+                {
+                    "tool_calls": [
+                        {"function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls
+                    ]
+                }
+                if m.tool_calls
+                else {}
+            ),
+        }
+        for m in conversation.messages
+    ]
+    record = {
+        "messages": messages,
+        "tools": conversation.tools,
+        "chat_template_kwargs": conversation.variables,
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, "a.jsonl")
+        path.write_text(SPELLINGS[spelling](record) + "\n", encoding="utf-8")
+        [read] = read_conversations(str(path))
+    assert read.source_text is not None
+    if exact_hit(read, texts):
+        assert ControlTokenScan(texts).maybe_found(read)
 
 
 def test_no_match_spans_two_strings():

@@ -250,3 +250,20 @@ def test_normalizing_a_message_keeps_every_field_it_does_not_set():
     assert _with_role(message, "assistant", "d", True) == dataclasses.replace(
         message, role="assistant", content="d", train=True
     )
+
+
+def test_normalizing_a_conversation_keeps_every_field_it_does_not_set():
+    """A distinct value in every field of Conversation, so that a field added later is checked too."""
+    values = {
+        "messages": [Message("user", "q"), Message("assistant", "a")],
+        "line": 7,
+        "tools": [{"name": "f"}],
+        "in_array": True,
+        "duplicate_keys": ("k",),
+        "variables": {"enable_thinking": True},
+        "surrogates_checked": True,
+    }
+    conversation = Conversation(
+        **{f.name: values.get(f.name, f"value of {f.name}") for f in dataclasses.fields(Conversation)}
+    )
+    assert normalize_conversations(conversation, ProtocolConfig()) == conversation

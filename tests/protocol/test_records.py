@@ -509,3 +509,40 @@ def test_conversations_read_from_files_are_marked_checked_for_surrogates(tmp_pat
     (record,) = iter_raw_records(path)
     assert record_to_conversation(record).surrogates_checked
     assert not record_to_conversation(record.data).surrogates_checked
+
+
+# ---- msgspec where it gives what the standard library gives ----------------------------------------------
+KEYS = st.sampled_from(['"a"', '"b"', '"a:b"', '"\\u0061"', '"c\\u003a"', '"\\/"'])
+JSON_STRINGS = st.sampled_from(['""', '":"', '"x: y"', '"\\u003A"', '"\\ud800"', '"é\\n"', '"\\\\"', '"\\/"'])
+SCALARS = st.one_of(
+    JSON_STRINGS,
+    st.integers(-(2**70), 2**70).map(str),
+    st.sampled_from(["1.5", "-0.0", "1e400", "0.1", "5e-324", "1.797e308", "NaN", "true", "null"]),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+)
+JSON_TEXTS = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3).map(lambda items: "[" + ", ".join(items) + "]"),
+        st.lists(st.tuples(KEYS, inner), max_size=4).map(
+            lambda pairs: "{" + ",".join(f"{key} :{value}" for key, value in pairs) + "}"
+        ),
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_TEXTS)
+def test_json_in_a_record_parses_as_the_standard_library_parses_it(text):
+    """Tool calls' arguments and tools given as JSON text: msgspec's value, or else the standard
+    library's value or error (msgspec refuses NaN and lone surrogates)."""
+    from sft.protocol.types import json_loads
+
+    def outcome(loads):
+        try:
+            return json.dumps(loads(text))
+        except ValueError as error:
+            return type(error).__name__
+
+    assert outcome(json_loads) == outcome(json.loads)

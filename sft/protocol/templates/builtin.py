@@ -17,6 +17,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from sft.protocol.templates.base import ChatTemplate
@@ -59,6 +60,8 @@ class BuiltinTemplate(ChatTemplate):
 
     def _assistant_body(self, message: Message) -> str:
         """Reasoning, content, then one call per line (a newline before the first only after content)."""
+        if message.reasoning is None and not message.tool_calls:
+            return message.content
         reasoning = (
             "" if message.reasoning is None else self.reasoning.replace("{reasoning}", message.reasoning)
         )
@@ -99,11 +102,10 @@ class BuiltinTemplate(ChatTemplate):
         add_generation_prompt: bool = False,
         variables: Mapping[str, Any] | None = None,
     ) -> RenderedChat:
-        trained_footer = self.assistant_footer[: self.assistant_footer.index(self.eot) + len(self.eot)]
-        role_names = dict(self.role_names)
+        headers, trained_footer = self._headers, self._trained_footer
         pieces, spans, length = [self.bos], [], len(self.bos)
-        for message in self._with_tools(messages, tools):
-            header = self.header.format(role=role_names.get(message.role, message.role))
+        for message in self._with_tools(messages, tools) if tools else messages:
+            header = headers.get(message.role) or self._header(message.role)
             if message.role == "assistant":
                 body, footer = self._assistant_body(message), self.assistant_footer
                 if message.train:
@@ -111,11 +113,24 @@ class BuiltinTemplate(ChatTemplate):
                     spans.append((start, start + len(body) + len(trained_footer)))
             else:
                 body, footer = message.content, self.footer
-            pieces += [header, body, footer]
+            pieces += (header, body, footer)
             length += len(header) + len(body) + len(footer)
         if add_generation_prompt:  # a prompt: nothing in it is trained
-            return RenderedChat("".join(pieces) + self.header.format(role="assistant"), [])
+            return RenderedChat("".join(pieces) + headers["assistant"], [])
         return RenderedChat("".join(pieces), spans)
+
+    def _header(self, role: str) -> str:
+        return self.header.format(role=dict(self.role_names).get(role, role))
+
+    @cached_property
+    def _headers(self) -> dict[str, str]:
+        """Each role's header, made once (rendering is a hot loop)."""
+        return {role: self._header(role) for role in ("system", "user", "assistant", "tool")}
+
+    @cached_property
+    def _trained_footer(self) -> str:
+        """The assistant footer through the eot: what of it is trained."""
+        return self.assistant_footer[: self.assistant_footer.index(self.eot) + len(self.eot)]
 
     def render_text(
         self,
