@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 
-from sft.data.validation import validation_conversations, validation_examples, validation_source
+from sft.data.validation import validation_source
 from sft.generation_eval import (
     Generation,
     GenerationItem,
@@ -25,7 +25,7 @@ from sft.generation_eval import (
     evaluate_generations,
     generation_items,
 )
-from sft.protocol.pipeline import Accounting, ConversationEncoder
+from sft.protocol.pipeline import ConversationEncoder
 from sft.scoring import SCORE_NAMES
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class GenerationEvalCallback(L.Callback):
         trainer.strategy.barrier("generation_eval")
 
     def _generate(self, trainer: L.Trainer, module: L.LightningModule, model: torch.nn.Module, step: int):
-        items = self._load_items(module)
+        items = self._load_items(trainer, module)
         if not items:
             return
         generator = torch.Generator().manual_seed(self.config.seed)
@@ -85,15 +85,16 @@ class GenerationEvalCallback(L.Callback):
                 columns, rows = generations_table(step, items, generations)
                 logger.log_table("gen/items", columns=columns, data=rows, step=step)
 
-    def _load_items(self, module: L.LightningModule) -> list[GenerationItem]:
+    def _load_items(self, trainer: L.Trainer, module: L.LightningModule) -> list[GenerationItem]:
         """The run's validation conversations' items, read once, chosen as sft-eval chooses them
         (sft.data.validation): data.val, the sample's held-out split, or the whole conversations that
-        data.val_fraction holds out."""
+        data.val_fraction holds out, which the run's SFTDataModule names (so rank 0 encodes no training
+        data again while the other ranks wait)."""
         if self._items is None:
             section, seed = dataclasses.asdict(self.config.data), self.config.seed
             encoder = ConversationEncoder(module.tokenizer, module.template, self.config.protocol)
             try:
-                _, _, fraction = validation_source(section, seed)
+                streams, _, fraction = validation_source(section, seed)
             except ValueError:
                 warnings.warn(
                     "eval.generate_every_n_steps needs validation data (data.val or data.val_fraction): "
@@ -102,9 +103,8 @@ class GenerationEvalCallback(L.Callback):
                 )
                 self._items = []
                 return self._items
-            held_out = validation_examples(section, seed, encoder, Accounting())[0] if fraction > 0 else []
-            conversations, only = validation_conversations(section, seed, held_out)
-            self._items = generation_items(conversations, encoder, self.config.eval.max_items, only)
+            only = trainer.datamodule.held_out_records() if fraction > 0 else None
+            self._items = generation_items(streams, encoder, self.config.eval.max_items, only)
         return self._items
 
 

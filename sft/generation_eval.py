@@ -48,46 +48,55 @@ class Generation:
 
 
 def generation_items(
-    conversations: Iterable[Conversation | ProtocolError],
+    entries: Iterable[Iterable[Conversation | ProtocolError]],
     encoder: ConversationEncoder,
     max_items: int,
-    only: Container[str] | None = None,
+    only: Container[tuple[int, int]] | None = None,
 ) -> list[GenerationItem]:
-    """Up to `max_items` items, in input order, from conversations prepared exactly as training prepares
-    them (normalization, system prompt decision, mask strategy). Bad records are skipped: the loss pass
-    over the same input accounts for them. `only`: the places (`where`) of the conversations to take,
-    the rest still counting for each one's index (sft.data.validation.validation_conversations)."""
+    """Up to `max_items` items, in input order, from the conversations of `entries` (one stream per data
+    entry, each numbered from 0 as training numbers it) prepared exactly as training prepares them
+    (normalization, system prompt decision, mask strategy). Bad records are skipped: the loss pass over the
+    same input accounts for them. `only`: the (entry, record) of the conversations to take (see
+    sft.data.validation); reading stops once `max_items` are found."""
     items: list[GenerationItem] = []
-    template, tokenizer = encoder.template, encoder.tokenizer
-    for index, conversation in enumerate(conversations):
-        if isinstance(conversation, ProtocolError) or (only is not None and conversation.where not in only):
-            continue
-        try:
-            conversation, _ = encoder.prepare(conversation, index)
-        except ProtocolError:
-            continue
-        messages = conversation.messages
-        for turn, message in enumerate(messages):
+    for entry, conversations in enumerate(entries):
+        for index, conversation in enumerate(conversations):
+            if isinstance(conversation, ProtocolError) or (only is not None and (entry, index) not in only):
+                continue
+            try:
+                conversation, _ = encoder.prepare(conversation, index)
+            except ProtocolError:
+                continue
+            items += conversation_items(conversation, encoder)[: max_items - len(items)]
             if len(items) >= max_items:
                 return items
-            if message.role != "assistant" or not message.train:
-                continue
-            own = only_turn(messages, turn)  # the row training trains turn k in: its prompt, then the turn
-            [row] = template.render_rows(own, conversation.tools, conversation.variables, "per_turn")
-            start, end = row.assistant_spans[0]
-            prompt, reference = row.text[:start], row.text[start:end]
-            ending = max((m for m in template.eot_markers if reference.endswith(m)), key=len, default="")
-            reference = reference[: len(reference) - len(ending)]
-            items.append(
-                GenerationItem(
-                    where=conversation.where,
-                    turn=turn,
-                    prompt=prompt,
-                    prompt_ids=tokenizer.encode(prompt, add_special_tokens=False).ids,
-                    reference=reference,
-                    reference_calls=getattr(message, "tool_calls", None),
-                )
+    return items
+
+
+def conversation_items(conversation: Conversation, encoder: ConversationEncoder) -> list[GenerationItem]:
+    """An item for each trained assistant turn of a prepared conversation (ConversationEncoder.prepare)."""
+    items: list[GenerationItem] = []
+    template, tokenizer = encoder.template, encoder.tokenizer
+    messages = conversation.messages
+    for turn, message in enumerate(messages):
+        if message.role != "assistant" or not message.train:
+            continue
+        own = only_turn(messages, turn)  # the row training trains turn k in: its prompt, then the turn
+        [row] = template.render_rows(own, conversation.tools, conversation.variables, "per_turn")
+        start, end = row.assistant_spans[0]
+        prompt, reference = row.text[:start], row.text[start:end]
+        ending = max((m for m in template.eot_markers if reference.endswith(m)), key=len, default="")
+        reference = reference[: len(reference) - len(ending)]
+        items.append(
+            GenerationItem(
+                where=conversation.where,
+                turn=turn,
+                prompt=prompt,
+                prompt_ids=tokenizer.encode(prompt, add_special_tokens=False).ids,
+                reference=reference,
+                reference_calls=getattr(message, "tool_calls", None),
             )
+        )
     return items
 
 

@@ -51,7 +51,7 @@ def test_loss_is_the_trained_token_mean_whatever_the_batching(checkpoint):
     bundle = load_for_inference(checkpoint)
     config = eval_config(f"ckpt={checkpoint}", "data.num_val=6")
     encoder = ConversationEncoder(bundle.tokenizer, bundle.template, config.protocol)
-    examples, _ = validation_examples(asdict(config.data), config.seed, encoder, Accounting())
+    examples, _, _ = validation_examples(asdict(config.data), config.seed, encoder, Accounting())
     total, tokens = 0.0, 0
     with torch.no_grad():
         for example in examples:  # one at a time, no padding

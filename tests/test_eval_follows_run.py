@@ -9,19 +9,15 @@ import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from sft.checkpoint import load_for_inference, run_section
 from sft.cli import eval as eval_cli
-from sft.cli.schemas import SampleEvalConfig
 from sft.data.config import DataConfig
 from sft.data.validation import validation_examples
-from sft.generation_callback import GenerationEvalCallback
 from sft.protocol.pipeline import Accounting, ConversationEncoder
-from sft.protocol.templates import BUILTINS
 from sft.protocol.types import ProtocolConfig
 from tests.helpers import write_checkpoint
 
@@ -75,7 +71,7 @@ def test_generation_scores_the_conversations_val_fraction_held_out(tmp_path, tok
     report = json.loads((tmp_path / "report.json").read_text())
 
     encoder = ConversationEncoder(tokenizer, load_for_inference(ckpt).template, protocol)
-    held_out, description = validation_examples(asdict(data), 5, encoder, Accounting())
+    held_out, description, _ = validation_examples(asdict(data), 5, encoder, Accounting())
     assert report["data"] == description and report["examples"] == len(held_out) == 6
     assert [item["where"] for item in report["items"]] == [example.where for example in held_out]
     for item, example in zip(report["items"], held_out, strict=True):
@@ -117,32 +113,6 @@ def test_the_report_and_page_go_beside_the_checkpoint_by_default(tmp_path, token
     eval_main(monkeypatch, tmp_path, f"ckpt=[{first},{second}]", "eval.max_new_tokens=2", "html=side.html")
     assert len(json.loads((tmp_path / "a.vs.b.eval.json").read_text())["checkpoints"]) == 2
     assert (tmp_path / "side.html").is_file() and not (tmp_path / "a.vs.b.eval.html").exists()
-
-
-def test_training_generates_on_the_conversations_val_fraction_holds_out(tmp_path, tokenizer):
-    """eval.generate_every_n_steps without data.val: the callback's items are the held-out whole
-    conversations, as sft-eval finds them (before, it warned and generated nothing)."""
-    train = write_jsonl(tmp_path / "train.jsonl", CONVERSATIONS)
-    data = DataConfig(
-        name="jsonl",
-        train=[train],
-        val_fraction=0.5,
-        columns={"messages": "conversation"},
-        cache_dir=str(tmp_path),
-    )
-    protocol = ProtocolConfig(system_prompt="Be brief.", system_prompt_prob=0.5)
-    config = SimpleNamespace(
-        data=data, seed=5, protocol=protocol, eval=SampleEvalConfig(generate_every_n_steps=2)
-    )
-    template = BUILTINS["chatml"]
-    module = SimpleNamespace(tokenizer=tokenizer, template=template)
-    items = GenerationEvalCallback(config)._load_items(module)
-
-    encoder = ConversationEncoder(tokenizer, template, protocol)
-    held_out, _ = validation_examples(asdict(data), 5, encoder, Accounting())
-    assert [item.where for item in items] == [example.where for example in held_out] and len(items) == 6
-    for item, example in zip(items, held_out, strict=True):
-        assert item.prompt_ids == example.input_ids[: len(item.prompt_ids)].tolist()
 
 
 def test_a_report_that_cannot_be_written_is_refused_before_the_evaluation(tmp_path, tokenizer, monkeypatch):

@@ -72,7 +72,7 @@ def test_gpt_oss_items_are_each_turn_after_its_prompt_without_the_marker_generat
         Message("assistant", "Bye."),
     ]
     encoder = ConversationEncoder(tokenizer, template, ProtocolConfig())
-    items = generation_items([Conversation(messages)], encoder, max_items=10)
+    items = generation_items([[Conversation(messages)]], encoder, max_items=10)
     assert [item.prompt for item in items] == [
         template.render_text(messages[:turn], add_generation_prompt=True) for turn in (1, 3, 5)
     ]
@@ -101,7 +101,7 @@ def test_gpt_oss_items_are_each_turn_after_its_prompt_without_the_marker_generat
 def test_items_are_the_trained_turns_with_their_inference_prompts(held_out, tokenizer):
     template = BUILTINS["chatml"]
     encoder = ConversationEncoder(tokenizer, template, ProtocolConfig())
-    items = generation_items(read_conversations(held_out), encoder, max_items=10)
+    items = generation_items([read_conversations(held_out)], encoder, max_items=10)
     assert [(item.where, item.turn) for item in items] == [
         (f"{held_out}:1", 1),
         (f"{held_out}:2", 2),
@@ -116,7 +116,7 @@ def test_items_are_the_trained_turns_with_their_inference_prompts(held_out, toke
         encoder.prepare(next(iter(read_conversations(held_out))), 0)[0].messages, template
     )
     assert whole.text.startswith(items[0].prompt + items[0].reference + template.eot)
-    assert len(generation_items(read_conversations(held_out), encoder, max_items=2)) == 2
+    assert len(generation_items([read_conversations(held_out)], encoder, max_items=2)) == 2
 
 
 def batch_rows_seen(model) -> list[int]:
@@ -266,7 +266,7 @@ def test_without_max_new_tokens_no_reference_is_cut_and_stopped_says_how_many_we
         Conversation([Message("user", "Hi"), Message("assistant", "Hello.")]),
     ]
     encoder = ConversationEncoder(tokenizer, BUILTINS["chatml"], ProtocolConfig())
-    items = generation_items(conversations, encoder, max_items=10)
+    items = generation_items([conversations], encoder, max_items=10)
     answers = [tokenizer.encode(item.reference + "<|im_end|>").ids for item in items]
     assert len(answers[0]) > 40
     budgets_seen = []

@@ -43,7 +43,7 @@ def test_the_wandb_table_has_every_score_and_tool_call_scores_for_calls(monkeypa
         Conversation([Message("user", "Weather, Bern?"), Message("assistant", "", tool_calls=(call,))]),
     ]
     encoder = ConversationEncoder(tokenizer, template, ProtocolConfig())
-    items = generation_items(conversations, encoder, max_items=10)
+    items = generation_items([conversations], encoder, max_items=10)
     answers = {  # the first reference; the call with the wrong city; the call, but not in the format
         tuple(items[0].prompt_ids): items[0].reference,
         tuple(items[1].prompt_ids): items[1].reference.replace("Bern", "Basel"),

@@ -34,7 +34,7 @@ from sft.cli.schemas import SampleEvalConfig
 from sft.config import register_defaults
 from sft.data.collate import collate_rows, example_row
 from sft.data.config import DataConfig, as_list
-from sft.data.validation import validation_conversations, validation_examples
+from sft.data.validation import validation_examples, validation_source
 from sft.eval_report import report_items, write_html, write_json
 from sft.evaluate import exact_match_counts, sample_eval_items
 from sft.generation_eval import GenerationItem, GenerationSettings, evaluate_generations, generation_items
@@ -126,7 +126,7 @@ def evaluate_checkpoint(
     data, seed = settings["data"], settings["seed"]
     encoder = ConversationEncoder(bundle.tokenizer, bundle.template, ProtocolConfig(**settings["protocol"]))
     accounting = Accounting()
-    examples, description = validation_examples(data, seed, encoder, accounting)
+    examples, description, held_out = validation_examples(data, seed, encoder, accounting)
     if not examples:
         raise ValueError("nothing to evaluate: no example kept\n" + accounting.summary())
     precision = bundle.section.get("precision")  # older checkpoints: fp32
@@ -146,8 +146,8 @@ def evaluate_checkpoint(
         "settings": settings,
     }
     if config.eval.generate:
-        conversations, only = validation_conversations(data, seed, examples)
-        items = generation_items(conversations, encoder, config.eval.max_items, only)
+        streams, _, _ = validation_source(data, seed)
+        items = generation_items(streams, encoder, config.eval.max_items, held_out)
         report["items"] = generation_report(bundle, items, config.eval, seed, metrics)
     if data.get("name", "sample") == "sample" and not data.get("val") and config.eval.exact_match:
         items = sample_eval_items(seed, data["num_val"], config.eval.max_items)

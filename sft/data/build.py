@@ -250,7 +250,8 @@ def build_store(
         for row, example in enumerate(encoder.encode_file(source, fmt, accounting, columns)):
             if example.split is not None and row < SPLIT_ROWS_SHOWN:
                 split_rows.append([row, *example.split])
-            writer.add(example.input_ids, example.labels, example.split is None or example.split[0] == 1)
+            first_row = example.split is None or example.split[0] == 1
+            writer.add(example.input_ids, example.labels, first_row, example.record)
             tokens += len(example.input_ids)
             if accounting.kept % 1000 == 0:
                 elapsed = time.perf_counter() - started

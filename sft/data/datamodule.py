@@ -53,6 +53,16 @@ class StoreIndex:
         source = int(np.searchsorted(self.starts, example_id, side="right")) - 1
         return self.stores[source][int(example_id - self.starts[source])]
 
+    def records(self, example_ids: np.ndarray) -> set[tuple[int, int]]:
+        """(store, record) of each example's conversation: its store's place in the list and its index in
+        that store's input (TokenStore.records)."""
+        sources = np.searchsorted(self.starts, example_ids, side="right") - 1
+        return {
+            (int(source), int(record))
+            for source in np.unique(sources)
+            for record in self.stores[source].records[example_ids[sources == source] - self.starts[source]]
+        }
+
 
 class RowDataset(Dataset):
     """Row r is the packing units `rows[r]` laid end to end (packing) or the single unit r (sft.data.units,
@@ -214,6 +224,14 @@ class SFTDataModule(L.LightningDataModule):
             )
         self.train_dataset = self._rows(train_index, train_ids)
         self.val_dataset = self._rows(val_index, val_ids) if len(val_ids) else None
+
+    def held_out_records(self) -> set[tuple[int, int]]:
+        """(entry, record) of each conversation data.val_fraction held out of data.train, named as
+        sft.data.validation names them, from the stores: generation during training reads them from the
+        files without encoding the training data again."""
+        if self.val_dataset is None:
+            return set()
+        return self.val_dataset.index.records(self.val_dataset.example_ids)
 
     def _rows(self, index: StoreIndex, example_ids: np.ndarray) -> RowDataset:
         units = packing_units(index, example_ids, self.max_seq_len, self.data_config.prefix_sharing)

@@ -7,6 +7,9 @@ Layout (like Megatron's indexed dataset or nanoGPT's .bin files), one directory 
     offsets.npy     int64, examples + 1 boundaries: example i is [offsets[i], offsets[i + 1])
     conversations.npy  int64 per example: its conversation's number in the store; the per-turn rows of a
                     split conversation are consecutive and share it (training packs them as a prefix tree)
+    records.npy     int64 per example: its conversation's index in the entry's input (every record read
+                    counts, kept or not: the index the system-prompt draw was seeded with), so a held-out
+                    conversation is found again in its file without encoding the file again
     manifest.json   format, dtype, counts, plus the caller's fields (cache key, accounting, versions)
 
 A store directory exists only once it is complete: it is written under a temporary sibling name and renamed
@@ -34,12 +37,13 @@ import numpy as np
 from sft.atomic import publish, sync_directory, sync_file
 from sft.protocol.labels import IGNORE_INDEX
 
-FORMAT_VERSION = 2  # part of every store's cache key: a new layout never reuses an old store
+FORMAT_VERSION = 3  # part of every store's cache key: a new layout never reuses an old store
 MANIFEST = "manifest.json"
 IDS_FILE = "input_ids.bin"
 TRAINED_FILE = "trained.bin"
 OFFSETS_FILE = "offsets.npy"
 CONVERSATIONS_FILE = "conversations.npy"
+RECORDS_FILE = "records.npy"
 # Python's own buffering of each array file: appends of one example turn into large sequential writes.
 WRITE_BUFFER_BYTES = 1 << 20
 
@@ -74,6 +78,7 @@ class StoreWriter:
         # Offsets are 8 bytes per example in a compact array; ids and labels go straight to the files.
         self._offsets = array("q", [0])
         self._conversations = array("q")
+        self._records = array("q")
         self._trained_tokens = 0
         self._files: list[Any] = []
         self._closed = False
@@ -86,9 +91,17 @@ class StoreWriter:
         self._files = [self._ids_file, self._trained_file]
         return self
 
-    def add(self, input_ids: np.ndarray, labels: np.ndarray, new_conversation: bool = True) -> None:
+    def add(
+        self,
+        input_ids: np.ndarray,
+        labels: np.ndarray,
+        new_conversation: bool = True,
+        record: int | None = None,
+    ) -> None:
         """Append one example; `labels` must be `input_ids` where trained and IGNORE_INDEX elsewhere.
-        `new_conversation=False` marks a further row of the previous example's conversation (a split row)."""
+        `new_conversation=False` marks a further row of the previous example's conversation (a split row).
+        `record`: its conversation's index in the input (None: its number in the store, as if every record
+        read was kept)."""
         ids = np.asarray(input_ids)
         label_array = np.asarray(labels)
         if ids.ndim != 1 or ids.shape != label_array.shape:
@@ -106,6 +119,7 @@ class StoreWriter:
         self._offsets.append(self._offsets[-1] + len(ids))
         previous = self._conversations[-1] if self._conversations else -1
         self._conversations.append(previous + 1 if new_conversation or previous < 0 else previous)
+        self._records.append(self._conversations[-1] if record is None else record)
         self._trained_tokens += int(np.count_nonzero(trained))
 
     def close(self, manifest_extra: Mapping[str, Any] | None = None) -> Path:
@@ -133,9 +147,10 @@ class StoreWriter:
             with open(self.tmp_dir / OFFSETS_FILE, "wb") as file:
                 np.save(file, np.frombuffer(self._offsets, dtype=np.int64))
                 sync_file(file)
-            with open(self.tmp_dir / CONVERSATIONS_FILE, "wb") as file:
-                np.save(file, np.frombuffer(self._conversations, dtype=np.int64))
-                sync_file(file)
+            for name, values in ((CONVERSATIONS_FILE, self._conversations), (RECORDS_FILE, self._records)):
+                with open(self.tmp_dir / name, "wb") as file:
+                    np.save(file, np.frombuffer(values, dtype=np.int64))
+                    sync_file(file)
             # The manifest goes last: is_complete() reads it first, so it never describes missing arrays.
             with open(self.tmp_dir / MANIFEST, "w") as file:
                 json.dump(manifest, file, indent=2, sort_keys=True)
@@ -215,12 +230,13 @@ def is_complete(store_dir: str | os.PathLike[str]) -> bool:
         itemsize = np.dtype(manifest["dtype"]).itemsize
         offsets = np.load(store_dir / OFFSETS_FILE, mmap_mode="r")
         conversations = np.load(store_dir / CONVERSATIONS_FILE, mmap_mode="r")
+        records = np.load(store_dir / RECORDS_FILE, mmap_mode="r")
         return (
             manifest["format"] == FORMAT_VERSION
             and (store_dir / IDS_FILE).stat().st_size == counts["tokens"] * itemsize
             and (store_dir / TRAINED_FILE).stat().st_size == counts["tokens"]
             and offsets.shape == (counts["examples"] + 1,)
-            and conversations.shape == (counts["examples"],)
+            and conversations.shape == records.shape == (counts["examples"],)
             and int(offsets[0]) == 0
             and int(offsets[-1]) == counts["tokens"]
         )
@@ -239,8 +255,8 @@ class TokenStore:
     """Read-only view of a complete store: arrays are memory-mapped, so opening costs nothing and the page
     cache is shared between DataLoader workers and ranks.
 
-    `input_ids`, `trained`, `offsets` and `conversations` are the raw (memory-mapped) arrays for vectorised
-    bookkeeping.
+    `input_ids`, `trained`, `offsets`, `conversations` and `records` are the raw (memory-mapped) arrays for
+    vectorised bookkeeping.
     `source` names the data file as this run gave it: a store is keyed by content, so it serves every file
     with the same bytes, whatever its name (the directory's name when not given).
     """
@@ -256,6 +272,7 @@ class TokenStore:
         self.trained = _open_array(self.store_dir / TRAINED_FILE, np.dtype(np.uint8), tokens)
         self.offsets = np.load(self.store_dir / OFFSETS_FILE, mmap_mode="r")
         self.conversations = np.load(self.store_dir / CONVERSATIONS_FILE, mmap_mode="r")
+        self.records = np.load(self.store_dir / RECORDS_FILE, mmap_mode="r")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -1,13 +1,18 @@
 """Which examples a run validates on, shared by SFTDataModule and sft-eval (no torch, no Lightning).
 
-The files in `data.val`; else the embedded sample's held-out split (`data=sample`); else a seeded
+The entries of `data.val`; else the embedded sample's held-out split (`data=sample`); else a seeded
 `data.val_fraction` of the training examples, held out before mixing. sft-eval rebuilds exactly these from
 a checkpoint's `data` section, so `sft-eval ckpt=...` scores what training's `val/loss` scored.
+
+Each entry is read as its own stream, its conversations numbered from 0 as training numbers them in the
+entry's own store: the number seeds the system-prompt draw (maybe_add_system_prompt). A held-out
+conversation is named by (entry, record): the entry's place in `data.train` and the conversation's number
+in it, so an entry listed twice is two entries, each with its own held-out conversations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -44,24 +49,26 @@ def sample_val_conversations(count: int, seed: int) -> Iterator[Conversation]:
         yield record_to_conversation(record, source="sample-val", line=line)
 
 
-def file_conversations(
-    files: list[str], fmt: str, columns: Mapping[str, str] | None
+def entry_conversations(
+    entry: str, fmt: str, columns: Mapping[str, str] | None
 ) -> Iterator[Conversation | ProtocolError]:
-    for path in files:
-        yield from read_conversations(resolve_source(path), fmt, columns)
+    """One data entry's conversations, read when iterated."""
+    yield from read_conversations(resolve_source(entry), fmt, columns)
 
 
-def validation_source(
-    data: Mapping[str, Any], seed: int
-) -> tuple[Iterator[Conversation | ProtocolError], str, float]:
-    """(the conversations a run with this `data` section and `seed` validates from, what they are, the
-    fraction of them held out: 0 when all of them are validation data)."""
+Streams = list[Iterable[Conversation | ProtocolError]]  # one per data entry
+
+
+def validation_source(data: Mapping[str, Any], seed: int) -> tuple[Streams, str, float]:
+    """(the conversations a run with this `data` section and `seed` validates from, one stream per entry,
+    what they are, the fraction of them held out: 0 when all of them are validation data)."""
     fmt, columns = data.get("format", "auto"), data.get("columns")
     if val_files := as_list(data.get("val")):
-        return file_conversations(val_files, fmt, columns), ", ".join(val_files), 0.0
+        streams = [entry_conversations(entry, fmt, columns) for entry in val_files]
+        return streams, ", ".join(val_files), 0.0
     if data.get("name", "sample") == "sample":
         description = f"sample held-out split (seed {seed}, {data['num_val']} conversations)"
-        return sample_val_conversations(data["num_val"], seed), description, 0.0
+        return [sample_val_conversations(data["num_val"], seed)], description, 0.0
     fraction = data.get("val_fraction") or 0.0
     if fraction <= 0:
         raise ValueError(
@@ -69,28 +76,25 @@ def validation_source(
         )
     train_files = as_list(data.get("train"))
     description = f"data.val_fraction={fraction} of {', '.join(train_files)} (seed {seed})"
-    return file_conversations(train_files, fmt, columns), description, fraction
+    streams = [entry_conversations(entry, fmt, columns) for entry in train_files]
+    return streams, description, fraction
 
 
 def validation_examples(
     data: Mapping[str, Any], seed: int, encoder: ConversationEncoder, accounting: Accounting
-) -> tuple[list[EncodedExample], str]:
-    """(the validation examples of a run with this `data` section and `seed`, what they are) encoded in
-    memory; `accounting` covers every line read (for a val_fraction split: the whole training data)."""
-    conversations, description, fraction = validation_source(data, seed)
-    examples = list(encoder.encode_conversations(conversations, accounting))
-    if fraction > 0:
-        first_rows = [example.split is None or example.split[0] == 1 for example in examples]
-        _, held_out = split_val(np.arange(len(examples)), fraction, seed, np.cumsum(first_rows))
-        examples = [examples[i] for i in held_out]
-    return examples, description
-
-
-def validation_conversations(
-    data: Mapping[str, Any], seed: int, examples: list[EncodedExample]
-) -> tuple[Iterator[Conversation | ProtocolError], set[str] | None]:
-    """(the stream `validation_examples` encoded, the places of the conversations its `examples` came from:
-    None when every conversation of the stream is validation data). Generation reads the whole stream, so
-    each conversation keeps its index, on which the system-prompt draw depends."""
-    conversations, _, fraction = validation_source(data, seed)
-    return conversations, ({example.where for example in examples} if fraction > 0 else None)
+) -> tuple[list[EncodedExample], str, set[tuple[int, int]] | None]:
+    """(the validation examples of a run with this `data` section and `seed`, what they are, the (entry,
+    record) of each held-out conversation: None when every conversation read is validation data), encoded
+    in memory; `accounting` covers every line read (for a val_fraction split: the whole training data)."""
+    streams, description, fraction = validation_source(data, seed)
+    per_entry = [list(encoder.encode_conversations(stream, accounting)) for stream in streams]
+    examples = [example for entry_examples in per_entry for example in entry_examples]
+    if fraction <= 0:
+        return examples, description, None
+    entries = np.repeat(np.arange(len(per_entry)), [len(entry_examples) for entry_examples in per_entry])
+    # Each entry's first example starts a conversation: the numbers are unique over the entries, as the
+    # datamodule's StoreIndex makes them, so split_val draws the same conversations.
+    first_rows = [example.split is None or example.split[0] == 1 for example in examples]
+    _, held_out = split_val(np.arange(len(examples)), fraction, seed, np.cumsum(first_rows))
+    records = {(int(entries[i]), examples[i].record) for i in held_out}
+    return [examples[i] for i in held_out], description, records

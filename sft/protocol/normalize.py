@@ -103,6 +103,7 @@ def normalize_conversations(
         dict(conversation.variables),
         conversation.surrogates_checked,
         conversation.source_text,
+        conversation.index,
     )
 
 

@@ -54,6 +54,7 @@ class EncodedExample:
     labels: np.ndarray  # int64, IGNORE_INDEX where not trained
     where: str  # file:line
     split: tuple[int, int] | None = None  # (turn, of) for a row of a conversation split into per-turn rows
+    record: int = 0  # its conversation's index in its entry's input (Conversation.index)
 
 
 def apply_mask_strategy(messages: list[Message], mask: str) -> list[Message]:
@@ -123,6 +124,7 @@ class ConversationEncoder:
                         f"{where} contains the control token {found.group()!r}, which would be tokenized as "
                         "the real control token; set protocol.special_in_content=allow to accept it",
                     )
+        conversation.index = index  # a new Conversation (normalize_conversations): the input is not touched
         conversation = maybe_add_system_prompt(conversation, self.config, index)
         conversation.messages = apply_mask_strategy(conversation.messages, self.config.mask)
         return conversation, self.rows(conversation)
@@ -190,7 +192,7 @@ class ConversationEncoder:
         accounting.kept += 1
         accounting.truncated += truncated
         accounting.truncated_tokens += full_length - len(ids)
-        return EncodedExample(ids, labels, conversation.where)
+        return EncodedExample(ids, labels, conversation.where, record=conversation.index)
 
     def _drop_oldest_turns(self, conversation: Conversation) -> tuple[np.ndarray, np.ndarray] | None:
         """The example without its oldest whole exchanges (an exchange: a user turn through the turns before

@@ -96,6 +96,7 @@ class Conversation:
     # The record's JSON text as read (None when it was not read from JSON): every string of the record
     # is in it, so the control-token check can search it instead of every string (control_tokens.py).
     source_text: str | None = field(default=None, repr=False, compare=False)
+    index: int = 0  # its place in its entry's input, set by ConversationEncoder.prepare: the draw's index
 
     @property
     def where(self) -> str:

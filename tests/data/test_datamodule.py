@@ -294,7 +294,7 @@ def test_validation_examples_are_the_datamodules_held_out_examples(tmp_path, two
     dataset = SFTDataModule(config, prepared).val_dataset
     trained = [dataset.index[int(i)] for i in dataset.example_ids]
     encoder = ConversationEncoder(prepared.tokenizer, prepared.template, config.protocol)
-    examples, description = validation_examples(asdict(config.data), config.seed, encoder, Accounting())
+    examples, description, _ = validation_examples(asdict(config.data), config.seed, encoder, Accounting())
     assert len(examples) == len(trained) > 0
     for example, (ids, labels) in zip(examples, trained, strict=True):
         assert example.input_ids.tolist() == ids.tolist() and example.labels.tolist() == labels.tolist()
@@ -370,6 +370,6 @@ def test_val_fraction_holds_out_whole_split_conversations_and_sft_eval_rebuilds_
     assert len(val_conversations) == 15 and len(train_conversations | val_conversations) == 60
     assert any(np.count_nonzero(conversations == c) > 1 for c in val_conversations)
     encoder = ConversationEncoder(prepared.tokenizer, prepared.template, config.protocol)
-    examples, _ = validation_examples(asdict(config.data), config.seed, encoder, Accounting())
+    examples, _, _ = validation_examples(asdict(config.data), config.seed, encoder, Accounting())
     held_out = [datamodule.val_dataset.index[int(i)][0].tolist() for i in datamodule.val_dataset.example_ids]
     assert [example.input_ids.tolist() for example in examples] == held_out
