@@ -7,10 +7,13 @@ generation prompt, then through the end-of-turn), in the one-row path and the sp
 from __future__ import annotations
 
 import importlib.resources
+import json
 import re
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pytest
 
@@ -18,7 +21,14 @@ from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.pipeline import Accounting, ConversationEncoder, DataError
 from sft.protocol.templates import BUILTINS, JinjaTemplate, check_template
 from sft.protocol.templates.jinja import jinja_message
-from sft.protocol.types import Conversation, Message, ProtocolConfig, TemplateError, ToolCall
+from sft.protocol.types import (
+    Conversation,
+    Message,
+    ProtocolConfig,
+    ProtocolError,
+    TemplateError,
+    ToolCall,
+)
 from tests.helpers import CORPUS, make_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -168,7 +178,7 @@ def reference_turns(theirs, template: JinjaTemplate, kind: str) -> list[tuple[li
     drops a call's reasoning once an answer follows), the turn is what transformers renders for message k
     after a one-message history, appended to the prompt and encoded with it, as one string."""
     messages, tools = conversation(kind)
-    dicts = [jinja_message(m) for m in messages]
+    dicts = [transformers_message(m) for m in messages]
     eot_ids = {theirs.convert_tokens_to_ids(marker) for marker in template.eot_markers}
     expected = []
     for k, message in enumerate(messages):
@@ -320,3 +330,97 @@ def test_a_dropped_turn_of_a_kept_split_conversation_is_counted():
     dropped = len(whole) - len(examples)
     assert sum(accounting.noted.values()) == dropped
     assert all(place.startswith("chat.jsonl:3 (turn ") for place in accounting.where["turn_too_long"])
+
+
+def transformers_message(message: Message, arguments_as_json: bool = False) -> dict:
+    """A message as a user gives it to transformers: each call's arguments a plain dict, or (as OpenAI's
+    API gives them) its JSON string."""
+    fields = jinja_message(message)
+    for call, item in zip(message.tool_calls, fields.get("tool_calls", []), strict=True):
+        arguments = (
+            json.dumps(call.arguments, ensure_ascii=False) if arguments_as_json else dict(call.arguments)
+        )
+        item["function"] = {**item["function"], "arguments": arguments}
+    return fields
+
+
+def test_deepseek_joins_call_arguments_as_transformers_joins_a_json_string():
+    """DeepSeek V3 writes `'```json' + '\\n' + arguments`: each call's arguments join as their JSON text
+    (once: template_rejected), and the answer after the results trains exactly what follows transformers'
+    generation prompt (the calls stay untrained: this template prefills `<think>` after a user turn)."""
+    template = stock_template("deepseekv3")
+    ours, theirs = tokenizers("deepseekv3", template)
+    messages, tools = conversation("two_calls")
+    messages = [replace(m, train=False) if m.tool_calls else m for m in messages[:6]]
+    messages[2] = replace(
+        messages[2], tool_calls=(WEATHER, replace(TIME, arguments={"zone": 'Zürich, "CET"'}))
+    )
+    dicts = [transformers_message(m, arguments_as_json=True) for m in messages]
+    encoder = ConversationEncoder(ours, template, ProtocolConfig(max_seq_len=100_000))
+    [example] = encoder.encode_conversations([Conversation(messages, tools=tools)], Accounting())
+    rendered = theirs.apply_chat_template(dicts, tools=tools, tokenize=False)
+    assert '```json\n{"zone": "Zürich, \\"CET\\""}\n```' in rendered
+    assert example.input_ids.tolist() == theirs(rendered, add_special_tokens=False)["input_ids"]
+    prompt = theirs.apply_chat_template(
+        dicts[:-1], tools=tools, add_generation_prompt=True, return_dict=False
+    )
+    assert trained_runs(example) == [(prompt, example.input_ids[len(prompt) :].tolist())]
+    assert theirs.decode(example.input_ids[len(prompt) :]) == "It is 21 C.<｜end▁of▁sentence｜>"
+
+
+def argument_templates() -> list[str]:
+    return sorted(
+        path.stem for path in STOCK.glob("*.jinja") if "arguments" in path.read_text(encoding="utf-8")
+    )
+
+
+@pytest.mark.parametrize("name", argument_templates())
+def test_call_arguments_render_as_transformers_renders_them(name):
+    """Every stock template that reads call arguments renders what transformers renders given them as an
+    object (`tojson`, `items`, `is mapping`, printed as a dict); where transformers refuses the object
+    (DeepSeek joins it to a string with `+`), what it renders given the JSON string."""
+    eot, eos, bos = TEMPLATES.get(name.removesuffix("_training"), (None, "</s>", "<s>"))
+    source = (STOCK / f"{name}.jinja").read_text(encoding="utf-8")
+    template = JinjaTemplate(source, eot=eot, eos_token=eos, bos_token=bos, date=date.today().isoformat())
+    render = transformers.utils.chat_template_utils.render_jinja_template
+    for kind in ("tools", "two_calls"):
+        messages, tools = conversation(kind)
+        expected = None
+        for as_json in (False, True):
+            dicts = [transformers_message(m, as_json) for m in messages]
+            try:
+                [expected], _ = render(
+                    [dicts], tools=tools, chat_template=source, bos_token=bos, eos_token=eos
+                )
+                break
+            except (jinja2.TemplateError, TypeError):  # raise_exception, or `+` on a dict
+                continue
+        if expected is None:
+            with pytest.raises(ProtocolError):
+                template.render_text(messages, tools)
+        else:
+            assert template.render_text(messages, tools) == expected, kind
+
+
+PRINTS_ARGUMENTS = (
+    "{% for m in messages if m.tool_calls %}{% set a = m.tool_calls[0].function.arguments %}"
+    "{{ a }}|{{ '~' ~ a }}|{{ a | string }}|{{ a | tojson }}|{{ a is mapping }}|{{ a.items() | list }}"
+    "{% endfor %}"
+)
+
+
+def test_printed_arguments_stay_the_object_transformers_prints():
+    """Only `+` joins the JSON text: printing, `~`, `string`, `tojson`, `is mapping` and `items()` give
+    what transformers gives for the object, and the JSON text it holds is out of the sandbox's reach."""
+    messages, tools = conversation("tools")
+    dicts = [transformers_message(m) for m in messages]
+    render = transformers.utils.chat_template_utils.render_jinja_template
+    hidden = PRINTS_ARGUMENTS.replace("{{ a }}", "{{ a._call }}")  # undefined: prints nothing
+    for source in (PRINTS_ARGUMENTS, hidden):
+        [expected], _ = render([dicts], tools=tools, chat_template=source)
+        assert JinjaTemplate(source, eot="</s>").render_text(messages, tools) == expected
+    assert expected.startswith("|~{'city': 'Bern'}|{'city': 'Bern'}|{\"city\": \"Bern\"}|True|")
+    for reach in ("a.__add__('')", "a.update(x=1)"):
+        escape = PRINTS_ARGUMENTS.replace("{{ a }}", f"{{{{ {reach} }}}}")
+        with pytest.raises(TemplateError, match="is unsafe"):
+            JinjaTemplate(escape, eot="</s>").render_text(messages, tools)

@@ -2,8 +2,9 @@
 
 Messages reach the template in transformers' schema: `role`, `content`, an assistant's reasoning as both
 `reasoning_content` (Qwen, Nemotron) and `thinking` (GPT-OSS), `tool_calls` as
-`[{"type": "function", "id"?, "function": {"name", "arguments": {...}}}]` (arguments an object), and a
-tool message's `tool_call_id` and `name`. Which text is trained is decided in `turns.py`.
+`[{"type": "function", "id"?, "function": {"name", "arguments": {...}}}]` (arguments an object that a
+template may also join to a string with `+`: `CallArguments`), and a tool message's `tool_call_id` and
+`name`. Which text is trained is decided in `turns.py`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,30 @@ from sft.protocol.types import Message, ProtocolError, RenderedChat, TemplateErr
 DEFAULT_DATE = "2026-01-01"  # what `strftime_now` returns unless template.date says otherwise
 
 
+class CallArguments(dict):
+    """A call's arguments as templates read them: the object transformers' templates expect (`tojson`,
+    `is mapping`, `.items()`, printed with `{{ }}`, `~` or `|string` as the Python repr of a dict, as
+    transformers prints one), which `+` also joins to a string as its JSON text (`ToolCall.arguments_json`).
+
+    DeepSeek's templates (`'```json' + '\\n' + tool['function']['arguments']`) were written for OpenAI's
+    JSON-string arguments: a plain dict makes them raise, and with this they render what transformers
+    renders given the arguments as that string. Only `+` gains behaviour (it raised for every template
+    before): `__str__` is left alone, so a template that prints the object renders what it renders in
+    transformers given the object. The call is held under an underscore name the sandbox refuses."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: ToolCall):
+        super().__init__(call.arguments)
+        self._call = call  # its JSON text is encoded once, when first needed
+
+    def __add__(self, other: Any) -> str:
+        return self._call.arguments_json() + other if isinstance(other, str) else NotImplemented
+
+    def __radd__(self, other: Any) -> str:
+        return other + self._call.arguments_json() if isinstance(other, str) else NotImplemented
+
+
 def jinja_message(message: Message) -> dict[str, Any]:
     """A message as transformers' templates read it."""
     fields: dict[str, Any] = {"role": message.role, "content": message.content}
@@ -36,7 +61,7 @@ def jinja_message(message: Message) -> dict[str, Any]:
             {
                 "type": "function",
                 **({"id": call.id} if call.id is not None else {}),
-                "function": {"name": call.name, "arguments": call.arguments},
+                "function": {"name": call.name, "arguments": CallArguments(call)},
             }
             for call in message.tool_calls
         ]
