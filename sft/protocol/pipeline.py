@@ -38,7 +38,7 @@ from sft.protocol.types import (
     TemplateError,
 )
 
-PROTOCOL_VERSION = 6  # bump when a change to this package changes the tokens or labels it produces
+PROTOCOL_VERSION = 7  # bump when a change to this package changes the tokens or labels it produces
 ENCODE_CHUNK = 2048  # texts per encode_batch call: large enough for both cores, small enough to stay fast
 # The first chunk is this small, so the tokenizer thread starts early; each next one doubles to ENCODE_CHUNK.
 FIRST_CHUNK = 128
