@@ -271,14 +271,6 @@ class ConversationEncoder:
         encoded = iter(encodings.result())
         row_encodings = [[next(encoded) for _ in rows] for _, rows in chunk]
         for (conversation, rows), encodings_of_rows in zip(chunk, row_encodings, strict=True):
-            if len(rows) == 1 and not rows[0].rendered.boundaries:  # most conversations: one row, exact
-                example = self._apply_length_policy(
-                    conversation, rows[0].rendered, encodings_of_rows[0], accounting
-                )
-                if example is not None:
-                    accounting.rows += 1
-                    yield example
-                continue
             prefixes = [[next(encoded) for _ in row.rendered.boundaries] for row in rows]
             exact = list(map(_encodes_as_prefixes, encodings_of_rows, prefixes))
             if not all(exact) and len(rows) == 1 and len(rows[0].rendered.assistant_spans) > 1:
@@ -346,18 +338,17 @@ class ConversationEncoder:
         chunk_size = FIRST_CHUNK
         for index, item in enumerate(conversations):
             accounting.read += 1
+            where = getattr(item, "where", "?")
             if isinstance(item, ProtocolError) and item.reason == BLANK_LINE:
-                where = getattr(item, "where", "?")
                 accounting.note(accounting.skipped, BLANK_LINE, where)  # not an error, whatever on_error says
                 continue
             try:
                 if isinstance(item, ProtocolError):
                     raise item
                 if item.duplicate_keys:  # kept (JSON's last value wins), but never silently
-                    accounting.note(accounting.noted, "duplicate_keys", item.where)
+                    accounting.note(accounting.noted, "duplicate_keys", where)
                 chunk.append(self.prepare(item, index))
             except ProtocolError as error:
-                where = getattr(item, "where", "?")
                 if self.config.on_error == "raise":
                     raise DataError(
                         f"{where}: {error.reason}: {error} "
@@ -365,7 +356,7 @@ class ConversationEncoder:
                     ) from error
                 accounting.note(accounting.skipped, error.reason, where)
             except TemplateError as error:  # the template, not the line, is at fault: never skipped
-                raise TemplateError(f"{item.where}: {error}") from error
+                raise TemplateError(f"{where}: {error}") from error
             if len(chunk) >= chunk_size:
                 yield chunk
                 chunk, chunk_size = [], min(2 * chunk_size, ENCODE_CHUNK)

@@ -21,7 +21,7 @@ from functools import cached_property
 from typing import Any
 
 from sft.protocol.templates.base import ChatTemplate
-from sft.protocol.types import JSON_TEXT, Message, RenderedChat, ToolCall
+from sft.protocol.types import JSON_TEXT, ROLES, Message, RenderedChat, ToolCall
 
 _QWEN_TOOLS = (
     "{system}# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -104,7 +104,7 @@ class BuiltinTemplate(ChatTemplate):
     ) -> RenderedChat:
         headers, trained_footer = self._headers, self._trained_footer
         pieces, spans, length = [self.bos], [], len(self.bos)
-        for message in self._with_tools(messages, tools) if tools else messages:
+        for message in self._with_tools(messages, tools):
             header = headers.get(message.role) or self._header(message.role)
             if message.role == "assistant":
                 body, footer = self._assistant_body(message), self.assistant_footer
@@ -125,7 +125,7 @@ class BuiltinTemplate(ChatTemplate):
     @cached_property
     def _headers(self) -> dict[str, str]:
         """Each role's header, made once (rendering is a hot loop)."""
-        return {role: self._header(role) for role in ("system", "user", "assistant", "tool")}
+        return {role: self._header(role) for role in ROLES}
 
     @cached_property
     def _trained_footer(self) -> str:
