@@ -4,9 +4,10 @@
 
 Wall time on a shared 2-core machine moves by 10% from run to run; instruction counts do not, so a change
 to the pipeline's Python can be judged by them. "ours" is the whole pipeline (read, validate, render,
-label) with the tokenizer's results made beforehand (bench_protocol.Replay); "bare" is encode_batch of the
-same rendered texts on one thread, ids read. Each is counted in a child run under callgrind twice, with
-0 and 2 passes over the data: half the difference is one pass, without start-up. Needs valgrind.
+label) with the tokenizer's results made beforehand (bench_protocol.Replay), and whole (tokenizing too);
+"bare" is encode_batch (and encode_batch_fast) of the same rendered texts on one thread, ids read. Each
+is counted in a child run under callgrind twice, with 0 and 2 passes over the data: half the difference
+is one pass, without start-up. Needs valgrind.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ from sft.protocol.tokenizer import train_bpe  # noqa: E402
 from sft.protocol.types import Conversation, ProtocolConfig  # noqa: E402
 
 CONFIG = ProtocolConfig(max_seq_len=1 << 30, on_error="skip")
+METHODS = {
+    "ours": "ours, replayed tokens",
+    "whole": "ours, whole",
+    "encode_batch": "bare encode_batch",
+    "encode_batch_fast": "bare encode_batch_fast",
+}
 
 
 def prepare(folder: Path, real_data: Path, count: int) -> int:
@@ -59,13 +66,13 @@ def child(folder: Path, method: str, passes: int) -> None:
     encodings = pickle.loads((folder / "encodings.pkl").read_bytes())
     replay = Replay.__new__(Replay)  # its encodings made beforehand, not re-encoded here
     replay.tokenizer, replay.encodings = tokenizer, encodings
-    encoder = ConversationEncoder(replay, BUILTINS["chatml"], CONFIG)
+    encoder = ConversationEncoder(replay if method == "ours" else tokenizer, BUILTINS["chatml"], CONFIG)
     texts = list(encodings)
     for _ in range(passes):
-        if method == "ours":
+        if method in ("ours", "whole"):
             run_ours(encoder, str(folder / "data.jsonl"))
         else:
-            run_bare(tokenizer, texts)
+            run_bare(tokenizer, texts, method)
 
 
 def instructions(folder: Path, method: str, passes: int) -> int:
@@ -95,13 +102,16 @@ def main() -> None:
         count = prepare(folder, args.real_data, args.conversations)
         per_pass = {
             method: (instructions(folder, method, 2) - instructions(folder, method, 0)) // 2
-            for method in ("ours", "bare")
+            for method in METHODS
         }
-    ours, bare = per_pass["ours"], per_pass["bare"]
-    print(f"{count} conversations, one pass (callgrind instructions):")
-    print(f"  ours, replayed tokens  {ours / 1e6:8.1f} M  {ours / count / 1e3:7.1f} k per conversation")
-    print(f"  bare encode_batch      {bare / 1e6:8.1f} M  {bare / count / 1e3:7.1f} k per conversation")
-    print(f"  ours / bare            {ours / bare:.3f}")
+    bare = per_pass["encode_batch"]
+    print(f"{count} conversations, one pass (callgrind instructions; ratio to bare encode_batch):")
+    for method, label in METHODS.items():
+        counted = per_pass[method]
+        print(
+            f"  {label:24s} {counted / 1e6:8.1f} M  {counted / count / 1e3:7.1f} k per conversation  "
+            f"{counted / bare:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ On the same data and tokenizer (a byte-level BPE trained here on the real data),
   transformers  apply_chat_template(tokenize=True, return_assistant_tokens_mask=True) per conversation,
                 builtin chatml as Jinja with {% generation %} tags (what sft-export ships: reasoning, tool
                 calls and tools too), given the already-parsed messages (reading not timed)
-  bare          Tokenizer.encode_batch of the already-rendered texts (chunked as ours) and their ids
+  bare          Tokenizer.encode_batch of the already-rendered texts (chunked as ours) and their ids;
+                also encode_batch_fast (no offsets), which ours calls for a byte-level BPE (encoding.py)
 The methods take turns for --repeats rounds: rates are each one's best round, ratios the median of the
 rounds' side-by-side ratios. transformers runs on the first --hf-rows conversations only (a rate).
 Before timing, ours is checked against transformers token for token.
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from sft.protocol.labels import IGNORE_INDEX, labels_from_encoding
+from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.pipeline import ENCODE_CHUNK, Accounting, ConversationEncoder, read_conversations
 from sft.protocol.templates import BUILTINS, builtin_jinja_source
 from sft.protocol.templates.jinja import jinja_message
@@ -97,10 +98,10 @@ def run_ours(encoder: ConversationEncoder, path: str) -> tuple[int, int]:
     return accounting.kept, tokens
 
 
-def run_bare(tokenizer: Tokenizer, texts: list[str]) -> tuple[int, int]:
-    tokens = 0
+def run_bare(tokenizer: Tokenizer, texts: list[str], method: str = "encode_batch") -> tuple[int, int]:
+    tokens, encode = 0, getattr(tokenizer, method)
     for first in range(0, len(texts), ENCODE_CHUNK):
-        for encoding in tokenizer.encode_batch(texts[first : first + ENCODE_CHUNK], add_special_tokens=False):
+        for encoding in encode(texts[first : first + ENCODE_CHUNK], add_special_tokens=False):
             tokens += len(encoding.ids)
     return len(texts), tokens
 
@@ -145,6 +146,7 @@ def bench(name: str, path: str, tokenizer: Tokenizer, hf_tokenizer, args: argpar
             "ours": lambda: run_ours(encoder, path),
             "transformers": lambda: run_transformers(hf_tokenizer, hf_subset),
             "bare encode_batch": lambda: run_bare(tokenizer, texts),
+            "bare encode_batch_fast": lambda: run_bare(tokenizer, texts, "encode_batch_fast"),
         },
     )
     return [{"data": name, "method": method, **times} for method, times in results.items()]
@@ -166,6 +168,8 @@ class Replay:
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list:
         return [self.encodings[text] for text in texts]
 
+    encode_batch_fast = encode_batch  # what the pipeline calls for a byte-level BPE
+
 
 def stage_cpu(encoder: ConversationEncoder, path: str, repeats: int) -> dict[str, float]:
     """CPU seconds of each stage on its own, single-threaded (best of `repeats`), beside bare encode_batch
@@ -175,7 +179,7 @@ def stage_cpu(encoder: ConversationEncoder, path: str, repeats: int) -> dict[str
     prepared = [encoder.prepare(item, index) for index, item in enumerate(conversations)]
     rows = [row.rendered for _, item_rows in prepared for row in item_rows]
     texts = [rendered.text for rendered in rows]
-    encodings = encoder.tokenizer.encode_batch(texts, add_special_tokens=False)
+    encodings = encoder.encode_rows(prepared)
     replaying = ConversationEncoder(Replay(encoder.tokenizer, texts), encoder.template, encoder.config)
     stages = {
         "read + parse records": lambda: list(read_conversations(path)),
@@ -183,7 +187,7 @@ def stage_cpu(encoder: ConversationEncoder, path: str, repeats: int) -> dict[str
             encoder.prepare(item, index) for index, item in enumerate(conversations)
         ],
         "labels": lambda: [
-            labels_from_encoding(encoding, rendered.assistant_spans)
+            encoder.row_encoder.labels(rendered, encoding)
             for encoding, rendered in zip(encodings, rows, strict=True)
         ],
         "bare encode_batch": lambda: run_bare(encoder.tokenizer, texts),

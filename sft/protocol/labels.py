@@ -8,7 +8,7 @@ nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from tokenizers import Encoding
@@ -79,7 +79,12 @@ def labels_from_encoding(
     ranges = trained_token_ranges(encoding, spans)
     if ranges is None:
         return ids, build_loss_labels(ids, encoding.offsets, spans)
+    return ids, labels_from_ranges(ids, ranges)
+
+
+def labels_from_ranges(ids: np.ndarray, ranges: Iterable[tuple[int, int]]) -> np.ndarray:
+    """`ids` where a token index lies in one of the ranges [first, stop), IGNORE_INDEX elsewhere."""
     labels = np.full_like(ids, IGNORE_INDEX)
     for first, stop in ranges:
         labels[first:stop] = ids[first:stop]
-    return ids, labels
+    return labels

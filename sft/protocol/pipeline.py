@@ -23,7 +23,8 @@ from sft.protocol.control_tokens import (
     data_strings,
     special_token_pattern,
 )
-from sft.protocol.labels import IGNORE_INDEX, labels_from_encoding
+from sft.protocol.encoding import RowEncoder
+from sft.protocol.labels import IGNORE_INDEX
 from sft.protocol.normalize import normalize_conversations
 from sft.protocol.records import BLANK_LINE, record_to_conversation
 from sft.protocol.sources import DataSource, read_records
@@ -100,6 +101,7 @@ class ConversationEncoder:
             else None
         )
         self.requires_alternation = getattr(template, "requires_alternation", False)
+        self.row_encoder = RowEncoder(tokenizer)
         prompts = [config.system_prompt] if isinstance(config.system_prompt, str) else config.system_prompt
         for prompt in prompts or []:
             found = self.special_pattern.search(prompt) if self.special_pattern else None
@@ -169,7 +171,7 @@ class ConversationEncoder:
         self, conversation: Conversation, rendered: RenderedChat, encoding: Encoding, accounting: Accounting
     ) -> EncodedExample | None:
         """The example as encoded, cut or shortened to max_seq_len, or None (counted) when it is dropped."""
-        ids, labels = labels_from_encoding(encoding, rendered.assistant_spans)
+        ids, labels = self.row_encoder.labels(rendered, encoding)
         full_length = len(ids)
         accounting.longest = max(accounting.longest, full_length)
         truncated = full_length > self.config.max_seq_len
@@ -218,10 +220,7 @@ class ConversationEncoder:
             if dropped not in attempts:
                 kept = messages[:head] + messages[exchange_starts[dropped - 1] :]
                 rendered = self._render(kept, conversation.tools, conversation.variables)
-                attempts[dropped] = rendered and (
-                    rendered,
-                    self.tokenizer.encode(rendered.text, add_special_tokens=False),
-                )
+                attempts[dropped] = rendered and (rendered, self.row_encoder.encode_batch([rendered.text])[0])
             attempt = attempts[dropped]
             return attempt is not None and len(attempt[1]) <= self.config.max_seq_len
 
@@ -237,7 +236,7 @@ class ConversationEncoder:
         # The boundary: high fits, and high - 1 was rendered and did not (the search only raises `low`
         # past a count that failed), or is 0, the whole conversation, which did not fit either.
         rendered, encoding = attempts[high]
-        return labels_from_encoding(encoding, rendered.assistant_spans)
+        return self.row_encoder.labels(rendered, encoding)
 
     # ---- batched -----------------------------------------------------------------------------------------
     def encode_conversations(
@@ -252,18 +251,18 @@ class ConversationEncoder:
         with ThreadPoolExecutor(max_workers=1) as tokenizing:
             in_flight = None
             for chunk in self._prepared_chunks(conversations, accounting):
-                submitted = (chunk, tokenizing.submit(self._encode_texts, chunk))
+                submitted = (chunk, tokenizing.submit(self.encode_rows, chunk))
                 if in_flight is not None:
                     yield from self._examples(*in_flight, accounting)
                 in_flight = submitted
             if in_flight is not None:
                 yield from self._examples(*in_flight, accounting)
 
-    def _encode_texts(self, chunk: list[tuple[Conversation, list[Row]]]) -> list[Encoding]:
+    def encode_rows(self, chunk: list[tuple[Conversation, list[Row]]]) -> list[Encoding]:
         """Every row's text, then the prefixes at each row's boundaries, in one batch."""
         rows = [row.rendered for _, item_rows in chunk for row in item_rows]
         prefixes = [rendered.text[:end] for rendered in rows for end in rendered.boundaries]
-        return self.tokenizer.encode_batch([r.text for r in rows] + prefixes, add_special_tokens=False)
+        return self.row_encoder.encode_batch([r.text for r in rows] + prefixes)
 
     def _examples(
         self, chunk: list[tuple[Conversation, list[Row]]], encodings: Future, accounting: Accounting
@@ -275,7 +274,7 @@ class ConversationEncoder:
             exact = list(map(_encodes_as_prefixes, encodings_of_rows, prefixes))
             if not all(exact) and len(rows) == 1 and len(rows[0].rendered.assistant_spans) > 1:
                 rows = self._split_at_token_boundaries(conversation)
-                encodings = iter(self._encode_texts([(conversation, rows)]))
+                encodings = iter(self.encode_rows([(conversation, rows)]))
                 encodings_of_rows = [next(encodings) for _ in rows]
                 prefixes = [[next(encodings) for _ in row.rendered.boundaries] for row in rows]
                 exact = list(map(_encodes_as_prefixes, encodings_of_rows, prefixes))
@@ -332,8 +331,8 @@ class ConversationEncoder:
     def _prepared_chunks(
         self, conversations: Iterable[Conversation | ProtocolError], accounting: Accounting
     ) -> Iterator[list[tuple[Conversation, list[Row]]]]:
-        """Rendered conversations in chunks of FIRST_CHUNK doubling to ENCODE_CHUNK; bad input raised or
-        skipped and counted."""
+        """Rendered conversations in chunks of FIRST_CHUNK doubling to ENCODE_CHUNK, the last one halving
+        back; bad input raised or skipped and counted."""
         chunk: list[tuple[Conversation, list[Row]]] = []
         chunk_size = FIRST_CHUNK
         for index, item in enumerate(conversations):
@@ -360,6 +359,10 @@ class ConversationEncoder:
             if len(chunk) >= chunk_size:
                 yield chunk
                 chunk, chunk_size = [], min(2 * chunk_size, ENCODE_CHUNK)
+        # The last chunk in halves: what is left once the tokenizer is done is labelling a small one.
+        while len(chunk) > FIRST_CHUNK:
+            yield chunk[: len(chunk) // 2]
+            chunk = chunk[len(chunk) // 2 :]
         if chunk:
             yield chunk
 

@@ -142,10 +142,8 @@ def test_the_first_chunks_are_small_so_tokenizing_starts_early(tokenizer, monkey
     monkeypatch.setattr(pipeline, "ENCODE_CHUNK", 8)
     encoder = ConversationEncoder(tokenizer, BUILTINS["chatml"], ProtocolConfig())
     sizes = []
-    encode_texts = encoder._encode_texts
-    monkeypatch.setattr(
-        encoder, "_encode_texts", lambda chunk: sizes.append(len(chunk)) or encode_texts(chunk)
-    )
+    encode_rows = encoder.encode_rows
+    monkeypatch.setattr(encoder, "encode_rows", lambda chunk: sizes.append(len(chunk)) or encode_rows(chunk))
     conversations = [
         Conversation([Message("user", f"question {n}"), Message("assistant", "answer " * (n + 1))])
         for n in range(30)

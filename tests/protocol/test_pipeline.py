@@ -275,6 +275,10 @@ class CountingTokenizer:
         self.encoded += 1
         return self.tokenizer.encode(text, **kwargs)
 
+    def encode_batch_fast(self, texts, **kwargs):
+        self.encoded += len(texts)
+        return self.tokenizer.encode_batch_fast(texts, **kwargs)
+
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)
 
