@@ -65,11 +65,13 @@ class ByteLevelOffsets:
         """The byte lengths of the tokenizer's ids, or None when its tokens are not plain byte pieces."""
         if tokenizer is None or type(tokenizer.model).__name__ != "BPE" or tokenizer.pre_tokenizer is None:
             return None
-        normalizer = _state(tokenizer.normalizer) if tokenizer.normalizer is not None else None
-        nfc = normalizer is not None
-        if nfc and normalizer not in NFC_ONLY:
+        try:
+            normalizer = _state(tokenizer.normalizer) if tokenizer.normalizer is not None else None
+            pre_tokenizer = _state(tokenizer.pre_tokenizer)
+        except Exception:  # a custom (Python) component has no settings to read
             return None
-        if not _keeps_bytes(_state(tokenizer.pre_tokenizer)):
+        nfc = normalizer is not None
+        if (nfc and normalizer not in NFC_ONLY) or not _keeps_bytes(pre_tokenizer):
             return None
         vocab = tokenizer.get_vocab(with_added_tokens=False)
         byte_alphabet = set(pre_tokenizers.ByteLevel.alphabet())
