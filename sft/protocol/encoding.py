@@ -79,7 +79,7 @@ class ByteLevelOffsets:
             return None
         lengths = np.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=np.int64)
         for token, index in vocab.items():
-            if not byte_alphabet.issuperset(token):
+            if not token or not byte_alphabet.issuperset(token):
                 return None
             lengths[index] = len(token)  # one character of the byte alphabet per byte
         for index, added in tokenizer.get_added_tokens_decoder().items():
@@ -96,15 +96,14 @@ class ByteLevelOffsets:
         in_bytes = _byte_positions(text, [*bounds, len(text)])
         if in_bytes is None:
             return None
-        lengths = self.lengths[ids]
-        ends = np.cumsum(lengths)
+        ends = self.lengths.take(ids).cumsum()  # token i holds bytes [ends[i - 1], ends[i]), ends rising
         if (ends[-1] if len(ends) else 0) != in_bytes[-1]:
             return None
-        span_bytes = np.asarray(in_bytes[:-1], dtype=np.int64).reshape(-1, 2)
-        # Token [a, b) is trained iff a < E and b > S: ends and starts are sorted, so it is a slice.
-        firsts = np.searchsorted(ends, span_bytes[:, 0], side="right")
-        stops = np.searchsorted(ends - lengths, span_bytes[:, 1], side="left")
-        return labels_from_ranges(ids, zip(firsts.tolist(), stops.tolist(), strict=True))
+        # Span [S, E) trains token i iff ends[i] > S and ends[i - 1] < E: from the count of ends <= S
+        # (those < S + 1) through the count of ends < E, inclusive.
+        queries = [byte + 1 if k % 2 == 0 else byte for k, byte in enumerate(in_bytes[:-1])]
+        found = ends.searchsorted(queries).tolist()
+        return labels_from_ranges(ids, zip(found[0::2], [last + 1 for last in found[1::2]], strict=True))
 
 
 def _state(component) -> dict:

@@ -84,7 +84,8 @@ def labels_from_encoding(
 
 def labels_from_ranges(ids: np.ndarray, ranges: Iterable[tuple[int, int]]) -> np.ndarray:
     """`ids` where a token index lies in one of the ranges [first, stop), IGNORE_INDEX elsewhere."""
-    labels = np.full_like(ids, IGNORE_INDEX)
+    labels = np.empty_like(ids)
+    labels.fill(IGNORE_INDEX)  # faster than np.full_like
     for first, stop in ranges:
         labels[first:stop] = ids[first:stop]
     return labels
