@@ -45,13 +45,12 @@ class RowEncoder:
 
     def labels(self, rendered: RenderedChat, encoding: Encoding) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, labels) of a row and its encoding from `encode_batch`."""
-        if self.byte_offsets is None:
-            return labels_from_encoding(encoding, rendered.assistant_spans)
-        ids = np.fromiter(encoding.ids, dtype=np.int64, count=len(encoding))
-        labels = self.byte_offsets.labels(rendered.text, ids, rendered.assistant_spans)
-        if labels is not None:
-            return ids, labels
-        encoding = self.tokenizer.encode(rendered.text, add_special_tokens=False)  # now with offsets
+        if self.byte_offsets is not None:
+            ids = np.fromiter(encoding.ids, dtype=np.int64, count=len(encoding))
+            labels = self.byte_offsets.labels(rendered.text, ids, rendered.assistant_spans)
+            if labels is not None:
+                return ids, labels
+            encoding = self.tokenizer.encode(rendered.text, add_special_tokens=False)  # with offsets
         return labels_from_encoding(encoding, rendered.assistant_spans)
 
 

@@ -2,8 +2,8 @@
 
 records → normalize_conversations → maybe_add_system_prompt → render_chat_prompt → encode_batch →
 build_loss_labels → length policy. Rendering is per conversation (cheap string work); tokenization runs
-in chunks through the Rust tokenizer (which uses every core); labels come from a few lookups at each
-assistant span's ends (`labels_from_encoding`), never from a per-token Python loop.
+in chunks through the Rust tokenizer (which uses every core); labels come from each assistant span's ends
+placed among the tokens (`encoding.RowEncoder`), never from a per-token Python loop.
 """
 
 from __future__ import annotations
@@ -359,7 +359,8 @@ class ConversationEncoder:
             if len(chunk) >= chunk_size:
                 yield chunk
                 chunk, chunk_size = [], min(2 * chunk_size, ENCODE_CHUNK)
-        # The last chunk in halves: what is left once the tokenizer is done is labelling a small one.
+        # What is left at the end in halves: once the tokenizer is done, little is left to label (a last
+        # chunk that happens to fill is sent whole, as before).
         while len(chunk) > FIRST_CHUNK:
             yield chunk[: len(chunk) // 2]
             chunk = chunk[len(chunk) // 2 :]

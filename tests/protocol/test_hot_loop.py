@@ -137,7 +137,9 @@ def test_the_joiner_is_in_no_token():
 
 
 def test_the_first_chunks_are_small_so_tokenizing_starts_early(tokenizer, monkeypatch):
-    """Chunks double from FIRST_CHUNK to ENCODE_CHUNK; the examples are those of one big chunk."""
+    """Chunks double from FIRST_CHUNK to ENCODE_CHUNK and what is left at the end is cut in halves down
+    to FIRST_CHUNK (little labelling left once the tokenizer is done); the examples are those of one big
+    chunk."""
     monkeypatch.setattr(pipeline, "FIRST_CHUNK", 2)
     monkeypatch.setattr(pipeline, "ENCODE_CHUNK", 8)
     encoder = ConversationEncoder(tokenizer, BUILTINS["chatml"], ProtocolConfig())
@@ -146,14 +148,14 @@ def test_the_first_chunks_are_small_so_tokenizing_starts_early(tokenizer, monkey
     monkeypatch.setattr(encoder, "encode_rows", lambda chunk: sizes.append(len(chunk)) or encode_rows(chunk))
     conversations = [
         Conversation([Message("user", f"question {n}"), Message("assistant", "answer " * (n + 1))])
-        for n in range(30)
+        for n in range(29)
     ]
     examples = list(encoder.encode_conversations(conversations, Accounting()))
-    assert sizes == [2, 4, 8, 8, 8]
+    assert sizes == [2, 4, 8, 8, 3, 2, 2]  # the 7 left after 22: 3, then 2 of 4, then 2
     monkeypatch.setattr(pipeline, "FIRST_CHUNK", 64)
     monkeypatch.setattr(pipeline, "ENCODE_CHUNK", 64)
     whole = list(encoder.encode_conversations(conversations, Accounting()))
-    assert sizes[5:] == [30]
+    assert sizes[7:] == [29]
     assert all(
         np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
         for a, b in zip(examples, whole, strict=True)
