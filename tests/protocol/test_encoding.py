@@ -87,6 +87,17 @@ def byte_level(**changes) -> Tokenizer:
     return tokenizer
 
 
+class KeepsText:
+    """A custom (Python) pre-tokenizer and normalizer: they have no settings to read, so nothing to vouch
+    that they keep the bytes."""
+
+    def pre_tokenize(self, pretokenized) -> None:
+        pass
+
+    def normalize(self, normalized) -> None:
+        pass
+
+
 def with_added(token: AddedToken) -> Tokenizer:
     tokenizer = make_tokenizer()
     tokenizer.add_tokens([token])
@@ -117,6 +128,8 @@ def without_byte(byte: str) -> Tokenizer:
         with_added(AddedToken("<tool>", rstrip=True)),
         without_byte("Ġ"),
         Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")),
+        byte_level(pre_tokenizer=pre_tokenizers.PreTokenizer.custom(KeepsText())),
+        byte_level(normalizer=normalizers.Normalizer.custom(KeepsText())),
     ],
     ids=[
         "lowercase",
@@ -129,6 +142,8 @@ def without_byte(byte: str) -> Tokenizer:
         "rstrip",
         "missing-byte",
         "word-level",
+        "custom-pre-tokenizer",
+        "custom-normalizer",
     ],
 )
 def test_tokenizers_that_change_the_text_keep_their_offsets(tokenizer):
